@@ -1,0 +1,1 @@
+"""What runs on the cluster: data loader actors, DeepSpeed trainers, Serve deployments."""

@@ -1,0 +1,394 @@
+"""Loader actors and the trainer-side ``DataLoader`` client.
+
+Each trainer rank owns one ``ShardServer`` actor (``num_cpus=0``, placed on the rank's node when
+it can be). The client asks it for the rows of one exact global step slice,
+``(order, epoch ranges, rank, world)``; the actor computes the sample ids from the pure order
+function, gathers the rows from memory-mapped shards and returns them through the object store.
+Requests name everything they need, so a restarted actor (``max_restarts=-1``,
+``max_task_retries=-1``) re-serves exactly the same rows: nothing is lost or duplicated.
+
+Prefetch is pull-based: the client keeps at most ``prefetch_batches`` requests in flight, fewer if
+that many would exceed ``max_prefetch_mb`` (sizes are exact: fixed-shape columns). The actor never
+runs ahead of the client, so the object store holds at most that much of this loader's data.
+
+Remote shards (S3, ...) are downloaded whole into a node-local cache (content-addressed by
+sha256, verified while downloading) and memory-mapped; local shards are memory-mapped in place
+after a checksum check recorded once per node.
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import os
+import tempfile
+import threading
+import uuid
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from actors.data import plan
+from actors.data.shards import (Manifest, ShardError, ShardReader, read_manifest, sha256_of_path,
+                                sha256_of_stream)
+from actors.data.shuffle import EpochOrder
+from orchestrator.storage import Storage, StorageError
+
+STATE_VERSION = 1
+_STATE_KEYS = ("seed", "epoch", "consumed", "mode", "window", "tail", "num_samples",
+               "rows_per_shard", "global_batch_size")
+
+
+def default_cache_dir() -> str:
+    return os.path.join(tempfile.gettempdir(), "reo-shard-cache")
+
+
+# ---------------------------------------------------------------------------------------------
+# the actor
+# ---------------------------------------------------------------------------------------------
+class ShardStore:
+    """Opens shards on demand (download + verify + memory-map) and gathers rows by sample id."""
+
+    def __init__(self, url: str, storage_options: dict | None, cache_dir: str | None,
+                 fetch_threads: int = 8):
+        self.url = url
+        self.storage = Storage(url, storage_options)
+        self.manifest: Manifest = read_manifest(url, storage_options)
+        self.cache_dir = cache_dir or default_cache_dir()
+        self.readers: dict[int, ShardReader] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=fetch_threads)
+
+    # opening ---------------------------------------------------------------------------------
+    def _where(self, i: int) -> str:
+        return f"{i} ({self.storage.url(self.manifest.shards[i].name)})"
+
+    def _open(self, i: int) -> ShardReader:
+        info = self.manifest.shards[i]
+        local = self.storage.local_path(info.name)
+        path = self._verified_local(i, local) if local else self._cached(i)
+        return ShardReader(pa.memory_map(path, "r"), info, self.manifest.schema, self._where(i))
+
+    def _verified_local(self, i: int, path: str) -> str:
+        info = self.manifest.shards[i]
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise ShardError(f"shard {self._where(i)} is missing") from None
+        if st.st_size != info.bytes:
+            raise ShardError(f"shard {self._where(i)} is corrupt: {st.st_size} bytes, manifest says {info.bytes}")
+        # one full checksum per node per file version (stat key), not per actor or per epoch
+        marker = os.path.join(self.cache_dir, "verified",
+                              f"{info.sha256}-{st.st_size}-{st.st_mtime_ns}-{st.st_ino}")
+        if not os.path.exists(marker):
+            got = sha256_of_path(path)
+            if got != info.sha256:
+                raise ShardError(f"shard {self._where(i)} is corrupt: sha256 {got[:12]}... does not match "
+                                 f"the manifest's {info.sha256[:12]}...")
+            os.makedirs(os.path.dirname(marker), exist_ok=True)
+            open(marker, "wb").close()
+        return path
+
+    def _cached(self, i: int) -> str:
+        info = self.manifest.shards[i]
+        os.makedirs(self.cache_dir, exist_ok=True)
+        path = os.path.join(self.cache_dir, f"{info.sha256}.arrow")
+        if os.path.exists(path):
+            return path
+        with open(path + ".lock", "wb") as lock:  # one download per node, whoever gets here first
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if os.path.exists(path):
+                return path
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            try:
+                with self.storage.open_read(info.name, block_size=8 << 20) as src, open(tmp, "wb") as dst:
+                    got = sha256_of_stream(src, dst)
+            except (StorageError, FileNotFoundError):
+                _remove(tmp)
+                raise ShardError(f"shard {self._where(i)} is missing") from None
+            except OSError as e:
+                _remove(tmp)
+                raise ShardError(f"shard {self._where(i)}: download failed ({e})") from None
+            if got != info.sha256:
+                _remove(tmp)
+                raise ShardError(f"shard {self._where(i)} is corrupt: sha256 {got[:12]}... does not match "
+                                 f"the manifest's {info.sha256[:12]}...")
+            os.replace(tmp, path)
+        return path
+
+    def ensure(self, shards: np.ndarray) -> None:
+        missing = [int(s) for s in shards if int(s) not in self.readers]
+        if not missing:
+            return
+        opened = list(self._pool.map(self._open, missing)) if len(missing) > 1 else [self._open(missing[0])]
+        with self._lock:
+            self.readers.update(zip(missing, opened))
+
+    # gathering -------------------------------------------------------------------------------
+    def gather(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The rows of ``ids`` in that order, as ``{column: array[len(ids), *shape]}``."""
+        rps = self.manifest.rows_per_shard
+        shard = ids // rps
+        order = np.argsort(shard, kind="stable")
+        sorted_shard = shard[order]
+        cuts = np.flatnonzero(np.diff(sorted_shard)) + 1
+        bounds = np.concatenate([[0], cuts, [len(ids)]])
+        uniq = sorted_shard[bounds[:-1]] if len(ids) else np.zeros(0, np.int64)
+        self.ensure(uniq)
+        out = {k: np.empty((len(ids), *c["shape"]), dtype=c["dtype"]) for k, c in self.manifest.schema.items()}
+        for s, a, b in zip(uniq, bounds[:-1], bounds[1:]):
+            dst = order[a:b]
+            rows = ids[dst] - int(s) * rps
+            cols = self.readers[int(s)].columns
+            for k, o in out.items():
+                o[dst] = cols[k][rows]
+        return out
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class ShardServer:
+    """Serves exact slices of the order. Stateless between calls apart from open shards."""
+
+    def __init__(self, url: str, storage_options: dict | None, cache_dir: str | None):
+        self.store = ShardStore(url, storage_options, cache_dir)
+        self._orders: dict[tuple, EpochOrder] = {}
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "open_shards": len(self.store.readers), "peak_rss_kb": _peak_rss_kb()}
+
+    def batch(self, order: tuple, segments: list[tuple[int, int, int]]) -> dict[str, np.ndarray]:
+        """Rows at the given ``(epoch, start, end)`` position ranges of ``EpochOrder(*order)``."""
+        o = self._orders.get(order)
+        if o is None:
+            o = self._orders[order] = EpochOrder(*order)
+        return self.store.gather(plan.segment_ids(o, segments))
+
+    def gather(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        return self.store.gather(np.asarray(ids, dtype=np.int64))
+
+
+def _peak_rss_kb() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+# ---------------------------------------------------------------------------------------------
+# the client
+# ---------------------------------------------------------------------------------------------
+def _shuffle_config(shuffle) -> Any:
+    from orchestrator.spec import Shuffle
+    if shuffle is None:
+        return Shuffle()
+    if isinstance(shuffle, Shuffle):
+        return shuffle
+    if isinstance(shuffle, dict):
+        from pydantic import ValidationError
+        try:
+            return Shuffle(**shuffle)
+        except ValidationError as e:
+            raise ValueError("; ".join(f"shuffle.{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                                       for err in e.errors())) from None
+    raise ValueError(f"shuffle must be an orchestrator.spec.Shuffle, a dict or None, got {type(shuffle).__name__}")
+
+
+class DataLoader:
+    """This rank's view of the global stream: ``next_step()`` returns its micro-batches.
+
+    Global step ``s`` covers positions ``[s*G, (s+1)*G)`` of the stream; rank ``r`` of ``W`` gets
+    positions ``r*G/W ... (r+1)*G/W - 1`` of it as ``accumulation`` micro-batches of
+    ``micro_batch_size`` rows. ``state_dict()`` is a small JSON-able record; loading it on any
+    world size continues the same stream, so every sample of an epoch is visited exactly once.
+
+    Raises ValueError naming the argument when the batch geometry or the state is invalid, and
+    ShardError (naming the shard) when a shard is missing or corrupt.
+    """
+
+    def __init__(self, url: str, *, global_batch_size: int, micro_batch_size: int, rank: int,
+                 world_size: int, shuffle=None, storage_options: dict | None = None,
+                 prefetch_batches: int = 4, max_prefetch_mb: int = 256, cache_dir: str | None = None,
+                 name: str | None = None, state: dict | None = None):
+        cfg = _shuffle_config(shuffle)
+        if not isinstance(prefetch_batches, int) or prefetch_batches < 1:
+            raise ValueError(f"prefetch_batches must be an integer >= 1, got {prefetch_batches!r}")
+        if not isinstance(max_prefetch_mb, (int, float)) or max_prefetch_mb <= 0:
+            raise ValueError(f"max_prefetch_mb must be > 0, got {max_prefetch_mb!r}")
+        self.url = url
+        self.manifest = read_manifest(url, storage_options)
+        self.num_samples = self.manifest.num_samples
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.rank, self.world_size = rank, world_size
+        self.tail = cfg.tail
+        self.accumulation = plan.check_batch(global_batch_size, micro_batch_size, world_size, rank,
+                                             self.num_samples, self.tail)
+        self.order = EpochOrder(self.num_samples, cfg.seed, cfg.mode, cfg.window, self.manifest.rows_per_shard)
+        self.bytes_per_request = (global_batch_size // world_size) * self.manifest.row_bytes
+        self.max_inflight = max(1, min(prefetch_batches, int(max_prefetch_mb * 2**20) // self.bytes_per_request))
+        self._cursor = plan.Cursor()
+        self._inflight: collections.deque = collections.deque()
+        self._next_request = self._cursor
+        self._stats = {"requests": 0, "steps": 0, "peak_inflight": 0, "peak_inflight_bytes": 0,
+                       "measured_request_bytes": 0}
+        if state is not None:
+            self.load_state_dict(state)
+        self._actor = self._make_actor(storage_options, cache_dir, name)
+
+    def _make_actor(self, storage_options, cache_dir, name):
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        opts: dict[str, Any] = {"scheduling_strategy": NodeAffinitySchedulingStrategy(
+            node_id=ray.get_runtime_context().get_node_id(), soft=True)}
+        if name:
+            opts.update(name=f"reo-data:{name}:rank{self.rank}", get_if_exists=True)
+        return ShardServer.options(**opts).remote(self.url, storage_options, cache_dir)
+
+    # properties ------------------------------------------------------------------------------
+    @property
+    def steps_per_epoch(self) -> int:
+        """Global steps per epoch (with tail='carry', steps starting in an epoch: this or one more)."""
+        return self.num_samples // self.global_batch_size
+
+    @property
+    def epoch(self) -> int:
+        return plan.normalise(self._cursor, self.num_samples, self.global_batch_size, self.tail).epoch
+
+    def _order_key(self) -> tuple:
+        o = self.order
+        return (o.num_samples, o.seed, o.mode, o.window, o.rows_per_shard)
+
+    # iteration -------------------------------------------------------------------------------
+    def _fill(self) -> None:
+        n, g = self.num_samples, self.global_batch_size
+        while len(self._inflight) < self.max_inflight:
+            c = self._next_request
+            segs = plan.rank_segments(c, n, g, self.tail, self.rank, self.world_size)
+            ref = self._actor.batch.remote(self._order_key(), segs)
+            self._inflight.append((c, ref))
+            self._next_request = plan.advance(c, n, g, self.tail)
+            self._stats["requests"] += 1
+        k = len(self._inflight)
+        self._stats["peak_inflight"] = max(self._stats["peak_inflight"], k)
+        self._stats["peak_inflight_bytes"] = max(self._stats["peak_inflight_bytes"], k * self.bytes_per_request)
+
+    def next_step(self) -> list[dict[str, "torch.Tensor"]]:  # noqa: F821
+        """This rank's ``accumulation`` micro-batches of the next global step; advances the cursor."""
+        import torch
+        self._fill()
+        c, ref = self._inflight.popleft()
+        rows = ray.get(ref)
+        self._cursor = plan.advance(c, self.num_samples, self.global_batch_size, self.tail)
+        self._fill()  # keep the pipe full while the caller trains on this step
+        self._stats["steps"] += 1
+        self._stats["measured_request_bytes"] = sum(a.nbytes for a in rows.values())
+        m = self.micro_batch_size
+        with warnings.catch_warnings():  # object-store arrays are flagged read-only; they are ours alone
+            warnings.simplefilter("ignore", UserWarning)
+            tensors = {k: torch.from_numpy(v) for k, v in rows.items()}
+        return [{k: t[i * m:(i + 1) * m] for k, t in tensors.items()} for i in range(self.accumulation)]
+
+    def __iter__(self):
+        while True:
+            yield self.next_step()
+
+    def prefetch_stats(self) -> dict[str, int]:
+        """Requests issued, steps consumed, and the peak in-flight count and bytes (exact sizes)."""
+        return dict(self._stats, max_inflight=self.max_inflight, bytes_per_request=self.bytes_per_request)
+
+    # state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The cursor at the step boundary after the last ``next_step()``: O(1), JSON-able."""
+        c = plan.normalise(self._cursor, self.num_samples, self.global_batch_size, self.tail)
+        o = self.order
+        return {"version": STATE_VERSION, "seed": o.seed, "epoch": c.epoch, "consumed": c.consumed,
+                "mode": o.mode, "window": o.window, "tail": self.tail, "num_samples": o.num_samples,
+                "rows_per_shard": o.rows_per_shard, "global_batch_size": self.global_batch_size}
+
+    def load_state_dict(self, d: dict) -> None:
+        """Continue from a saved cursor with this loader's rank and world size.
+
+        The saved order (seed, mode, window, tail) wins over this loader's shuffle config, so the
+        stream continues unchanged. Raises ValueError naming the bad field.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"state must be a dict from DataLoader.state_dict(), got {type(d).__name__}")
+        missing = [k for k in _STATE_KEYS if k not in d]
+        if missing:
+            raise ValueError(f"state is missing field(s) {missing}")
+        if d["num_samples"] != self.num_samples or d["rows_per_shard"] != self.manifest.rows_per_shard:
+            raise ValueError(
+                f"state.num_samples/rows_per_shard ({d['num_samples']}/{d['rows_per_shard']}) do not match "
+                f"the dataset at {self.url} ({self.num_samples}/{self.manifest.rows_per_shard})")
+        for k in ("epoch", "consumed"):
+            if not isinstance(d[k], int) or d[k] < 0:
+                raise ValueError(f"state.{k} must be a non-negative integer, got {d[k]!r}")
+        if d["tail"] not in plan.TAILS:
+            raise ValueError(f"state.tail must be one of {plan.TAILS}, got {d['tail']!r}")
+        self.order = EpochOrder(self.num_samples, int(d["seed"]), d["mode"], int(d["window"]),
+                                self.manifest.rows_per_shard)
+        self.tail = d["tail"]
+        plan.check_batch(self.global_batch_size, self.micro_batch_size, self.world_size, self.rank,
+                         self.num_samples, self.tail)
+        self._cursor = plan.normalise(plan.Cursor(d["epoch"], d["consumed"]), self.num_samples,
+                                      self.global_batch_size, self.tail)
+        self._inflight.clear()  # requests for the old position: dropped, their objects freed
+        self._next_request = self._cursor
+
+    def actor(self):
+        """The loader actor handle (for tests and diagnostics)."""
+        return self._actor
+
+    def close(self) -> None:
+        for _, ref in self._inflight:
+            ray.cancel(ref)
+        self._inflight.clear()
+        if self._actor is not None:
+            ray.kill(self._actor, no_restart=True)
+            self._actor = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def global_step_sample_ids(num_samples: int, seed: int | None, epoch_or_state: int | dict = 0, *,
+                           global_batch_size: int | None = None, consumed: int = 0, step: int = 0,
+                           mode: str = "global", tail: str = "drop", window: int = 4096,
+                           rows_per_shard: int = 1) -> np.ndarray:
+    """The ``global_batch_size`` sample ids of one global step, in stream order (world-size free).
+
+    ``epoch_or_state`` is an epoch (the step is ``step`` steps after ``consumed`` in it) or a
+    ``DataLoader.state_dict()`` (the step is ``step`` steps after that cursor; its order fields and
+    global batch size are used, and ``seed`` may be None). ``rows_per_shard`` matters only for
+    mode='local'.
+    """
+    if isinstance(epoch_or_state, dict):
+        st = epoch_or_state
+        if seed is not None and seed != st["seed"]:
+            raise ValueError(f"seed ({seed}) differs from state.seed ({st['seed']})")
+        if st["num_samples"] != num_samples:
+            raise ValueError(f"num_samples ({num_samples}) differs from state.num_samples ({st['num_samples']})")
+        seed, mode, tail, window, rows_per_shard = st["seed"], st["mode"], st["tail"], st["window"], st["rows_per_shard"]
+        global_batch_size = global_batch_size or st["global_batch_size"]
+        cursor = plan.Cursor(st["epoch"], st["consumed"])
+    else:
+        cursor = plan.Cursor(int(epoch_or_state), consumed)
+    if not global_batch_size:
+        raise ValueError("global_batch_size is required (or pass a state dict that has it)")
+    if tail not in plan.TAILS:
+        raise ValueError(f"tail must be one of {plan.TAILS}, got {tail!r}")
+    order = EpochOrder(num_samples, seed or 0, mode, window, rows_per_shard)
+    c = plan.advance(cursor, num_samples, global_batch_size, tail, step) if step else cursor
+    return plan.segment_ids(order, plan.step_segments(c, num_samples, global_batch_size, tail))

@@ -1,0 +1,321 @@
+"""The model deployment: one Ray Serve HTTP ingress that validates, batches and predicts.
+
+Everything that changes between rollouts (checkpoint URLs, canary share, batching, input schema,
+API key digest) travels in the deployment's ``user_config`` and reaches a replica through
+:meth:`ModelServer.reconfigure`. Redeploying with ``serve.run`` rolls the replicas; with
+``max_surge_percent=100`` Serve starts each replacement before it drains the replica it replaces,
+so requests in flight finish on the old weights and no request is dropped.
+
+Canary: a replica holds two arms, ``stable`` and ``canary``, and sends each request to the canary
+with probability ``canary_share``. Both arms share one batch queue (their requests wait the same
+way) and each arm runs its own forward. A failed canary forward is answered by the stable model,
+so clients never see the canary's errors; the failure is still counted against the canary. Each
+replica reports per-arm latencies and errors to a :class:`CanaryStatsCollector` actor that
+``jobs.serve.rollout`` reads to apply :func:`actors.serve.canary.canary_decision`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import random
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from actors.serve.checkpoint import load_served_model
+from actors.serve.request import InputSchema, RequestError, check_api_key, parse_inputs
+
+logger = logging.getLogger("ray.serve")
+
+STATS_NAMESPACE = "orchestrator-serve"
+_STATS_FLUSH_S = 0.2
+
+
+@ray.remote(num_cpus=0)
+class CanaryStatsCollector:
+    """Per-arm request samples for one canary window (``epoch``), gathered from every replica."""
+
+    def __init__(self):
+        self._data: dict[tuple[str, str], tuple[list[float], int]] = {}
+
+    def record(self, epoch: str, role: str, latencies_s: list[float], errors: int) -> None:
+        lat, err = self._data.get((epoch, role), ([], 0))
+        lat.extend(latencies_s)
+        self._data[(epoch, role)] = (lat, err + errors)
+
+    def snapshot(self, epoch: str) -> dict[str, tuple[list[float], int]]:
+        return {role: (list(lat), err) for (ep, role), (lat, err) in self._data.items() if ep == epoch}
+
+
+@dataclass
+class _Arm:
+    role: str
+    url: str
+    model_ref: dict
+    model: torch.nn.Module
+
+
+@dataclass
+class _Item:
+    x: np.ndarray
+    role: str
+    t0: float
+
+
+@dataclass
+class _Reply:
+    outputs: np.ndarray | None
+    version: str | None
+    error: RequestError | None = None
+
+
+def _examples(items: list[_Item]) -> int:
+    return sum(len(i.x) for i in items)
+
+
+@serve.deployment(health_check_period_s=5, health_check_timeout_s=30,
+                  graceful_shutdown_timeout_s=20)
+class ModelServer:
+    """``POST {"inputs": [...]}`` -> ``{"outputs": [...], "model_version": checkpoint URL}``."""
+
+    def __init__(self, storage_options: dict[str, Any] | None = None, torch_threads: int = 1):
+        torch.set_num_threads(max(1, int(torch_threads)))
+        self._storage_options = dict(storage_options or {})
+        self._arms: dict[str, _Arm] = {}
+        self._schema: InputSchema | None = None
+        self._key_digest: str | None = None
+        self._share = 0.0
+        self._epoch: str | None = None
+        self._stats_actor_name: str | None = None
+        self._stats_actor = None
+        self._samples: dict[str, tuple[list[float], int]] = {}
+        self._last_flush = time.monotonic()
+        self._canary_error: str | None = None
+        self._batch_sizes: Counter[int] = Counter()
+        self._max_batch_size = 1
+        # One thread runs every forward: batches stay serial and the event loop keeps parsing.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="forward")
+        self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    # configuration -------------------------------------------------------------------------
+    async def reconfigure(self, cfg: dict[str, Any]) -> None:
+        """Apply a new user_config: load changed arms beside the old ones, then swap them in."""
+        loop = asyncio.get_running_loop()
+        arms: dict[str, _Arm] = {}
+        for role in ("stable", "canary"):
+            want = cfg.get(role)
+            if not want:
+                continue
+            have = next((a for a in self._arms.values()
+                         if a.url == want["url"] and a.model_ref == want["model"]), None)
+            if have is not None:
+                arms[role] = _Arm(role, have.url, have.model_ref, have.model)
+                continue
+            try:
+                model = await loop.run_in_executor(None, self._load, want["url"], want["model"])
+            except Exception as e:  # noqa: BLE001 - a bad canary must not take stable down
+                if role == "stable":
+                    raise
+                self._canary_error = f"{type(e).__name__}: {e}"
+                logger.error("canary checkpoint %s failed to load: %s", want["url"], self._canary_error)
+                continue
+            arms[role] = _Arm(role, want["url"], want["model"], model)
+        self._schema = InputSchema(tuple(cfg["input_shape"]), cfg["input_dtype"],
+                                   int(cfg["max_request_examples"]))
+        self._key_digest = cfg.get("api_key_sha256")
+        self._max_batch_size = int(cfg["max_batch_size"])
+        self._predict_batch.set_max_batch_size(self._max_batch_size)
+        self._predict_batch.set_batch_wait_timeout_s(float(cfg["batch_wait_timeout_s"]))
+        epoch = cfg.get("canary_epoch") if "canary" in arms else None
+        if epoch != self._epoch:
+            self._samples = {}
+        self._epoch = epoch
+        self._share = float(cfg.get("canary_share", 0.0)) if "canary" in arms else 0.0
+        if cfg.get("canary_stats_actor") != self._stats_actor_name:
+            self._stats_actor_name, self._stats_actor = cfg.get("canary_stats_actor"), None
+        self._arms = arms  # one assignment: a request sees the old arms or the new, never a mix
+
+    def _load(self, url: str, model_ref: dict) -> torch.nn.Module:
+        model = load_served_model(url, model_ref, self._storage_options).to(self._device)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+    # HTTP ----------------------------------------------------------------------------------
+    async def __call__(self, request: Request):
+        t0 = time.perf_counter()
+        try:
+            if request.method != "POST":
+                raise RequestError(405, f"use POST with a JSON body, not {request.method}")
+            check_api_key(request.headers, self._key_digest)
+            x = parse_inputs(await request.body(), self._schema)
+            arms = self._arms
+            role = "canary" if "canary" in arms and random.random() < self._share else "stable"
+            item = _Item(x, role, t0)
+            if len(x) > self._max_batch_size:  # already a full batch: skip the queue
+                reply = (await self._run([item]))[0]
+            else:
+                reply = await self._predict_batch(item)
+            if reply.error is not None:
+                raise reply.error
+            return JSONResponse({"outputs": reply.outputs.tolist(), "model_version": reply.version})
+        except RequestError as e:
+            return JSONResponse({"error": e.message}, status_code=e.status)
+        except Exception as e:  # noqa: BLE001 - never let one request take the replica down
+            logger.exception("prediction failed")
+            return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_examples)
+    async def _predict_batch(self, items: list[_Item]) -> list[_Reply]:
+        self._batch_sizes[_examples(items)] += 1
+        return await self._run(items)
+
+    # forward -------------------------------------------------------------------------------
+    async def _run(self, items: list[_Item]) -> list[_Reply]:
+        """Each arm's forward over its items; canary failures fall back to the stable model."""
+        arms = self._arms
+        t_batch = time.perf_counter()
+        replies: list[_Reply | None] = [None] * len(items)
+        by_role: dict[str, list[int]] = {}
+        for i, it in enumerate(items):
+            by_role.setdefault(it.role if it.role in arms else "stable", []).append(i)
+        fallback: list[int] = []
+        for role in ("stable", "canary"):
+            idx = by_role.get(role)
+            if not idx:
+                continue
+            arm = arms[role]
+            outs, took = await self._forward(arm, [items[i].x for i in idx])
+            failed = 0
+            for i, out in zip(idx, outs):
+                if isinstance(out, RequestError):
+                    failed += 1
+                    if role == "canary":
+                        fallback.append(i)
+                        continue
+                    replies[i] = _Reply(None, None, out)
+                else:
+                    replies[i] = _Reply(out, arm.url)
+            self._record(role, [t_batch - items[i].t0 + took for i in idx], failed)
+        if fallback:
+            outs, _ = await self._forward(arms["stable"], [items[i].x for i in fallback])
+            for i, out in zip(fallback, outs):
+                replies[i] = _Reply(None, None, out) if isinstance(out, RequestError) \
+                    else _Reply(out, arms["stable"].url)
+        self._maybe_flush()
+        return replies  # type: ignore[return-value]
+
+    async def _forward(self, arm: _Arm, xs: list[np.ndarray]) -> tuple[list, float]:
+        """Outputs per input (or a RequestError for inputs the model failed on) and the seconds taken."""
+        loop = asyncio.get_running_loop()
+        t = time.perf_counter()
+        try:
+            out = await loop.run_in_executor(self._executor, self._forward_sync, arm.model, xs)
+        except Exception:  # noqa: BLE001 - isolate the input(s) that fail, serve the rest
+            out = []
+            for x in xs:
+                try:
+                    out.extend(await loop.run_in_executor(self._executor, self._forward_sync, arm.model, [x]))
+                except Exception as e:  # noqa: BLE001
+                    out.append(RequestError(500, f"model failed on this input: {type(e).__name__}: {e}"))
+        return out, time.perf_counter() - t
+
+    def _forward_sync(self, model: torch.nn.Module, xs: list[np.ndarray]) -> list[np.ndarray]:
+        x = torch.from_numpy(np.concatenate(xs) if len(xs) > 1 else xs[0]).to(self._device)
+        with torch.inference_mode():
+            y = model(x).float().cpu().numpy()
+        bounds = np.cumsum([len(a) for a in xs])[:-1]
+        return np.split(y, bounds) if len(xs) > 1 else [y]
+
+    # canary statistics -----------------------------------------------------------------------
+    def _record(self, role: str, latencies: list[float], errors: int) -> None:
+        if self._epoch is None:
+            return
+        lat, err = self._samples.get(role, ([], 0))
+        lat.extend(latencies)
+        self._samples[role] = (lat, err + errors)
+
+    def _maybe_flush(self) -> None:
+        if self._epoch is None or not self._samples or self._stats_actor_name is None:
+            return
+        if time.monotonic() - self._last_flush < _STATS_FLUSH_S:
+            return
+        self._last_flush = time.monotonic()
+        try:
+            if self._stats_actor is None:
+                self._stats_actor = ray.get_actor(self._stats_actor_name, namespace=STATS_NAMESPACE)
+            for role, (lat, err) in self._samples.items():
+                self._stats_actor.record.remote(self._epoch, role, lat, err)
+        except Exception as e:  # noqa: BLE001 - statistics must never fail a request
+            logger.warning("canary stats not reported: %s", e)
+        self._samples = {}
+
+    # health and introspection ----------------------------------------------------------------
+    async def check_health(self) -> None:
+        """Unhealthy when no stable model is loaded or it cannot run one example of zeros."""
+        arm = self._arms.get("stable")
+        if arm is None or self._schema is None:
+            raise RuntimeError("no stable model loaded")
+        dtype = np.float32 if self._schema.input_dtype == "float32" else np.int64
+        probe = np.zeros((1, *self._schema.input_shape), dtype=dtype)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._forward_sync,
+                                                         arm.model, [probe])
+
+    def info(self) -> dict[str, Any]:
+        """What this replica serves, and the sizes (in examples) of the batches it has run."""
+        arms = self._arms
+        return {"pid": os.getpid(), "stable": arms["stable"].url if "stable" in arms else None,
+                "stable_model": arms["stable"].model_ref if "stable" in arms else None,
+                "canary": arms["canary"].url if "canary" in arms else None,
+                "canary_share": self._share, "canary_error": self._canary_error,
+                "batch_sizes": dict(self._batch_sizes)}
+
+
+def user_config(spec, stable: tuple[str, dict], canary: tuple[str, dict] | None = None,
+                share: float = 0.0, epoch: str | None = None, stats_actor: str | None = None,
+                api_key_sha256: str | None = None) -> dict[str, Any]:
+    """The JSON-able config a :class:`ModelServer` is reconfigured with. Arms are (url, model ref)."""
+    return {
+        "stable": {"url": stable[0], "model": stable[1]},
+        "canary": {"url": canary[0], "model": canary[1]} if canary else None,
+        "canary_share": share if canary else 0.0,
+        "canary_epoch": epoch if canary else None,
+        "canary_stats_actor": stats_actor if canary else None,
+        "input_shape": list(spec.input_shape),
+        "input_dtype": spec.input_dtype,
+        "max_request_examples": spec.max_request_examples,
+        "max_batch_size": spec.batching.max_batch_size,
+        "batch_wait_timeout_s": spec.batching.batch_wait_timeout_s,
+        "api_key_sha256": api_key_sha256,
+    }
+
+
+def build_app(spec, config: dict[str, Any]):
+    """The Serve application for a ServeSpec with a given user_config (see :func:`user_config`)."""
+    r = spec.replicas
+    max_ongoing = max(2 * spec.batching.max_batch_size, math.ceil(2 * r.target_ongoing_requests))
+    actor_options: dict[str, Any] = {"num_cpus": r.cpus_per_replica}
+    if r.gpus_per_replica:
+        actor_options["num_gpus"] = r.gpus_per_replica
+    return ModelServer.options(
+        name="model",
+        user_config=config,
+        max_ongoing_requests=max_ongoing,
+        autoscaling_config={"min_replicas": r.min_replicas, "max_replicas": r.max_replicas,
+                            "initial_replicas": max(1, r.min_replicas),
+                            "target_ongoing_requests": r.target_ongoing_requests},
+        ray_actor_options=actor_options,
+        max_surge_percent=100,  # start the replacement before draining the old replica
+    ).bind(spec.storage.as_options(), max(1, int(r.cpus_per_replica)))

@@ -1,0 +1,1 @@
+"""Elastic DeepSpeed ZeRO trainer: train loop, checkpoint I/O, resharding, export."""

@@ -1,0 +1,267 @@
+"""The one checkpoint format (DESIGN invariant 5: a checkpoint is committed or absent).
+
+Layout under the spec's checkpoint URL::
+
+    step-00000040/
+        params-r00000.pt      this rank's share of full fp32 weights + optimizer moments (by name)
+        params-r00000.json    "done" record of that shard: bytes and sha256
+        rng-r00000.pt         this rank's RNG states (restored only on the same world size)
+        state.json            step, world size, data-loader state, optimizer step, metrics, spec
+        MANIFEST.json         written last, by rank 0, once every shard is done: files, sizes, sha256
+
+Shards are keyed by parameter name and hold full tensors, so any world size and any ZeRO stage can
+load them (see ``zero_state``). A reader trusts a step directory only if its manifest verifies; a
+corrupt or partial one is skipped with a warning and the previous good checkpoint is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from orchestrator.storage import Storage, StorageError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "MANIFEST.json"
+STATE = "state.json"
+FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"^step-(\d{8,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names the step directory and the file."""
+
+
+def step_dir(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def assign_params(sizes: dict[str, int], world_size: int) -> dict[str, int]:
+    """Deterministic balanced assignment of parameter names to writer ranks (largest first)."""
+    load = [0] * world_size
+    owner: dict[str, int] = {}
+    for name, n in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0])):
+        r = min(range(world_size), key=lambda i: (load[i], i))
+        owner[name] = r
+        load[r] += n
+    return owner
+
+
+@dataclass
+class SaveRequest:
+    step: int
+    rank: int
+    world_size: int
+    tensors: dict[str, dict[str, torch.Tensor]]   # this rank's share
+    rng: dict[str, Any]
+    state: dict[str, Any] | None = None           # rank 0 only: state.json payload
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class CheckpointStore:
+    """Reads and writes checkpoints under one URL. Safe to use from every rank at once."""
+
+    def __init__(self, url: str, storage_options: dict | None = None, keep_last: int = 3,
+                 keep_best: int = 0, best_metric: str = "loss", best_mode: str = "min"):
+        self.storage = Storage(url, storage_options)
+        self.url = self.storage.root
+        self.keep_last = keep_last
+        self.keep_best = keep_best
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+
+    # ------------------------------------------------------------------ writing
+    def write_shard(self, req: SaveRequest) -> None:
+        """Write this rank's files, then its done records (shards before any manifest)."""
+        d = step_dir(req.step)
+        for kind, payload in (("params", req.tensors), ("rng", req.rng)):
+            data = _torch_bytes(payload)
+            name = f"{kind}-r{req.rank:05d}.pt"
+            self.storage.write_bytes(f"{d}/{name}", data)
+            self.storage.write_text(f"{d}/{kind}-r{req.rank:05d}.json",
+                                    json.dumps({"file": name, "bytes": len(data), "sha256": _sha256(data)}))
+        if req.rank == 0 and req.state is not None:
+            self.storage.write_text(f"{d}/{STATE}", json.dumps(req.state, sort_keys=True))
+
+    def commit(self, step: int, world_size: int, metrics: dict[str, float] | None = None,
+               timeout_s: float = 600.0, poll_s: float = 0.05) -> str:
+        """Rank 0: wait until every rank's shard is done, then publish the manifest (atomically).
+
+        Returns the committed checkpoint URL. Raises CheckpointError if shards do not appear in time.
+        """
+        d = step_dir(step)
+        expected = [f"{k}-r{r:05d}.json" for r in range(world_size) for k in ("params", "rng")]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            present = set(self.storage.list(d))
+            if all(e in present for e in expected) and STATE in present:
+                break
+            if time.monotonic() > deadline:
+                missing = sorted(set(expected + [STATE]) - present)
+                raise CheckpointError(f"{self.storage.url(d)}: shards never completed: {missing}")
+            time.sleep(poll_s)
+        files = {}
+        for e in expected:
+            rec = json.loads(self.storage.read_text(f"{d}/{e}"))
+            files[rec["file"]] = {"bytes": rec["bytes"], "sha256": rec["sha256"]}
+        state_bytes = self.storage.read_bytes(f"{d}/{STATE}")
+        files[STATE] = {"bytes": len(state_bytes), "sha256": _sha256(state_bytes)}
+        manifest = {"format": FORMAT_VERSION, "step": step, "world_size": world_size,
+                    "files": files, "metrics": metrics or {}, "committed_at": time.time()}
+        self.storage.write_text(f"{d}/{MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True))
+        self.apply_retention()
+        return self.storage.url(d)
+
+    # ------------------------------------------------------------------ reading
+    def steps(self) -> list[int]:
+        """Step numbers of every directory that has a manifest (not yet verified), ascending."""
+        out = []
+        for name in self.storage.list():
+            m = _STEP_RE.match(name)
+            if m and self.storage.exists(f"{name}/{MANIFEST}"):
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def read_manifest(self, step: int) -> dict:
+        try:
+            return json.loads(self.storage.read_text(f"{step_dir(step)}/{MANIFEST}"))
+        except (StorageError, ValueError) as e:
+            raise CheckpointError(f"{self.storage.url(step_dir(step))}: unreadable manifest: {e}") from None
+
+    def verify(self, step: int, deep: bool = True) -> dict:
+        """Check every file's size (and sha256 if ``deep``). Returns the manifest or raises."""
+        man = self.read_manifest(step)
+        d = step_dir(step)
+        for name, rec in man["files"].items():
+            try:
+                if deep:
+                    data = self.storage.read_bytes(f"{d}/{name}")
+                    size, digest = len(data), _sha256(data)
+                else:
+                    size, digest = self.storage.size(f"{d}/{name}"), rec["sha256"]
+            except StorageError:
+                raise CheckpointError(f"{self.storage.url(d)}: shard {name} is missing") from None
+            if size != rec["bytes"] or digest != rec["sha256"]:
+                raise CheckpointError(f"{self.storage.url(d)}: shard {name} is corrupt "
+                                      f"(size {size} vs {rec['bytes']}, checksum mismatch)")
+        return man
+
+    def latest_valid(self, deep: bool = True) -> int | None:
+        """The newest step whose manifest verifies; corrupt ones are skipped with a warning."""
+        for step in reversed(self.steps()):
+            try:
+                self.verify(step, deep=deep)
+                return step
+            except CheckpointError as e:
+                log.warning("skipping checkpoint: %s; falling back to the previous one", e)
+        return None
+
+    def load_state(self, step: int) -> dict:
+        return json.loads(self.storage.read_text(f"{step_dir(step)}/{STATE}"))
+
+    def load_tensors(self, step: int) -> dict[str, dict[str, torch.Tensor]]:
+        """All parameters' full tensors, merged from every writer rank's shard."""
+        man = self.read_manifest(step)
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for r in range(man["world_size"]):
+            data = self.storage.read_bytes(f"{step_dir(step)}/params-r{r:05d}.pt")
+            out.update(torch.load(io.BytesIO(data), weights_only=True, map_location="cpu"))
+        return out
+
+    def load_rng(self, step: int, rank: int) -> dict | None:
+        name = f"{step_dir(step)}/rng-r{rank:05d}.pt"
+        if not self.storage.exists(name):
+            return None
+        return torch.load(io.BytesIO(self.storage.read_bytes(name)), weights_only=False)
+
+    # ------------------------------------------------------------------ retention
+    def apply_retention(self) -> list[int]:
+        """Keep the newest ``keep_last`` and the ``keep_best`` by metric; delete the rest.
+
+        Only committed checkpoints count; uncommitted directories newer than the newest commit
+        (a save in flight) are never touched. Returns the deleted steps.
+        """
+        steps = self.steps()
+        keep = set(steps[-self.keep_last:])
+        if self.keep_best:
+            scored = []
+            for s in steps:
+                v = self.read_manifest(s).get("metrics", {}).get(self.best_metric)
+                if v is not None:
+                    scored.append((v if self.best_mode == "min" else -v, s))
+            keep |= {s for _, s in sorted(scored)[: self.keep_best]}
+        newest = steps[-1] if steps else -1
+        deleted = []
+        for name in self.storage.list():
+            m = _STEP_RE.match(name)
+            if not m:
+                continue
+            s = int(m.group(1))
+            if s in keep or s > newest:
+                continue
+            self.storage.delete(name, recursive=True)
+            deleted.append(s)
+        return deleted
+
+    def best(self) -> int | None:
+        scored = []
+        for s in self.steps():
+            v = self.read_manifest(s).get("metrics", {}).get(self.best_metric)
+            if v is not None:
+                scored.append((v if self.best_mode == "min" else -v, s))
+        return min(scored)[1] if scored else None
+
+
+class AsyncSaver:
+    """Runs checkpoint writes in one background thread so training continues during the upload.
+
+    The tensors handed over are already CPU copies, so the engine may keep stepping. At most one save
+    is in flight; a new one waits for the previous (bounded memory).
+    """
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_committed: tuple[int, str] | None = None
+
+    def submit(self, fn: Callable[[], tuple[int, str] | None]) -> None:
+        self.wait()
+
+        def run():
+            try:
+                res = fn()
+                if res:
+                    self.last_committed = res
+            except BaseException as e:  # noqa: BLE001 - surfaced on the next wait()
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err

@@ -1,0 +1,332 @@
+"""The function every Ray Train worker runs: build the DeepSpeed engine for the current world size,
+restore the newest verified checkpoint (resharding ZeRO state and the data cursor), train, checkpoint.
+
+Reads top to bottom: config -> components -> restore -> loop -> final checkpoint.
+Invariants kept here: the global batch is constant whatever the world size (accumulation is
+recomputed); the data order continues exactly where the checkpoint left it; a checkpoint is only
+ever used after its manifest verifies.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from actors.trainer import zero_state
+from actors.trainer.checkpoint import AsyncSaver, CheckpointStore, SaveRequest, assign_params
+from orchestrator.spec import TrainSpec, gradient_accumulation, parse_spec
+
+log = logging.getLogger("actors.trainer")
+
+HISTORY_CAP = 100_000  # per-step records kept in checkpoints (loss, sample digest)
+
+
+def deepspeed_config(spec: TrainSpec, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config for this spec on ``world_size`` workers (global batch held constant)."""
+    ds = spec.deepspeed
+    accum = gradient_accumulation(ds.global_batch_size, ds.micro_batch_size, world_size)
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    cfg: dict[str, Any] = {
+        "train_batch_size": ds.global_batch_size,
+        "train_micro_batch_size_per_gpu": ds.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": ds.gradient_clipping,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,          # we print our own progress lines
+        "wall_clock_breakdown": False,
+        # Offloaded optimizers need DeepSpeed's own CPU Adam; otherwise the client torch optimizer.
+        "zero_force_ds_cpu_optimizer": False,
+    }
+    if ds.precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif ds.precision == "fp16":
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    for k, v in ds.config_overrides.items():
+        cfg[k] = v
+    return cfg
+
+
+def learning_rate(spec: TrainSpec, step: int) -> float:
+    """LR as a pure function of the global step (so it needs no checkpointed scheduler state)."""
+    opt = spec.optimizer
+    if opt.warmup_steps and step < opt.warmup_steps:
+        return opt.lr * (step + 1) / opt.warmup_steps
+    return opt.lr
+
+
+def total_steps(spec: TrainSpec, steps_per_epoch: int) -> int:
+    if spec.max_steps is not None:
+        return spec.max_steps
+    return max(1, math.ceil(spec.epochs * steps_per_epoch))
+
+
+def build_optimizer(spec: TrainSpec, params):
+    o = spec.optimizer
+    if spec.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay,
+                                adamw_mode=o.name == "adamw")
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def compute_loss(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if kind == "cross_entropy":
+        return torch.nn.functional.cross_entropy(out.float(), y)
+    if kind == "lm_cross_entropy":
+        return torch.nn.functional.cross_entropy(out.float().reshape(-1, out.shape[-1]), y.reshape(-1))
+    return torch.nn.functional.mse_loss(out.float(), y.float())
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _plot_history(history: list[dict], path: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1.2)
+    restarts = [h["step"] for i, h in enumerate(history) if i and h["world_size"] != history[i - 1]["world_size"]]
+    for s in restarts:
+        ax.axvline(s, color="tab:red", ls="--", lw=0.8)
+    ax.set_xlabel("global step")
+    ax.set_ylabel("loss")
+    ax.set_title(title + (" (dashed: world size changed)" if restarts else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+class Worker:
+    """State of one training worker across the loop; one instance per Ray Train worker process."""
+
+    def __init__(self, spec: TrainSpec, options: dict[str, Any]):
+        import ray.train
+        self.spec = spec
+        self.options = options
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world = ctx.get_world_size()
+        os.environ.setdefault("LOCAL_RANK", str(ctx.get_local_rank()))
+        torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
+        st_opts = spec.storage.as_options()
+        c = spec.checkpoint
+        self.ckpt = CheckpointStore(c.url, st_opts, keep_last=c.keep_last, keep_best=c.keep_best,
+                                    best_metric=c.best_metric, best_mode=c.best_mode)
+        self.saver = AsyncSaver()
+        self.history: list[dict] = []
+        self.reported_commit: str | None = None
+
+    # ------------------------------------------------------------------ components
+    def build(self) -> None:
+        import deepspeed
+        spec = self.spec
+        seed_everything(spec.seed)  # identical initial weights on every rank and every attempt
+        model = spec.model.resolve()(**spec.model.kwargs)
+        self.accum = gradient_accumulation(spec.deepspeed.global_batch_size,
+                                           spec.deepspeed.micro_batch_size, self.world)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(spec, params)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(spec, self.world),
+            dist_init_required=False)
+        self.state_keys = zero_state.optimizer_state_keys(spec.optimizer.name)
+        from actors.data import DataLoader
+        d = spec.dataset
+        self.loader = DataLoader(
+            d.url, global_batch_size=spec.deepspeed.global_batch_size,
+            micro_batch_size=spec.deepspeed.micro_batch_size, rank=self.rank, world_size=self.world,
+            shuffle=d.shuffle, storage_options=spec.storage.as_options(),
+            prefetch_batches=d.prefetch_batches, max_prefetch_mb=d.max_prefetch_mb,
+            cache_dir=d.cache_dir, name=f"{spec.name}-r{self.rank}")
+        self.max_steps = total_steps(spec, self.loader.steps_per_epoch)
+
+    # ------------------------------------------------------------------ restore
+    def restore(self) -> int:
+        """Load the newest verified checkpoint into engine + loader. Returns the step to start at."""
+        t0 = time.monotonic()
+        step = self.ckpt.latest_valid(deep=True) if self.rank == 0 else None
+        step = self._broadcast(step)
+        if step is None:
+            return 0
+        state = self.ckpt.load_state(step)
+        tensors = self.ckpt.load_tensors(step)
+        zero_state.load_full_state(self.engine, tensors, self.state_keys, state["optimizer_step"])
+        self.engine.global_steps = state["step"]
+        self.loader.load_state_dict(state["data"])
+        self.history = state.get("history", [])
+        if state["world_size"] == self.world:
+            rng = self.ckpt.load_rng(step, self.rank)
+            if rng is not None:
+                set_rng_state(rng)
+        else:
+            seed_everything(self.spec.seed * 1_000_003 + step * 101 + self.rank)
+        if self.rank == 0:
+            log.warning("[%s] resumed from %s/step-%08d (saved on %d workers) on %d workers, "
+                        "accumulation %d, in %.2fs", self.spec.name, self.ckpt.url, step,
+                        state["world_size"], self.world, self.accum, time.monotonic() - t0)
+        self.resumed_from = (step, state["world_size"])
+        return state["step"]
+
+    def _broadcast(self, obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    # ------------------------------------------------------------------ checkpoint
+    def save(self, step: int, metrics: dict[str, float], sync: bool) -> None:
+        """Gather (collective, synchronous) then write shards and commit (async if configured)."""
+        owner_sizes = {n: p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                       for n, p in self.engine.module.named_parameters() if p.requires_grad}
+        owner = assign_params(owner_sizes, self.world)
+        mine = {}
+        for name, t in zero_state.iter_full_state(self.engine, self.state_keys):
+            if owner[name] == self.rank:
+                mine[name] = t
+        state = None
+        if self.rank == 0:
+            state = {"step": step, "world_size": self.world, "data": self.loader.state_dict(),
+                     "optimizer_step": zero_state.optimizer_step_count(self.engine),
+                     "metrics": metrics, "history": self.history[-HISTORY_CAP:],
+                     "spec": self.spec.model_dump(mode="json"), "saved_at": time.time()}
+        req = SaveRequest(step=step, rank=self.rank, world_size=self.world, tensors=mine,
+                          rng=rng_state(), state=state, metrics=metrics)
+
+        def write():
+            self.ckpt.write_shard(req)
+            if self.rank == 0:
+                return step, self.ckpt.commit(step, self.world, metrics)
+            return None
+
+        self.saver.submit(write)
+        if sync or not self.spec.checkpoint.async_save:
+            self.saver.wait()
+
+    def report(self, metrics: dict[str, float]) -> None:
+        """ray.train.report on every rank (a barrier); rank 0 attaches a pointer to a new commit."""
+        import json
+
+        import ray.train
+        committed = self.saver.last_committed if self.rank == 0 else None
+        if committed and committed[1] != self.reported_commit:
+            step, uri = committed
+            with tempfile.TemporaryDirectory() as tmp:
+                with open(os.path.join(tmp, "pointer.json"), "w") as f:
+                    json.dump({"uri": uri, "step": step}, f)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"pointer-{step:08d}")
+            self.reported_commit = uri
+        else:
+            ray.train.report(metrics)
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> dict[str, Any]:
+        spec = self.spec
+        self.build()
+        start = self.restore()
+        if self.rank == 0:
+            log.warning("[%s] training steps %d..%d on %d workers (micro %d x accumulation %d x "
+                        "workers %d = global %d), ZeRO-%d %s", spec.name, start, self.max_steps,
+                        self.world, spec.deepspeed.micro_batch_size, self.accum, self.world,
+                        spec.deepspeed.global_batch_size, spec.deepspeed.zero_stage,
+                        spec.deepspeed.precision)
+        t_last, n_last = time.monotonic(), 0
+        step = start
+        fail_at = self.options.get("fail_at_step")
+        # Pacing for demos and chaos tests: stretch each step as if the model were bigger.
+        min_step_s = float(self.options.get("min_step_time_s", 0.0))
+        while step < self.max_steps:
+            t_step = time.monotonic()
+            for g in self.optimizer.param_groups:
+                g["lr"] = learning_rate(spec, step)
+            micro_batches = self.loader.next_step()
+            loss_sum = torch.zeros(3, dtype=torch.float64)  # loss, sum(id), sum(id^2)
+            for mb in micro_batches:
+                out = self.engine(mb["x"])
+                loss = compute_loss(spec.loss, out, mb["y"])
+                self.engine.backward(loss)
+                self.engine.step()
+                ids = mb["id"].to(torch.float64)
+                loss_sum += torch.stack([loss.detach().double(), ids.sum(), (ids * ids).sum()])
+            if min_step_s:
+                time.sleep(max(0.0, min_step_s - (time.monotonic() - t_step)))
+            dist.all_reduce(loss_sum)
+            step += 1
+            n_last += spec.deepspeed.global_batch_size
+            g_loss = float(loss_sum[0]) / (self.accum * self.world)
+            self.history.append({"step": step, "loss": g_loss, "world_size": self.world,
+                                 "ids_sum": int(loss_sum[1]), "ids_sqsum": int(loss_sum[2]),
+                                 "t": time.time()})
+            metrics = {"step": step, "loss": g_loss, "world_size": self.world,
+                       "epoch": self.loader.state_dict().get("epoch", 0)}
+            if step % spec.checkpoint.interval_steps == 0 or step == self.max_steps:
+                self.save(step, {"loss": g_loss}, sync=step == self.max_steps)
+            if step % spec.log_interval == 0 or step == self.max_steps:
+                dt = time.monotonic() - t_last
+                metrics["samples_per_s"] = n_last / dt if dt > 0 else 0.0
+                if self.rank == 0:
+                    log.warning("[%s] step %d/%d loss %.4f %.0f samples/s workers %d",
+                                spec.name, step, self.max_steps, g_loss, metrics["samples_per_s"],
+                                self.world)
+                self.report(metrics)
+                t_last, n_last = time.monotonic(), 0
+            if fail_at is not None and step == fail_at and self.rank == self.world - 1 and \
+                    not getattr(self, "resumed_from", None):
+                os._exit(1)  # test hook: a worker process dies mid-run
+        self.saver.wait()
+        self.loader.close()
+        if self.rank == 0:
+            self.report({"step": step, "loss": self.history[-1]["loss"] if self.history else float("nan"),
+                         "world_size": self.world, "done": 1})
+            self._write_summary(step)
+        else:
+            self.report({"step": step, "world_size": self.world, "done": 1})
+        return {"step": step}
+
+    def _write_summary(self, step: int) -> None:
+        import json
+        st = self.ckpt.storage
+        summary = {"name": self.spec.name, "final_step": step, "world_size": self.world,
+                   "history": self.history, "checkpoint": self.saver.last_committed}
+        st.write_text("summary.json", json.dumps(summary))
+        with tempfile.TemporaryDirectory() as tmp:
+            png = os.path.join(tmp, "loss.png")
+            _plot_history(self.history, png, self.spec.name)
+            st.write_from_file("loss.png", png)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Entry point handed to ``TorchTrainer``: ``config = {"spec": <json>, "options": {...}}``."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    spec = parse_spec(config["spec"])
+    Worker(spec, config.get("options", {})).run()

@@ -1,0 +1,138 @@
+"""Driver side of a train job: a Ray Train v2 ``TorchTrainer`` whose elastic worker group only takes
+sizes that keep the global batch (invariant 4), checkpointing through our committed format.
+
+Ray Train does the restarts (``FailureConfig``) and the elastic resizing
+(``ScalingConfig(num_workers=(min, max))``); this module only narrows which sizes it may choose.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
+from ray.train.torch import TorchTrainer
+
+from actors.trainer.checkpoint import CheckpointStore
+from actors.trainer.loop import train_loop_per_worker
+from orchestrator.spec import TrainSpec, feasible_worker_counts
+from orchestrator.storage import Storage
+
+log = logging.getLogger("actors.trainer")
+
+
+def largest_feasible(n: int, feasible: list[int]) -> int:
+    """The largest allowed worker count <= n, or 0 when none fits."""
+    fits = [w for w in feasible if w <= n]
+    return max(fits) if fits else 0
+
+
+class BatchAwareScalingPolicy(ElasticScalingPolicy):
+    """Ray Train's elastic policy, restricted to worker counts with an integer batch split.
+
+    When the cluster offers a size with no split (e.g. 3 workers for global batch 64 over micro 8),
+    the resize is refused with a log line and the group uses the largest size that works; when no
+    allowed size fits, the job waits (Ray Train's below-min path).
+    """
+
+    def __init__(self, scaling_config, feasible: list[int], job_name: str):
+        super().__init__(scaling_config)
+        self.feasible = sorted(feasible)
+        self.job_name = job_name
+        self._last_refusal: int | None = None
+
+    def _count_possible_workers(self, reserved_resources) -> int:
+        n = super()._count_possible_workers(reserved_resources)
+        w = largest_feasible(n, self.feasible)
+        if w != n and n != self._last_refusal:
+            self._last_refusal = n
+            log.warning("[%s] resources for %d workers, but the global batch has no integer split over "
+                        "%d; %s", self.job_name, n, n,
+                        f"using {w} workers" if w else "waiting for a size in " + str(self.feasible))
+        return w if w else -1  # below min_workers: Ray Train waits
+
+
+class ElasticDeepSpeedTrainer(TorchTrainer):
+    """``TorchTrainer`` with :class:`BatchAwareScalingPolicy` in place of the stock elastic policy."""
+
+    def __init__(self, *args, feasible_workers: list[int], job_name: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._feasible = feasible_workers
+        self._job_name = job_name
+
+    def _initialize_and_run_controller(self, **kwargs):
+        if self.scaling_config.elasticity_enabled:
+            kwargs["scaling_policy"] = BatchAwareScalingPolicy(
+                self.scaling_config, self._feasible, self._job_name)
+        return super()._initialize_and_run_controller(**kwargs)
+
+
+@dataclass
+class TrainResult:
+    name: str
+    final_step: int
+    history: list[dict] = field(default_factory=list)
+    checkpoint_url: str | None = None
+    world_sizes: list[int] = field(default_factory=list)
+
+    @property
+    def losses(self) -> list[float]:
+        return [h["loss"] for h in self.history]
+
+
+def build_trainer(spec: TrainSpec, options: dict[str, Any] | None = None,
+                  run_name: str | None = None) -> ElasticDeepSpeedTrainer:
+    import ray.train
+    r = spec.resources
+    resources = {"CPU": r.cpus_per_worker}
+    if r.gpus_per_worker:
+        resources["GPU"] = r.gpus_per_worker
+    feasible = feasible_worker_counts(spec)
+    lo, hi = min(feasible), max(feasible)
+    num_workers: int | tuple[int, int] = lo if lo == hi else (lo, hi)
+    scaling = ray.train.ScalingConfig(num_workers=num_workers, use_gpu=bool(r.gpus_per_worker),
+                                      resources_per_worker=resources,
+                                      elastic_resize_monitor_interval_s=r.resize_check_interval_s)
+    ray_store = Storage(spec.checkpoint.url, spec.storage.as_options()).sub("_ray_train")
+    run_config = ray.train.RunConfig(
+        name=run_name or f"{spec.name}-{uuid.uuid4().hex[:8]}",
+        storage_path=ray_store.pyarrow_path(),
+        storage_filesystem=ray_store.pyarrow_filesystem(),
+        failure_config=ray.train.FailureConfig(max_failures=spec.max_restarts),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.checkpoint.keep_last),
+    )
+    return ElasticDeepSpeedTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "options": options or {}},
+        scaling_config=scaling, run_config=run_config,
+        feasible_workers=feasible, job_name=spec.name)
+
+
+def read_result(spec: TrainSpec) -> TrainResult:
+    """The summary the final rank-0 worker wrote next to the checkpoints."""
+    st = Storage(spec.checkpoint.url, spec.storage.as_options())
+    summary = json.loads(st.read_text("summary.json"))
+    hist = summary["history"]
+    sizes = []
+    for h in hist:
+        if not sizes or sizes[-1] != h["world_size"]:
+            sizes.append(h["world_size"])
+    ck = summary.get("checkpoint")
+    return TrainResult(name=summary["name"], final_step=summary["final_step"], history=hist,
+                       checkpoint_url=ck[1] if ck else None, world_sizes=sizes)
+
+
+def run_train(spec: TrainSpec, options: dict[str, Any] | None = None) -> TrainResult:
+    """Run a train spec to completion on the connected Ray cluster and return its summary."""
+    build_trainer(spec, options).fit()
+    return read_result(spec)
+
+
+def latest_checkpoint(spec: TrainSpec) -> str | None:
+    store = CheckpointStore(spec.checkpoint.url, spec.storage.as_options())
+    step = store.latest_valid(deep=False)
+    return None if step is None else store.storage.url(f"step-{step:08d}")
+

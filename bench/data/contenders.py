@@ -1,0 +1,209 @@
+"""One contender per process: ``python -m bench.data.contenders NAME --workdir W ... --out R.json``.
+
+Each contender yields batches (dicts with ``id`` and ``x``) for one epoch; the runner times the
+first batch and the whole epoch, samples the process tree's memory (PSS, Ray workers included)
+and scores the order of the ids it saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+
+
+# ---------------------------------------------------------------------------------------------
+# contenders: each returns an iterable of batches
+# ---------------------------------------------------------------------------------------------
+def _raw(url: str, storage_options, batch: int):
+    """The limit: read each shard sequentially with pyarrow (a full copy into memory), slice."""
+    from actors.data import read_manifest
+    from orchestrator.storage import Storage
+    m = read_manifest(url, storage_options)
+    st = Storage(url, storage_options)
+    return _raw_batches(m, st, batch)
+
+
+def _raw_batches(m, st, batch: int):
+    import pyarrow as pa
+    import torch
+
+    from actors.data.shards import column_view
+    for s in m.shards:
+        local = st.local_path(s.name)
+        table = pa.ipc.open_file(pa.OSFile(local) if local else pa.py_buffer(st.read_bytes(s.name))).read_all()
+        cols = {k: column_view(table.column(k), c["dtype"], c["shape"]) for k, c in m.schema.items()}
+        for lo in range(0, s.rows, batch):
+            yield {k: torch.from_numpy(v[lo:lo + batch]) for k, v in cols.items()}
+
+
+def _ours(url: str, storage_options, batch: int, mode: str, workdir: str, seed: int):
+    import ray
+
+    from actors.data import DataLoader
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+    cache = os.path.join(workdir, "cache", str(os.getpid()))
+    dl = DataLoader(url, global_batch_size=batch, micro_batch_size=batch, rank=0, world_size=1,
+                    shuffle={"mode": mode, "seed": seed, "window": 16384}, storage_options=storage_options,
+                    cache_dir=cache, prefetch_batches=8, max_prefetch_mb=256)
+    return (dl.next_step()[0] for _ in range(dl.steps_per_epoch))
+
+
+def _ray_data(path: str, batch: int, mode: str, seed: int):
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    if mode == "global":
+        ds = ray.data.read_parquet(path).random_shuffle(seed=seed)
+        it = ds.iter_torch_batches(batch_size=batch, drop_last=True)
+    else:
+        ds = ray.data.read_parquet(path, shuffle="files")
+        it = ds.iter_torch_batches(batch_size=batch, drop_last=True, local_shuffle_buffer_size=16384,
+                                   local_shuffle_seed=seed)
+    return it
+
+
+def _mosaic(path: str, batch: int, workers: int, seed: int):
+    _stub_torchvision()
+    import torch
+    from streaming import StreamingDataset
+    ds = StreamingDataset(local=path, shuffle=True, shuffle_seed=seed, batch_size=batch)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, drop_last=True)
+
+
+def _litdata(path: str, batch: int, workers: int, seed: int, workdir: str):
+    import litdata
+    ds = litdata.StreamingDataset(path, shuffle=True, seed=seed, drop_last=True,
+                                  cache_dir=os.path.join(workdir, "cache", str(os.getpid())))
+    return litdata.StreamingDataLoader(ds, batch_size=batch, num_workers=workers, drop_last=True)
+
+
+def _stub_torchvision():
+    """streaming imports torchvision at import time for its vision datasets (unused here); no CPU
+    torchvision wheel matches torch 2.13, so give it an empty stand-in when the real one fails."""
+    try:
+        import torchvision  # noqa: F401
+        return
+    except Exception:  # noqa: BLE001 - missing or ABI-mismatched
+        pass
+    import importlib.machinery
+    import types
+    for name in ("torchvision", "torchvision.datasets", "torchvision.transforms",
+                 "torchvision.transforms.functional"):
+        mod = types.ModuleType(name)
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        sys.modules[name] = mod
+    sys.modules["torchvision.datasets"].VisionDataset = object
+    sys.modules["torchvision.datasets"].CIFAR10 = object
+    sys.modules["torchvision.transforms.functional"].to_tensor = None
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+# ---------------------------------------------------------------------------------------------
+class PeakMemory:
+    """Peak PSS (proportional set size) of this process and all its descendants, sampled."""
+
+    def __init__(self, interval: float = 1.0):
+        import psutil
+        self.proc, self.interval, self.peak = psutil.Process(), interval, 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        total = 0
+        for p in [self.proc, *self.proc.children(recursive=True)]:
+            try:
+                total += p.memory_full_info().pss
+            except Exception:  # noqa: BLE001 - process exited between listing and reading
+                pass
+        return total
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.peak = max(self.peak, self._sample())
+        self._stop.set()
+        self._t.join()
+
+
+def measure(batches, rows_per_shard: int, batch: int) -> dict:
+    from actors.data import score_order
+    ids, touched = [], 0
+    ttfb = None
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        for b in batches:
+            if ttfb is None:
+                ttfb = time.perf_counter() - t0
+            i = np.asarray(b["id"]).reshape(-1)
+            ids.append(i)
+            x = b["x"]
+            touched += int(x[:, 0].sum()) if hasattr(x, "shape") else sum(v[0] for v in x)
+        wall = time.perf_counter() - t0
+    first = len(ids[0]) if ids else 0
+    ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    out = {"samples": int(len(ids)), "wall_s": wall, "ttfb_s": ttfb, "epoch_samples_per_s": len(ids) / wall,
+           "samples_per_s": (len(ids) - first) / max(wall - ttfb, 1e-9),
+           "peak_pss_mb": mem.peak / 2**20, "unique": int(len(np.unique(ids)))}
+    try:
+        order = ids
+        n = len(order)
+        if n and (np.sort(order) != np.arange(n)).any():  # a dropped tail: rank the ids it did visit
+            order = np.searchsorted(np.sort(order), order)
+        out.update(score_order(order, rows_per_shard=rows_per_shard, global_batch_size=batch))
+    except ValueError as e:
+        out["quality_error"] = str(e)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("name")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--rows-per-shard", type=int, default=8192)
+    p.add_argument("--s3-url")
+    p.add_argument("--endpoint-url")
+    p.add_argument("--peer-workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    w = a.workdir
+    s3_opts = {"endpoint_url": a.endpoint_url} if a.endpoint_url else None
+    makers = {
+        "raw-local": lambda: _raw(os.path.join(w, "ours"), None, a.batch),
+        "raw-s3": lambda: _raw(a.s3_url, s3_opts, a.batch),
+        "ours-global-local": lambda: _ours(os.path.join(w, "ours"), None, a.batch, "global", w, a.seed),
+        "ours-global-s3": lambda: _ours(a.s3_url, s3_opts, a.batch, "global", w, a.seed),
+        "ours-local-local": lambda: _ours(os.path.join(w, "ours"), None, a.batch, "local", w, a.seed),
+        "ray-data-global-local": lambda: _ray_data(os.path.join(w, "parquet"), a.batch, "global", a.seed),
+        "ray-data-local-local": lambda: _ray_data(os.path.join(w, "parquet"), a.batch, "local", a.seed),
+        "mosaic-local": lambda: _mosaic(os.path.join(w, "mds"), a.batch, a.peer_workers, a.seed),
+        "litdata-local": lambda: _litdata(os.path.join(w, "litdata"), a.batch, a.peer_workers, a.seed, w),
+    }
+    if a.name not in makers:
+        print(f"unknown contender {a.name!r}; one of {sorted(makers)}", file=sys.stderr)
+        return 2
+    result = {"name": a.name, **measure(makers[a.name](), a.rows_per_shard, a.batch)}
+    with open(a.out, "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Scheduler benchmark: orchestrator.policy.decide vs a FIFO gang baseline, by simulation."""

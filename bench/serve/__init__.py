@@ -1,0 +1,1 @@
+"""Serve benchmark: ``python -m bench.serve`` (see docs/BENCHMARKS.md, section Serve)."""

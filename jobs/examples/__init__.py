@@ -1,0 +1,1 @@
+"""Small example models and the synthetic data they train on (no downloads)."""

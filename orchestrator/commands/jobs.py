@@ -1,0 +1,197 @@
+"""``orchestrator submit | status | queue | cancel | logs``: the job store from the command line.
+
+Every command takes ``--store`` (default ``$ORCHESTRATOR_STORE`` or ``~/.orchestrator/jobs.db``;
+a path or any SQLAlchemy URL). ``--address`` (default ``$RAY_ADDRESS``) names the Ray cluster for
+``logs``; Ray token auth comes from the environment as for Ray's own CLI. Exit status: 0 ok,
+1 a store error (unknown job, illegal transition, store unavailable), 2 an invalid spec.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+
+from orchestrator import spec as specmod
+from orchestrator import store as storemod
+from orchestrator.policy import ClusterState, JobView, Node, fits_empty_cluster
+
+
+def register(sub) -> None:
+    p = sub.add_parser("submit", help="validate a job spec and queue it")
+    p.add_argument("spec", help="path or URL of a YAML job spec")
+    p.add_argument("--cluster", metavar="NxCPU[:GPU],...",
+                   help="the cluster's nodes (e.g. '4x8,2x16:2'); a spec whose gang can never fit "
+                        "them is rejected instead of queued")
+    _common(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="one job: state, workers, checkpoint and its history")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true", help="print the record as JSON")
+    _common(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("queue", help="table of jobs waiting or running (--all: every job)")
+    p.add_argument("--all", action="store_true", help="include finished jobs")
+    p.add_argument("--state", action="append", choices=storemod.STATES, help="only these states")
+    _common(p)
+    p.set_defaults(func=cmd_queue)
+
+    p = sub.add_parser("cancel", help="cancel a job (a pipeline: its unfinished stages too)")
+    p.add_argument("job_id")
+    p.add_argument("--reason", default="cancelled by user")
+    _common(p)
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("logs", help="a job's logs from the Ray Jobs API")
+    p.add_argument("job_id")
+    _common(p)
+    p.set_defaults(func=cmd_logs)
+
+
+def _common(p) -> None:
+    p.add_argument("--store", default=os.environ.get("ORCHESTRATOR_STORE", storemod.DEFAULT_URL),
+                   help="job store path or SQLAlchemy URL (env ORCHESTRATOR_STORE)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="Ray cluster address, as for `ray job` (env RAY_ADDRESS)")
+
+
+def _fail(msg: str, code: int = 1) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return code
+
+
+def parse_cluster(text: str) -> ClusterState:
+    """``'4x8,2x16:2'`` -> 4 nodes of 8 CPUs and 2 nodes of 16 CPUs + 2 GPUs."""
+    nodes = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)x(\d+(?:\.\d+)?)(?::(\d+(?:\.\d+)?))?\s*", part)
+        if not m:
+            raise ValueError(f"--cluster: {part!r} is not COUNTxCPUS[:GPUS] (e.g. 4x8 or 2x16:2)")
+        for _ in range(int(m[1])):
+            nodes.append(Node(f"n{len(nodes)}", float(m[2]), float(m[3] or 0)))
+    return ClusterState.of(nodes)
+
+
+def _never_fits(spec, cluster: ClusterState) -> list[str]:
+    """Reasons any job the spec creates can never run on ``cluster`` (empty: all can)."""
+    parts = [(st.name, st.spec) for st in spec.stages] if isinstance(spec, specmod.PipelineSpec) \
+        else [(None, spec)]
+    out = []
+    for stage, s in parts:
+        lo, hi, c, g = storemod.demand(s)
+        why = fits_empty_cluster(JobView(s.name, 0, min_workers=lo, max_workers=hi,
+                                         cpus_per_worker=c, gpus_per_worker=g), cluster)
+        if why:
+            out.append(f"stage {stage}: {why}" if stage else why)
+    return out
+
+
+def cmd_submit(args) -> int:
+    try:
+        spec = specmod.load_spec(args.spec)
+    except specmod.SpecError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    if args.cluster:
+        try:
+            cluster = parse_cluster(args.cluster)
+        except ValueError as e:
+            return _fail(str(e), 2)
+        reasons = _never_fits(spec, cluster)
+        if reasons:
+            return _fail(f"{args.spec}: rejected, it can never fit the cluster: " + "; ".join(reasons), 2)
+    try:
+        st = storemod.JobStore(args.store)
+        job_id = st.submit(spec)
+        stages = st.list(parent_id=job_id)
+    except storemod.StoreError as e:
+        return _fail(str(e))
+    print(job_id)
+    for s in stages:
+        print(f"  stage {s.stage}: {s.id}")
+    return 0
+
+
+def _age(t: float | None) -> str:
+    if t is None:
+        return "-"
+    s = max(0, int(time.time() - t))
+    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h"
+
+
+def cmd_status(args) -> int:
+    try:
+        job = storemod.JobStore(args.store).get(args.job_id, history=True)
+    except storemod.StoreError as e:
+        return _fail(str(e))
+    if args.json:
+        d = {k: v for k, v in job.__dict__.items() if k != "history"}
+        d["history"] = [t.__dict__ for t in job.history]
+        print(json.dumps(d, indent=2, default=str))
+        return 0
+    print(f"{job.id}  {job.kind}  {job.state}  ({job.reason})")
+    print(f"  team {job.team}, priority {job.priority}, workers {job.workers} "
+          f"(gang {job.min_workers}..{job.max_workers} x {job.cpus_per_worker:g} CPU"
+          f"{f', {job.gpus_per_worker:g} GPU' if job.gpus_per_worker else ''})")
+    print(f"  attempts {job.attempts}/{job.max_retries + 1}, ray submission {job.ray_submission_id or '-'}")
+    if job.checkpoint_url:
+        print(f"  checkpoint {job.checkpoint_url} step {job.checkpoint_step} ({_age(job.checkpoint_time)} ago)")
+    if job.parent_id:
+        print(f"  pipeline {job.parent_id}, stage {job.stage}, after {job.depends_on or 'nothing'}")
+    print("  history:")
+    for t in job.history:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t.at))
+        print(f"    {when}  {t.from_state or '-':>9} -> {t.to_state:<9}  {t.reason}")
+    return 0
+
+
+def cmd_queue(args) -> int:
+    states = args.state or (None if args.all else [s for s in storemod.STATES if s not in storemod.TERMINAL])
+    try:
+        jobs = storemod.JobStore(args.store).list(states)
+    except (storemod.StoreError, ValueError) as e:
+        return _fail(str(e))
+    rank = {c: i for i, c in enumerate(("critical", "high", "normal", "low"))}
+    jobs.sort(key=lambda j: (j.state not in storemod.ACTIVE, rank.get(j.priority, 9), j.submit_time))
+    cols = ("ID", "KIND", "TEAM", "PRIORITY", "STATE", "WORKERS", "TRIES", "AGE", "REASON")
+    rows = [(j.id, j.kind, j.team, j.priority, j.state,
+             f"{j.workers}/{j.min_workers}..{j.max_workers}" if j.max_workers else "-",
+             str(j.attempts), _age(j.submit_time), j.reason[:60]) for j in jobs]
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip())
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    if not rows:
+        print("(no jobs)")
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    try:
+        job = storemod.JobStore(args.store).cancel(args.job_id, args.reason)
+    except storemod.StoreError as e:
+        return _fail(str(e))
+    # The scheduler service stops the Ray job on its next cycle (it watches for cancelled jobs).
+    print(f"{job.id} cancelled")
+    return 0
+
+
+def cmd_logs(args) -> int:
+    try:
+        job = storemod.JobStore(args.store).get(args.job_id)
+    except storemod.StoreError as e:
+        return _fail(str(e))
+    if not job.ray_submission_id:
+        return _fail(f"job {job.id} has not been submitted to Ray yet (state {job.state}); no logs")
+    try:
+        from ray.job_submission import JobSubmissionClient
+        client = JobSubmissionClient(args.address)
+        print(client.get_job_logs(job.ray_submission_id), end="")
+    except Exception as e:  # noqa: BLE001 - any Ray/HTTP failure is reported, not raised
+        return _fail(f"cannot fetch logs of {job.id} (Ray job {job.ray_submission_id}) from "
+                     f"{args.address or 'the default Ray address'}: {e}")
+    return 0

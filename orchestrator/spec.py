@@ -1,0 +1,547 @@
+"""Job specs: pydantic models loaded from YAML, validated once, before anything starts.
+
+Four kinds share one loader (:func:`load_spec`): ``train``, ``tune``, ``serve`` and ``pipeline``.
+Unknown keys are errors. Every error carries the field's dotted path and the reason
+(:class:`SpecError`), so ``orchestrator validate`` can print all of them at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
+
+from orchestrator import storage
+
+PRIORITY_CLASSES: dict[str, int] = {"low": 0, "normal": 100, "high": 200, "critical": 300}
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class SpecError(ValueError):
+    """A spec is invalid. ``errors`` is a list of ``(field_path, reason)``."""
+
+    def __init__(self, errors: list[tuple[str, str]], source: str | None = None):
+        self.errors = errors
+        self.source = source
+        where = f"{source}: " if source else ""
+        lines = [f"{where}{len(errors)} error(s) in job spec"]
+        lines += [f"  {path or '<root>'}: {reason}" for path, reason in errors]
+        super().__init__("\n".join(lines))
+
+
+def field_error(field: str, reason: str) -> ValueError:
+    """A cross-field error from a model validator that should point at ``field`` in that model."""
+    return ValueError(f"@{field}: {reason}")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def _url(v: str) -> str:
+    try:
+        return storage.check_url(v)
+    except storage.StorageError as e:
+        raise ValueError(str(e)) from None
+
+
+StorageURL = Annotated[str, Field(min_length=1)]
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+# ---------------------------------------------------------------------------------------------
+class Resources(Strict):
+    """The gang: a job runs with between ``min_workers`` and ``max_workers`` workers."""
+    min_workers: int = Field(1, ge=1, le=4096)
+    max_workers: int = Field(1, ge=1, le=4096)
+    cpus_per_worker: float = Field(1.0, gt=0, le=1024)
+    gpus_per_worker: float = Field(0.0, ge=0, le=16)
+    memory_per_worker_gb: float | None = Field(None, gt=0, le=16384,
+                                               description="declared memory; the planner warns past it")
+    resize_check_interval_s: float = Field(
+        30.0, ge=0.5, le=86400, description="how often a running elastic job looks for room to grow")
+
+    @model_validator(mode="after")
+    def _min_le_max(self):
+        if self.min_workers > self.max_workers:
+            raise field_error("min_workers", f"min_workers ({self.min_workers}) must be <= max_workers ({self.max_workers})")
+        return self
+
+
+class Storage(Strict):
+    """fsspec options for the job's URLs (S3 endpoint etc.). Credentials may also come from env."""
+    endpoint_url: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    def as_options(self) -> dict[str, Any]:
+        out = dict(self.options)
+        if self.endpoint_url:
+            out["endpoint_url"] = self.endpoint_url
+        return out
+
+
+class Shuffle(Strict):
+    mode: Literal["global", "local", "none"] = Field(
+        "global", description="global: uniform permutation per epoch; local: shard order + window")
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    window: int = Field(4096, ge=1, le=10_000_000, description="local mode buffer size")
+    tail: Literal["drop", "carry"] = Field(
+        "drop", description="samples that cannot fill a global batch: drop them, or carry into next epoch")
+
+
+class Dataset(Strict):
+    url: StorageURL
+    shuffle: Shuffle = Field(default_factory=Shuffle)
+    prefetch_batches: int = Field(4, ge=1, le=1024)
+    max_prefetch_mb: int = Field(256, ge=1, le=1 << 20)
+    cache_dir: str | None = Field(None, description="node-local shard cache (default: tmp)")
+
+    _check_url = field_validator("url")(classmethod(lambda cls, v: _url(v)))
+
+
+class ModelRef(Strict):
+    factory: str = Field(..., description="'module:function' returning a torch.nn.Module")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("factory")
+    @classmethod
+    def _factory(cls, v: str) -> str:
+        if not _FACTORY_RE.match(v):
+            raise ValueError(f"must look like 'package.module:function', got {v!r}")
+        return v
+
+    def resolve(self):
+        """Import and return the factory callable (raises ImportError/AttributeError clearly)."""
+        mod, fn = self.factory.split(":")
+        return getattr(importlib.import_module(mod), fn)
+
+
+class DeepSpeed(Strict):
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    micro_batch_size: int = Field(8, ge=1, le=1_000_000)
+    global_batch_size: int = Field(16, ge=1, le=100_000_000)
+    gradient_clipping: float = Field(1.0, ge=0)
+    config_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="merged into the generated DeepSpeed config last")
+
+    @model_validator(mode="after")
+    def _offload(self):
+        if self.offload_params and self.zero_stage != 3:
+            raise field_error("offload_params", "offload_params needs zero_stage 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise field_error("offload_optimizer", "offload_optimizer needs zero_stage 1, 2 or 3")
+        if self.precision == "fp16" and self.zero_stage == 0:
+            raise field_error("precision", "fp16 needs zero_stage 1, 2 or 3 (resharding reads ZeRO's fp32 master weights)")
+        if self.global_batch_size % self.micro_batch_size:
+            raise field_error("global_batch_size", f"global_batch_size ({self.global_batch_size}) is not a multiple of "
+                             f"micro_batch_size ({self.micro_batch_size})")
+        return self
+
+
+class Optimizer(Strict):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0, le=10)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v):
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
+
+
+class Checkpoint(Strict):
+    url: StorageURL
+    interval_steps: int = Field(50, ge=1)
+    keep_last: int = Field(3, ge=1, le=1000)
+    keep_best: int = Field(0, ge=0, le=1000)
+    best_metric: str = "loss"
+    best_mode: Literal["min", "max"] = "min"
+    async_save: bool = False
+
+    _check_url = field_validator("url")(classmethod(lambda cls, v: _url(v)))
+
+
+class Scheduling(Strict):
+    """What the job scheduler needs: who, how important, how persistent."""
+    team: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    priority: Literal["low", "normal", "high", "critical"] = "normal"
+    max_retries: int = Field(3, ge=0, le=100)
+    preemptible: bool = True
+
+
+class _JobBase(Strict):
+    name: str
+    scheduling: Scheduling = Field(default_factory=Scheduling)
+    storage: Storage = Field(default_factory=Storage)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("must be 1-63 chars of lowercase letters, digits, '.', '_' or '-', "
+                             "starting and ending with a letter or digit")
+        return v
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------
+class TrainSpec(_JobBase):
+    kind: Literal["train"] = "train"
+    resources: Resources = Field(default_factory=Resources)
+    model: ModelRef
+    dataset: Dataset
+    deepspeed: DeepSpeed = Field(default_factory=DeepSpeed)
+    optimizer: Optimizer = Field(default_factory=Optimizer)
+    checkpoint: Checkpoint
+    max_steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0, le=1e6)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    log_interval: int = Field(10, ge=1)
+    max_restarts: int = Field(10, ge=-1, le=10_000,
+                              description="worker-group restarts within one run (-1: unlimited)")
+    loss: Literal["cross_entropy", "lm_cross_entropy", "mse"] = "cross_entropy"
+
+    @model_validator(mode="after")
+    def _batch_splits(self):
+        if self.max_steps is None and self.epochs is None:
+            raise field_error("max_steps", "set max_steps or epochs")
+        ok = feasible_worker_counts(self)
+        if not ok:
+            ds, r = self.deepspeed, self.resources
+            raise field_error(
+                "deepspeed.global_batch_size", f"deepspeed.global_batch_size ({ds.global_batch_size}) is not divisible by "
+                f"micro_batch_size x workers ({ds.micro_batch_size} x w) for any allowed worker "
+                f"count w in [{r.min_workers}, {r.max_workers}]")
+        return self
+
+
+def feasible_worker_counts(spec: TrainSpec) -> list[int]:
+    """Worker counts in [min, max] that keep the global batch with an integer accumulation."""
+    ds, r = spec.deepspeed, spec.resources
+    return [w for w in range(r.min_workers, r.max_workers + 1)
+            if ds.global_batch_size % (ds.micro_batch_size * w) == 0]
+
+
+def gradient_accumulation(global_batch: int, micro_batch: int, workers: int) -> int:
+    """Accumulation steps keeping ``global = workers x micro x accumulation``.
+
+    Raises ValueError naming the numbers when no integer split exists (invariant 4).
+    """
+    if workers < 1 or micro_batch < 1:
+        raise ValueError(f"workers ({workers}) and micro_batch ({micro_batch}) must be >= 1")
+    if global_batch % (micro_batch * workers):
+        raise ValueError(
+            f"global batch {global_batch} cannot be split over {workers} workers x micro-batch "
+            f"{micro_batch}: {global_batch} % {micro_batch * workers} != 0")
+    return global_batch // (micro_batch * workers)
+
+
+# ---------------------------------------------------------------------------------------------
+# tune
+# ---------------------------------------------------------------------------------------------
+class Domain(Strict):
+    type: Literal["choice", "uniform", "loguniform", "grid", "randint"]
+    values: list[Any] | None = None
+    low: float | None = None
+    high: float | None = None
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.type in ("choice", "grid"):
+            if not self.values:
+                raise ValueError(f"{self.type} needs a non-empty 'values' list")
+            if self.low is not None or self.high is not None:
+                raise ValueError(f"{self.type} takes 'values', not low/high")
+        else:
+            if self.low is None or self.high is None:
+                raise ValueError(f"{self.type} needs 'low' and 'high'")
+            if self.values is not None:
+                raise ValueError(f"{self.type} takes low/high, not 'values'")
+            if not self.low < self.high:
+                raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+            if self.type == "loguniform" and self.low <= 0:
+                raise ValueError("loguniform needs low > 0")
+        return self
+
+
+class TuneScheduler(Strict):
+    type: Literal["asha", "pbt", "fifo"] = "asha"
+    metric: str = "loss"
+    mode: Literal["min", "max"] = "min"
+    grace_period: int = Field(2, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+    perturbation_interval: int = Field(4, ge=1)
+
+
+class TuneSpec(_JobBase):
+    kind: Literal["tune"] = "tune"
+    trial: TrainSpec = Field(..., description="the train spec every trial starts from")
+    search_space: dict[str, Domain]
+    scheduler: TuneScheduler = Field(default_factory=TuneScheduler)
+    num_samples: int = Field(4, ge=1, le=100_000)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    results_url: StorageURL
+
+    _check_url = field_validator("results_url")(classmethod(lambda cls, v: _url(v)))
+
+    @model_validator(mode="after")
+    def _space_paths(self):
+        if not self.search_space:
+            raise field_error("search_space", "must name at least one trial field")
+        base = self.trial.model_dump()
+        for path in self.search_space:
+            node: Any = base
+            for part in path.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    raise field_error(f"search_space.{path}", "not a field of the trial spec")
+                node = node[part]
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# serve
+# ---------------------------------------------------------------------------------------------
+class Batching(Strict):
+    max_batch_size: int = Field(32, ge=1, le=65536)
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=60)
+
+
+class Replicas(Strict):
+    min_replicas: int = Field(1, ge=0, le=1024)
+    max_replicas: int = Field(2, ge=1, le=1024)
+    target_ongoing_requests: float = Field(8, gt=0)
+    cpus_per_replica: float = Field(0.5, gt=0)
+    gpus_per_replica: float = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.min_replicas > self.max_replicas:
+            raise field_error("min_replicas", f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        return self
+
+
+class Canary(Strict):
+    share: float = Field(0.1, gt=0, lt=1)
+    min_requests: int = Field(50, ge=1)
+    max_error_increase: float = Field(0.05, ge=0, description="relative error-rate increase that rolls back")
+    max_p95_slowdown: float = Field(0.20, ge=0, description="relative p95 slowdown that rolls back")
+
+
+class ServeSpec(_JobBase):
+    kind: Literal["serve"] = "serve"
+    checkpoint_url: StorageURL
+    model: ModelRef
+    input_shape: list[int] = Field(..., min_length=1, description="per-example shape")
+    input_dtype: Literal["float32", "int64"] = "float32"
+    max_request_examples: int = Field(256, ge=1)
+    replicas: Replicas = Field(default_factory=Replicas)
+    batching: Batching = Field(default_factory=Batching)
+    route_prefix: str = Field("/predict", pattern=r"^/[A-Za-z0-9_/-]*$")
+    http_port: int = Field(8000, ge=1, le=65535)
+    api_key_env: str | None = Field(None, description="env var holding the API key; unset = open")
+    canary: Canary | None = None
+
+    _check_url = field_validator("checkpoint_url")(classmethod(lambda cls, v: _url(v)))
+
+    @field_validator("input_shape")
+    @classmethod
+    def _shape(cls, v):
+        if any(d < 1 for d in v):
+            raise ValueError("every dimension must be >= 1")
+        return v
+
+
+# ---------------------------------------------------------------------------------------------
+# pipeline
+# ---------------------------------------------------------------------------------------------
+class Stage(Strict):
+    name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    depends_on: list[str] = Field(default_factory=list)
+    spec: Annotated[Union["TrainSpec", "TuneSpec", "ServeSpec"], Field(discriminator="kind")]
+
+
+class PipelineSpec(_JobBase):
+    kind: Literal["pipeline"] = "pipeline"
+    stages: list[Stage] = Field(..., min_length=1)
+
+    @model_validator(mode="after")
+    def _dag(self):
+        names = [s.name for s in self.stages]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise field_error("stages", f"duplicate stage names: {dup}")
+        known = set(names)
+        for s in self.stages:
+            missing = [d for d in s.depends_on if d not in known]
+            if missing:
+                raise field_error(f"stages.{s.name}.depends_on", f"unknown stage(s) {missing}")
+        try:
+            topo_order(self)
+        except ValueError as e:
+            raise field_error("stages", str(e)) from None
+        return self
+
+
+def topo_order(p: PipelineSpec) -> list[str]:
+    """Stage names in dependency order (stable: spec order among ready stages)."""
+    deps = {s.name: set(s.depends_on) for s in p.stages}
+    done: list[str] = []
+    while len(done) < len(deps):
+        ready = [n for n in deps if n not in done and deps[n] <= set(done)]
+        if not ready:
+            cyc = sorted(n for n in deps if n not in done)
+            raise ValueError(f"stages {cyc} form a dependency cycle")
+        done.append(ready[0])
+    return done
+
+
+JobSpec = Annotated[Union[TrainSpec, TuneSpec, ServeSpec, PipelineSpec], Field(discriminator="kind")]
+
+
+class _Envelope(BaseModel):
+    spec: JobSpec
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
+_KINDS = ("train", "tune", "serve", "pipeline")
+
+
+def _loc(loc: tuple) -> str:
+    """Pydantic's error location as a dotted path, without the envelope and union tags."""
+    out, prev = "", None
+    for i, p in enumerate(loc):
+        skip = (i == 0 and p == "spec") or (prev == "spec" and p in _KINDS)
+        prev = p
+        if skip:
+            continue
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            out += ("." if out else "") + str(p)
+    return out
+
+
+def _reason(err: dict) -> str:
+    msg = err.get("msg", "invalid")
+    if err.get("type") == "extra_forbidden":
+        return "unknown key (not a field of this section)"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if msg.startswith("@"):
+        msg = msg.split(": ", 1)[1]
+    if err.get("type") == "missing":
+        return "required field is missing"
+    return msg
+
+
+def parse_spec(data: Any, source: str | None = None):
+    """Validate a mapping as a job spec; returns TrainSpec | TuneSpec | ServeSpec | PipelineSpec."""
+    if data is None:
+        raise SpecError([("", "spec is empty")], source)
+    if not isinstance(data, dict):
+        raise SpecError([("", f"spec must be a YAML mapping, got {type(data).__name__}")], source)
+    if "kind" not in data:
+        raise SpecError([("kind", "required field is missing (one of train, tune, serve, pipeline)")], source)
+    if data["kind"] not in ("train", "tune", "serve", "pipeline"):
+        raise SpecError([("kind", f"unknown job kind {data['kind']!r}; use train, tune, serve or pipeline")], source)
+    try:
+        return _Envelope.model_validate({"spec": data}).spec
+    except ValidationError as e:
+        errs = []
+        for x in e.errors():
+            path, msg = _loc(tuple(x["loc"])), str(x.get("msg", ""))
+            sub = msg.removeprefix("Value error, ")
+            if sub.startswith("@"):  # field_error(): extend the path to the named field
+                path = ".".join(p for p in (path, sub[1:].split(": ", 1)[0]) if p)
+            errs.append((path, _reason(x)))
+        raise SpecError(errs, source) from None
+
+
+def load_spec(path_or_url: str | Path, overrides: dict[str, Any] | None = None):
+    """Load YAML from a path or storage URL and validate it. Raises SpecError (never half-loads)."""
+    src = str(path_or_url)
+    try:
+        if storage.scheme_of(src) == "file":
+            text = Path(src.removeprefix("file://")).read_text()
+        else:
+            st = storage.Storage(storage.parent(src))
+            text = st.read_text(src.rsplit("/", 1)[1])
+    except (OSError, storage.StorageError) as e:
+        raise SpecError([("", f"cannot read spec: {e}")], src) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError([("", f"not valid YAML{where}: {getattr(e, 'problem', e)}")], src) from None
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return parse_spec(data, src)
+
+
+def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
+    """Return a copy of a raw spec mapping with dotted-path values replaced (Tune uses this)."""
+    out = copy.deepcopy(data)
+    for path, value in overrides.items():
+        node = out
+        parts = path.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def with_overrides(spec, overrides: dict[str, Any]):
+    """A new validated spec with dotted-path fields replaced."""
+    return parse_spec(apply_overrides(spec.model_dump(mode="json"), overrides))
+
+
+def dump_spec(spec) -> str:
+    """The resolved spec (defaults filled in) as YAML."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+def describe(spec) -> list[str]:
+    """Human notes about a valid spec (worker counts that split the batch, memory plan), as
+    comment lines ``orchestrator validate`` prints under the resolved spec."""
+    notes: list[str] = []
+    trains = []
+    if isinstance(spec, TrainSpec):
+        trains = [("", spec)]
+    elif isinstance(spec, TuneSpec):
+        trains = [("trial: ", spec.trial)]
+    elif isinstance(spec, PipelineSpec):
+        trains = [(f"stage {s.name}: ", s.spec) for s in spec.stages if isinstance(s.spec, TrainSpec)]
+        notes.append(f"# stage order: {' -> '.join(topo_order(spec))}")
+    for prefix, t in trains:
+        ok = feasible_worker_counts(t)
+        r = t.resources
+        bad = [w for w in range(r.min_workers, r.max_workers + 1) if w not in ok]
+        notes.append(f"# {prefix}worker counts that keep global batch {t.deepspeed.global_batch_size}: {ok}")
+        if bad:
+            notes.append(f"# {prefix}WARNING: worker counts {bad} have no integer split; the job "
+                         "will not resize to them")
+        try:
+            from orchestrator.memory import plan_for_spec
+        except ImportError:
+            continue
+        notes.extend(f"# {prefix}{line}" for line in plan_for_spec(t))
+    return notes

@@ -1,0 +1,293 @@
+"""Every read and write the system makes goes through this module (DESIGN invariant 2).
+
+A location is an fsspec URL: a plain path, ``file://``, ``s3://`` (s3fs) or ``memory://``.
+Nothing outside this module looks at the scheme.
+
+S3 endpoint and credentials come from ``storage_options`` (e.g. a spec's ``storage`` block) or
+from the environment (``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``). Credentials are never
+logged: :func:`redact` is the only way options are ever rendered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import posixpath
+import uuid
+from typing import Any, Iterator
+
+import fsspec
+
+SUPPORTED_SCHEMES = ("file", "s3", "memory", "gs", "gcs")
+_SECRET_KEYS = {"key", "secret", "token", "aws_secret_access_key", "aws_access_key_id",
+                "aws_session_token", "password"}
+
+
+class StorageError(ValueError):
+    """A URL cannot be used: bad scheme, missing object, or an I/O failure (message names the URL)."""
+
+
+def scheme_of(url: str) -> str:
+    """The URL's scheme; a plain path is ``file``."""
+    if "://" not in url:
+        return "file"
+    return url.split("://", 1)[0].lower()
+
+
+def check_url(url: str) -> str:
+    """Validate a storage URL without touching storage. Returns it unchanged; raises StorageError."""
+    if not isinstance(url, str) or not url.strip():
+        raise StorageError("storage URL must be a non-empty string")
+    scheme = scheme_of(url)
+    if scheme not in SUPPORTED_SCHEMES:
+        raise StorageError(
+            f"unsupported URL scheme {scheme!r} in {url!r}; use one of "
+            f"{', '.join(s + '://' for s in SUPPORTED_SCHEMES)} or a plain path")
+    if scheme in ("s3", "gs", "gcs"):
+        rest = url.split("://", 1)[1]
+        if not rest or rest.startswith("/"):
+            raise StorageError(f"{url!r} has no bucket name")
+    return url
+
+
+def _env_s3_options() -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    client_kwargs: dict[str, Any] = {}
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        client_kwargs["region_name"] = region
+    if client_kwargs:
+        opts["client_kwargs"] = client_kwargs
+    return opts
+
+
+def filesystem(url: str, storage_options: dict[str, Any] | None = None):
+    """Return ``(fs, path)`` for a URL. Explicit options win over the environment."""
+    check_url(url)
+    scheme = scheme_of(url)
+    opts: dict[str, Any] = {}
+    if scheme == "s3":
+        opts.update(_env_s3_options())
+        # s3fs caches directory listings; we write and list in the same process, so keep it off.
+        opts.setdefault("use_listings_cache", False)
+    for k, v in (storage_options or {}).items():
+        if k == "client_kwargs" and isinstance(v, dict):
+            opts.setdefault("client_kwargs", {}).update(v)
+        elif k == "endpoint_url":
+            opts.setdefault("client_kwargs", {})["endpoint_url"] = v
+        else:
+            opts[k] = v
+    fs, path = fsspec.core.url_to_fs(url, **opts)
+    return fs, path
+
+
+def redact(options: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of storage options safe to print or log."""
+    out: dict[str, Any] = {}
+    for k, v in (options or {}).items():
+        if isinstance(v, dict):
+            out[k] = redact(v)
+        elif k.lower() in _SECRET_KEYS:
+            out[k] = "***"
+        else:
+            out[k] = v
+    return out
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a URL with ``/`` (local paths too; fsspec accepts them)."""
+    out = url.rstrip("/")
+    for p in parts:
+        out = out + "/" + str(p).strip("/")
+    return out
+
+
+def parent(url: str) -> str:
+    if "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://{posixpath.dirname(rest.rstrip('/'))}"
+    return os.path.dirname(url.rstrip("/"))
+
+
+class Storage:
+    """A root URL plus options; all paths given to methods are relative to the root.
+
+    ``Storage("s3://bucket/prefix").write_bytes("a/b.bin", data)`` writes ``s3://bucket/prefix/a/b.bin``.
+    """
+
+    def __init__(self, root: str, storage_options: dict[str, Any] | None = None):
+        self.root = check_url(root).rstrip("/") or root
+        self.options = dict(storage_options or {})
+        self.fs, self.root_path = filesystem(self.root, self.options)
+        self.scheme = scheme_of(self.root)
+
+    def __repr__(self) -> str:
+        return f"Storage({self.root!r}, options={redact(self.options)!r})"
+
+    def __reduce__(self):  # picklable across Ray workers: rebuild the filesystem there
+        return (Storage, (self.root, self.options))
+
+    # paths -----------------------------------------------------------------------------------
+    def url(self, rel: str = "") -> str:
+        return join(self.root, rel) if rel else self.root
+
+    def _p(self, rel: str) -> str:
+        rel = rel.strip("/")
+        return f"{self.root_path.rstrip('/')}/{rel}" if rel else self.root_path
+
+    def sub(self, rel: str) -> "Storage":
+        return Storage(self.url(rel), self.options)
+
+    # reads -----------------------------------------------------------------------------------
+    def exists(self, rel: str = "") -> bool:
+        return bool(self.fs.exists(self._p(rel)))
+
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            with self.fs.open(self._p(rel), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise StorageError(f"not found: {self.url(rel)}") from None
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode("utf-8")
+
+    def open_read(self, rel: str, block_size: int | None = None):
+        """A seekable binary file object (random access by range requests on object stores)."""
+        kw = {"block_size": block_size} if block_size and self.scheme != "file" else {}
+        try:
+            return self.fs.open(self._p(rel), "rb", **kw)
+        except FileNotFoundError:
+            raise StorageError(f"not found: {self.url(rel)}") from None
+
+    def size(self, rel: str) -> int:
+        try:
+            return int(self.fs.size(self._p(rel)))
+        except FileNotFoundError:
+            raise StorageError(f"not found: {self.url(rel)}") from None
+
+    def list(self, rel: str = "") -> list[str]:
+        """Names (not paths) directly under ``rel``; empty if it does not exist."""
+        p = self._p(rel)
+        try:
+            entries = self.fs.ls(p, detail=False, refresh=True) if self.scheme == "s3" else \
+                self.fs.ls(p, detail=False)
+        except FileNotFoundError:
+            return []
+        names = []
+        for e in entries:
+            name = posixpath.basename(str(e).rstrip("/"))
+            if name and not name.startswith(".tmp-"):
+                names.append(name)
+        return sorted(set(names))
+
+    def walk_files(self, rel: str = "") -> Iterator[str]:
+        """Relative paths of every file below ``rel`` (temporaries excluded)."""
+        base = self._p(rel).rstrip("/")
+        try:
+            found = self.fs.find(base)
+        except FileNotFoundError:
+            return
+        prefix = rel.strip("/")
+        for f in sorted(str(x) for x in found):
+            if not f.startswith(base):
+                continue
+            r = f[len(base):].lstrip("/")
+            if r and not posixpath.basename(r).startswith(".tmp-"):
+                yield f"{prefix}/{r}" if prefix else r
+
+    # writes ----------------------------------------------------------------------------------
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Atomic: readers see either the old object or the whole new one, never a prefix.
+
+        Local and memory filesystems write a hidden temporary beside the target, then rename;
+        object stores publish a single PUT (or a completed multipart upload) atomically.
+        """
+        target = self._p(rel)
+        parent_dir = posixpath.dirname(target)
+        if self.scheme == "file":
+            os.makedirs(parent_dir, exist_ok=True)
+            tmp = os.path.join(parent_dir, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(target)}")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+            return
+        if self.scheme == "memory":
+            tmp = f"{parent_dir}/.tmp-{uuid.uuid4().hex}"
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, target)
+            return
+        self.fs.pipe_file(target, data)
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode("utf-8"))
+
+    def write_from_file(self, rel: str, local_path: str) -> None:
+        """Upload a local file atomically (streaming; no full copy in memory for object stores)."""
+        target = self._p(rel)
+        if self.scheme == "file":
+            parent_dir = posixpath.dirname(target)
+            os.makedirs(parent_dir, exist_ok=True)
+            tmp = os.path.join(parent_dir, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(target)}")
+            import shutil
+            shutil.copyfile(local_path, tmp)
+            os.replace(tmp, target)
+            return
+        if self.scheme == "memory":
+            with open(local_path, "rb") as f:
+                self.write_bytes(rel, f.read())
+            return
+        self.fs.put_file(local_path, target)
+
+    def download(self, rel: str, local_path: str) -> None:
+        """Copy an object to a local file (atomic on the local side)."""
+        os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
+        tmp = f"{local_path}.tmp-{uuid.uuid4().hex}"
+        try:
+            self.fs.get_file(self._p(rel), tmp)
+        except FileNotFoundError:
+            raise StorageError(f"not found: {self.url(rel)}") from None
+        os.replace(tmp, local_path)
+
+    def delete(self, rel: str, recursive: bool = False) -> None:
+        p = self._p(rel)
+        try:
+            if recursive:
+                self.fs.rm(p, recursive=True)
+            else:
+                self.fs.rm_file(p)
+        except FileNotFoundError:
+            pass
+
+    def pyarrow_filesystem(self):
+        """This storage as a ``pyarrow.fs.FileSystem`` (for Ray Train's ``storage_filesystem``)."""
+        import pyarrow.fs
+        return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(self.fs))
+
+    def pyarrow_path(self, rel: str = "") -> str:
+        """The scheme-less path matching :meth:`pyarrow_filesystem`."""
+        return self._p(rel)
+
+    def local_path(self, rel: str = "") -> str | None:
+        """The OS path when the storage is the local filesystem (for memory-mapping), else None."""
+        return self._p(rel) if self.scheme == "file" else None
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(fobj: io.BufferedIOBase, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    while True:
+        b = fobj.read(chunk)
+        if not b:
+            return h.hexdigest()
+        h.update(b)

@@ -1,0 +1,423 @@
+"""The durable job store (DESIGN invariant 7): the truth about every job, outliving every process.
+
+A SQLite file by default; any SQLAlchemy URL (``postgresql+psycopg://...``) for a shared cluster.
+Three tables: ``jobs`` (one row per job, the resolved spec and what the scheduler knows of it),
+``transitions`` (every state change with its reason) and ``schema_version``.
+
+State changes go through :meth:`JobStore.transition`, which enforces :data:`LEGAL` and is a
+compare-and-set on the current state, so two scheduler processes can never both move a job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import sqlalchemy as sa
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
+
+from orchestrator import spec as specmod
+from orchestrator.policy import JobView
+
+SCHEMA_VERSION = 1
+STATES = ("queued", "admitted", "running", "preempted", "succeeded", "failed", "cancelled")
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+ACTIVE = frozenset({"admitted", "running"})
+# from-state -> states it may move to. Retries go running/admitted -> queued (attempts += 1).
+LEGAL: dict[str, frozenset[str]] = {
+    "queued": frozenset({"admitted", "cancelled", "failed"}),  # failed: rejected / dependency failed
+    "admitted": frozenset({"running", "queued", "preempted", "failed", "cancelled", "succeeded"}),
+    "running": frozenset({"succeeded", "failed", "preempted", "queued", "cancelled"}),
+    "preempted": frozenset({"queued", "cancelled"}),
+    "succeeded": frozenset(),
+    "failed": frozenset(),
+    "cancelled": frozenset(),
+}
+DEFAULT_URL = "~/.orchestrator/jobs.db"
+
+
+class StoreError(RuntimeError):
+    """Base of the store's errors; every message names the job id or the store URL."""
+
+
+class UnknownJob(StoreError, KeyError):
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        super().__init__(f"no job with id {job_id!r}")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+class IllegalTransition(StoreError):
+    def __init__(self, job_id: str, current: str, new: str, why: str = ""):
+        self.job_id, self.current, self.new = job_id, current, new
+        allowed = ", ".join(sorted(LEGAL.get(current, ()))) or "nothing (it is finished)"
+        super().__init__(why or f"job {job_id!r} is {current}; it cannot become {new} "
+                                f"(from {current} it may become: {allowed})")
+
+
+class StoreUnavailable(StoreError):
+    def __init__(self, url: str, reason: str):
+        self.url = url
+        super().__init__(f"cannot open job store {url!r}: {reason}")
+
+
+metadata = sa.MetaData()
+jobs_t = sa.Table(
+    "jobs", metadata,
+    sa.Column("id", sa.String(80), primary_key=True),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("team", sa.String(64), nullable=False),
+    sa.Column("priority", sa.String(16), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("reason", sa.Text, nullable=False, default=""),
+    sa.Column("spec", sa.Text, nullable=False),  # resolved spec, JSON
+    sa.Column("min_workers", sa.Integer, nullable=False),
+    sa.Column("max_workers", sa.Integer, nullable=False),
+    sa.Column("cpus_per_worker", sa.Float, nullable=False),
+    sa.Column("gpus_per_worker", sa.Float, nullable=False),
+    sa.Column("preemptible", sa.Boolean, nullable=False),
+    sa.Column("max_retries", sa.Integer, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("workers", sa.Integer, nullable=False, default=0),
+    sa.Column("placement", sa.Text, nullable=False, default="{}"),  # node id -> workers, JSON
+    sa.Column("ray_submission_id", sa.String(128)),
+    sa.Column("checkpoint_url", sa.Text),
+    sa.Column("checkpoint_step", sa.Integer),
+    sa.Column("checkpoint_time", sa.Float),
+    sa.Column("parent_id", sa.String(80), sa.ForeignKey("jobs.id"), index=True),
+    sa.Column("stage", sa.String(64)),
+    sa.Column("depends_on", sa.Text, nullable=False, default="[]"),  # sibling stage names, JSON
+    sa.Column("submit_time", sa.Float, nullable=False),
+    sa.Column("start_time", sa.Float),
+    sa.Column("end_time", sa.Float),
+    sa.Column("updated_time", sa.Float, nullable=False),
+)
+transitions_t = sa.Table(
+    "transitions", metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(80), sa.ForeignKey("jobs.id"), nullable=False, index=True),
+    sa.Column("from_state", sa.String(16)),
+    sa.Column("to_state", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False, default=""),
+    sa.Column("at", sa.Float, nullable=False),
+)
+schema_t = sa.Table("schema_version", metadata, sa.Column("version", sa.Integer, nullable=False))
+
+# Columns a caller may set alongside a transition (or with :meth:`JobStore.update`).
+MUTABLE = frozenset({"workers", "placement", "ray_submission_id", "checkpoint_url", "checkpoint_step",
+                     "checkpoint_time", "attempts", "start_time", "end_time", "reason"})
+
+
+@dataclass(frozen=True)
+class Transition:
+    job_id: str
+    from_state: str | None
+    to_state: str
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One row of ``jobs``. ``spec`` is the resolved spec as a dict (see :meth:`load`)."""
+    id: str
+    name: str
+    kind: str
+    team: str
+    priority: str
+    state: str
+    reason: str
+    spec: dict[str, Any]
+    min_workers: int
+    max_workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    preemptible: bool
+    max_retries: int
+    attempts: int
+    workers: int
+    placement: dict[str, int]
+    ray_submission_id: str | None
+    checkpoint_url: str | None
+    checkpoint_step: int | None
+    checkpoint_time: float | None
+    parent_id: str | None
+    stage: str | None
+    depends_on: list[str]
+    submit_time: float
+    start_time: float | None
+    end_time: float | None
+    updated_time: float
+    history: tuple[Transition, ...] = field(default=(), compare=False)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def load(self):
+        """The validated spec object (TrainSpec, TuneSpec, ServeSpec or PipelineSpec)."""
+        return specmod.parse_spec(self.spec, source=f"job {self.id}")
+
+    def view(self, now: float) -> JobView:
+        """What the policy sees of this job (``now`` dates the checkpoint)."""
+        return JobView(self.id, specmod.PRIORITY_CLASSES[self.priority], self.team, self.min_workers,
+                       self.max_workers, self.cpus_per_worker, self.gpus_per_worker, self.submit_time,
+                       self.state, self.workers, dict(self.placement), self.preemptible,
+                       None if self.checkpoint_time is None else max(0.0, now - self.checkpoint_time),
+                       self.start_time)
+
+    @property
+    def submission_id(self) -> str:
+        """The Ray submission id of the current attempt: deterministic, so a restarted scheduler
+        finds the Ray job it already submitted instead of submitting it twice."""
+        return f"orch-{self.id}-a{self.attempts}"
+
+
+def demand(spec) -> tuple[int, int, float, float]:
+    """``(min_workers, max_workers, cpus_per_worker, gpus_per_worker)`` the scheduler gangs.
+
+    train: its resources. tune: one trial's gang at least, up to the concurrent trials' workers.
+    serve: its replicas. pipeline: nothing itself (its stages are jobs of their own).
+    """
+    if isinstance(spec, specmod.TrainSpec):
+        r = spec.resources
+        return r.min_workers, r.max_workers, r.cpus_per_worker, r.gpus_per_worker
+    if isinstance(spec, specmod.TuneSpec):
+        r = spec.trial.resources
+        conc = min(spec.num_samples, spec.max_concurrent_trials or spec.num_samples)
+        return r.min_workers, max(r.min_workers, r.max_workers * conc), r.cpus_per_worker, r.gpus_per_worker
+    if isinstance(spec, specmod.ServeSpec):
+        r = spec.replicas
+        return max(1, r.min_replicas), r.max_replicas, r.cpus_per_replica, r.gpus_per_replica
+    return 0, 0, 0.0, 0.0
+
+
+def normalize_url(url: str) -> str:
+    """A plain path (``~`` expanded) becomes ``sqlite:///<abs path>``; a URL passes through."""
+    if "://" in url:
+        return url
+    return "sqlite:///" + str(Path(os.path.expanduser(url)).resolve())
+
+
+def new_job_id(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+class JobStore:
+    """The job store at ``url`` (a path, or any SQLAlchemy URL). Creates the schema if absent.
+
+    Raises :class:`StoreUnavailable` (naming the URL) if it cannot be opened or has a newer schema.
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, *, clock=time.time):
+        self.url = normalize_url(url)
+        self.clock = clock
+        try:
+            if self.url.startswith("sqlite:///") and self.url != "sqlite:///:memory:":
+                path = Path(self.url[len("sqlite:///"):])
+                path.parent.mkdir(parents=True, exist_ok=True)
+            self.engine = sa.create_engine(self.url, future=True)
+            if self.engine.dialect.name == "sqlite":
+                sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            with self.engine.begin() as c:
+                metadata.create_all(c)
+                v = c.execute(sa.select(schema_t.c.version)).scalar()
+                if v is None:
+                    c.execute(schema_t.insert().values(version=SCHEMA_VERSION))
+                elif v > SCHEMA_VERSION:
+                    raise StoreUnavailable(url, f"schema version {v} is newer than this orchestrator "
+                                                f"understands ({SCHEMA_VERSION}); upgrade it")
+        except StoreUnavailable:
+            raise
+        except (ArgumentError, NoSuchModuleError, ImportError) as e:
+            raise StoreUnavailable(url, f"not a usable database URL ({e})") from None
+        except (OSError, SQLAlchemyError) as e:
+            raise StoreUnavailable(url, _short(e)) from None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # writes -------------------------------------------------------------------------------------
+    def submit(self, spec, *, reason: str = "submitted") -> str:
+        """Store a validated spec as a queued job; return its id. A pipeline also stores one job
+        per stage (``parent_id`` = the pipeline, ``depends_on`` = its stages' names)."""
+        now = self.clock()
+        rows = [self._row(spec, new_job_id(spec.name), now)]
+        if isinstance(spec, specmod.PipelineSpec):
+            for st in spec.stages:
+                child = self._row(st.spec, new_job_id(f"{spec.name}.{st.name}"[:60]), now)
+                child.update(parent_id=rows[0]["id"], stage=st.name, depends_on=json.dumps(st.depends_on))
+                rows.append(child)
+        with self._begin() as c:
+            for row in rows:
+                c.execute(jobs_t.insert().values(**row))
+                c.execute(transitions_t.insert().values(job_id=row["id"], from_state=None,
+                                                        to_state="queued", reason=reason, at=now))
+        return rows[0]["id"]
+
+    def _row(self, spec, job_id: str, now: float) -> dict[str, Any]:
+        lo, hi, cpus, gpus = demand(spec)
+        s = spec.scheduling
+        return dict(id=job_id, name=spec.name, kind=spec.kind, team=s.team, priority=s.priority,
+                    state="queued", reason="submitted", spec=json.dumps(spec.model_dump(mode="json")),
+                    min_workers=lo, max_workers=hi, cpus_per_worker=cpus, gpus_per_worker=gpus,
+                    preemptible=s.preemptible, max_retries=s.max_retries, attempts=0, workers=0,
+                    placement="{}", depends_on="[]", submit_time=now, updated_time=now)
+
+    def transition(self, job_id: str, new_state: str, reason: str, *, expect: str | None = None,
+                   **fields: Any) -> JobRecord:
+        """Move a job to ``new_state`` (legal per :data:`LEGAL`), recording ``reason``.
+
+        ``expect``: the state the caller believes the job is in; the move fails if another
+        process moved it first. ``fields`` (see :data:`MUTABLE`) are written in the same
+        transaction. Raises UnknownJob, IllegalTransition.
+        """
+        if new_state not in STATES:
+            raise ValueError(f"unknown job state {new_state!r}; states are {', '.join(STATES)}")
+        bad = set(fields) - MUTABLE
+        if bad:
+            raise ValueError(f"cannot set {sorted(bad)} on a job; settable: {sorted(MUTABLE)}")
+        now = self.clock()
+        with self._begin() as c:
+            cur = c.execute(sa.select(jobs_t.c.state).where(jobs_t.c.id == job_id)).scalar()
+            if cur is None:
+                raise UnknownJob(job_id)
+            if expect is not None and cur != expect:
+                raise IllegalTransition(job_id, cur, new_state,
+                                        f"job {job_id!r} is {cur}, not {expect} as expected; "
+                                        f"another process moved it")
+            if new_state not in LEGAL[cur]:
+                raise IllegalTransition(job_id, cur, new_state)
+            values = {**_encode(fields), "state": new_state, "reason": reason, "updated_time": now}
+            if new_state in TERMINAL:
+                values.setdefault("end_time", now)
+            if new_state not in ACTIVE:
+                values.setdefault("workers", 0)
+                values.setdefault("placement", "{}")
+            # Compare-and-set: only this transaction's view of the state may be replaced.
+            n = c.execute(jobs_t.update().where(jobs_t.c.id == job_id, jobs_t.c.state == cur)
+                          .values(**values)).rowcount
+            if n != 1:
+                raise IllegalTransition(job_id, cur, new_state,
+                                        f"job {job_id!r} changed state concurrently; retry")
+            c.execute(transitions_t.insert().values(job_id=job_id, from_state=cur, to_state=new_state,
+                                                    reason=reason, at=now))
+        return self.get(job_id)
+
+    def update(self, job_id: str, **fields: Any) -> JobRecord:
+        """Set fields without a state change (workers after a resize, a new checkpoint)."""
+        bad = set(fields) - MUTABLE
+        if bad:
+            raise ValueError(f"cannot set {sorted(bad)} on a job; settable: {sorted(MUTABLE)}")
+        with self._begin() as c:
+            n = c.execute(jobs_t.update().where(jobs_t.c.id == job_id)
+                          .values(**_encode(fields), updated_time=self.clock())).rowcount
+            if n != 1:
+                raise UnknownJob(job_id)
+        return self.get(job_id)
+
+    def cancel(self, job_id: str, reason: str = "cancelled by user") -> JobRecord:
+        """Cancel a job (and, for a pipeline, its unfinished stages). Raises IllegalTransition
+        naming the state if the job already finished."""
+        job = self.get(job_id)
+        if job.terminal:
+            raise IllegalTransition(job_id, job.state, "cancelled",
+                                    f"job {job_id!r} already {job.state}; nothing to cancel")
+        for child in self.list(parent_id=job_id):
+            if not child.terminal:
+                self.transition(child.id, "cancelled", f"pipeline {job_id} cancelled")
+        return self.transition(job_id, "cancelled", reason)
+
+    # reads --------------------------------------------------------------------------------------
+    def get(self, job_id: str, *, history: bool = False) -> JobRecord:
+        with self._connect() as c:
+            row = c.execute(sa.select(jobs_t).where(jobs_t.c.id == job_id)).mappings().first()
+            if row is None:
+                raise UnknownJob(job_id)
+            hist = self._history(c, job_id) if history else ()
+        return _record(row, hist)
+
+    def history(self, job_id: str) -> list[Transition]:
+        with self._connect() as c:
+            if c.execute(sa.select(jobs_t.c.id).where(jobs_t.c.id == job_id)).first() is None:
+                raise UnknownJob(job_id)
+            return list(self._history(c, job_id))
+
+    @staticmethod
+    def _history(c, job_id: str) -> tuple[Transition, ...]:
+        rows = c.execute(sa.select(transitions_t).where(transitions_t.c.job_id == job_id)
+                         .order_by(transitions_t.c.seq)).mappings()
+        return tuple(Transition(r["job_id"], r["from_state"], r["to_state"], r["reason"], r["at"])
+                     for r in rows)
+
+    def list(self, states: Iterable[str] | None = None, *, parent_id: str | None = None,
+             top_level: bool = False) -> list[JobRecord]:
+        """Jobs in submission order, optionally only those in ``states`` / of one pipeline."""
+        q = sa.select(jobs_t).order_by(jobs_t.c.submit_time, jobs_t.c.id)
+        if states is not None:
+            states = list(states)
+            unknown = [s for s in states if s not in STATES]
+            if unknown:
+                raise ValueError(f"unknown job state(s) {unknown}; states are {', '.join(STATES)}")
+            q = q.where(jobs_t.c.state.in_(states))
+        if parent_id is not None:
+            q = q.where(jobs_t.c.parent_id == parent_id)
+        elif top_level:
+            q = q.where(jobs_t.c.parent_id.is_(None))
+        with self._connect() as c:
+            return [_record(r) for r in c.execute(q).mappings()]
+
+    # plumbing -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _begin(self):
+        try:
+            with self.engine.begin() as c:
+                yield c
+        except OperationalError as e:
+            raise StoreUnavailable(self.url, _short(e)) from None
+
+    @contextlib.contextmanager
+    def _connect(self):
+        try:
+            with self.engine.connect() as c:
+                yield c
+        except OperationalError as e:
+            raise StoreUnavailable(self.url, _short(e)) from None
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")  # readers (the CLI) never block the scheduler
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def _encode(fields: dict[str, Any]) -> dict[str, Any]:
+    out = dict(fields)
+    if "placement" in out:
+        out["placement"] = json.dumps(out["placement"] or {})
+    return out
+
+
+def _record(row, hist: tuple[Transition, ...] = ()) -> JobRecord:
+    d = dict(row)
+    d["spec"] = json.loads(d["spec"])
+    d["placement"] = json.loads(d["placement"] or "{}")
+    d["depends_on"] = json.loads(d["depends_on"] or "[]")
+    d["preemptible"] = bool(d["preemptible"])
+    return JobRecord(**d, history=hist)
+
+
+def _short(e: Exception) -> str:
+    msg = str(getattr(e, "orig", None) or e)
+    return msg.splitlines()[0] if msg else type(e).__name__

@@ -1,0 +1,329 @@
+"""The scheduling policy as a specification: plain data in, decisions out, no Ray."""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+
+import pytest
+
+from orchestrator.policy import (PRIORITY, Admit, Capacity, ClusterState, Grow, JobView, Node,
+                                 PolicyConfig, Preempt, Quota, Reject, Requeue, RequestResources,
+                                 Shrink, decide)
+
+LOW, NORMAL, HIGH, CRIT = (PRIORITY[c] for c in ("low", "normal", "high", "critical"))
+NOW = 100_000.0
+CFG = PolicyConfig(min_run_before_preempt_s=0)
+
+
+def nodes(n: int, cpus: float = 4, gpus: float = 0, used: dict[str, float] | None = None):
+    used = used or {}
+    return [Node(f"n{i}", cpus, gpus, cpus - used.get(f"n{i}", 0), gpus) for i in range(n)]
+
+
+def cluster_with(running: list[JobView], n: int, cpus: float = 4, **kw) -> ClusterState:
+    """n nodes whose free capacity is what ``running`` leaves."""
+    used: dict[str, float] = {}
+    for r in running:
+        for node, w in r.placement.items():
+            used[node] = used.get(node, 0) + w * r.cpus_per_worker
+    return ClusterState.of(nodes(n, cpus, used=used), **kw)
+
+
+def job(id, prio=NORMAL, mn=1, mx=None, cpus=1.0, t=0.0, **kw) -> JobView:
+    return JobView(id, prio, min_workers=mn, max_workers=mx or mn, cpus_per_worker=cpus, submit_time=t, **kw)
+
+
+def run(id, prio, placement, mn=None, mx=None, cpus=1.0, ckpt=None, start=0.0, **kw) -> JobView:
+    w = sum(placement.values())
+    return JobView(id, prio, min_workers=mn or w, max_workers=mx or w, cpus_per_worker=cpus,
+                   state="running", workers=w, placement=dict(placement), checkpoint_age=ckpt,
+                   start_time=start, **kw)
+
+
+def of(kind, ds):
+    return [d for d in ds if isinstance(d, kind)]
+
+
+def admitted(ds):
+    return {d.job_id: d for d in of(Admit, ds)}
+
+
+# --- gangs --------------------------------------------------------------------------------------
+def test_gang_admitted_only_when_min_workers_fit_on_nodes():
+    # 2 nodes with 3 free CPUs each: 6 CPUs in all, but a 2-CPU worker fits once per node.
+    c = ClusterState.of([Node("a", 4, 0, 3), Node("b", 4, 0, 3)])
+    assert admitted(decide([job("three", mn=3, cpus=2)], [], c, None, NOW, CFG)) == {}
+    d = admitted(decide([job("two", mn=2, cpus=2)], [], c, None, NOW, CFG))["two"]
+    assert d.workers == 2 and d.placement == {"a": 1, "b": 1}
+
+
+def test_elastic_job_admitted_with_as_many_workers_as_fit_up_to_max():
+    c = ClusterState.of(nodes(2))
+    assert admitted(decide([job("e", mn=2, mx=6)], [], c, None, NOW, CFG))["e"].workers == 6
+    assert admitted(decide([job("e", mn=2, mx=20)], [], c, None, NOW, CFG))["e"].workers == 8
+
+
+def test_gang_is_packed_onto_as_few_nodes_as_possible():
+    c = ClusterState.of([Node("small", 8, 0, 2), Node("big", 8, 0, 8)])
+    assert admitted(decide([job("g", mn=4)], [], c, None, NOW, CFG))["g"].placement == {"big": 4}
+
+
+def test_admissions_in_one_cycle_never_oversubscribe_a_node():
+    c = ClusterState.of(nodes(3))
+    ds = decide([job(f"j{i}", mn=3, t=i) for i in range(5)], [], c, None, NOW, CFG)
+    per_node: dict[str, int] = {}
+    for d in of(Admit, ds):
+        for n, w in d.placement.items():
+            per_node[n] = per_node.get(n, 0) + w
+    assert len(of(Admit, ds)) == 4 and all(w <= 4 for w in per_node.values())
+
+
+# --- order --------------------------------------------------------------------------------------
+def test_fifo_within_a_priority_class():
+    c = ClusterState.of(nodes(1))
+    ds = decide([job("late", mn=4, t=20), job("early", mn=4, t=10)], [], c, None, NOW, CFG)
+    assert list(admitted(ds)) == ["early"]
+
+
+def test_higher_class_admitted_before_older_lower_class():
+    c = ClusterState.of(nodes(1))
+    ds = decide([job("old-low", LOW, mn=4, t=NOW - 60), job("new-high", HIGH, mn=4, t=NOW)], [], c,
+                None, NOW, CFG)
+    assert list(admitted(ds)) == ["new-high"]
+
+
+def test_aging_eventually_admits_starved_low_priority_job():
+    c = ClusterState.of(nodes(1))
+    cfg = PolicyConfig(aging_per_hour=100, min_run_before_preempt_s=0)
+    low = job("starved", LOW, mn=4, t=0.0)
+    for hours in (0.25, 0.9):  # a newer normal job still goes first...
+        fresh = job(f"normal-{hours}", NORMAL, mn=4, t=hours * 3600 - 60)
+        assert list(admitted(decide([low, fresh], [], c, None, hours * 3600, cfg))) == [fresh.id]
+    # ...until the low job has waited long enough to outrank newer normal and high jobs.
+    fresh = [job("normal", NORMAL, mn=4, t=3 * 3600 - 60), job("high", HIGH, mn=4, t=3 * 3600 - 60)]
+    assert list(admitted(decide([low, *fresh], [], c, None, 3 * 3600, cfg))) == ["starved"]
+
+
+def test_aging_never_lifts_a_job_above_critical():
+    c = ClusterState.of(nodes(1))
+    ds = decide([job("ancient-low", LOW, mn=4, t=0), job("crit", CRIT, mn=4, t=NOW)], [], c, None,
+                NOW * 100, CFG)
+    assert list(admitted(ds)) == ["crit"]
+
+
+# --- backfill -----------------------------------------------------------------------------------
+def test_backfill_admits_small_job_on_nodes_the_head_does_not_need():
+    # The head needs 2 whole nodes; n0 and n1 are half busy, n2 is busy. A 1-CPU job may use n2's
+    # spare CPU but not n0/n1, which the head will start on.
+    busy = [run("r0", NORMAL, {"n0": 2}), run("r1", NORMAL, {"n1": 2}), run("r2", NORMAL, {"n2": 3})]
+    c = cluster_with(busy, 3)
+    ds = decide([job("head", mn=8, t=1), job("small", mn=1, t=2), job("small2", mn=1, t=3)], busy, c,
+                None, NOW, CFG)
+    adm = admitted(ds)
+    assert "head" not in adm
+    assert adm["small"].placement == {"n2": 1} and "small2" not in adm
+
+
+def test_backfill_disabled_keeps_everyone_behind_the_head():
+    busy = [run("r0", NORMAL, {"n0": 3})]
+    c = cluster_with(busy, 2)
+    cfg = PolicyConfig(backfill=False, min_run_before_preempt_s=0)
+    assert admitted(decide([job("head", mn=8, t=1), job("small", t=2)], busy, c, None, NOW, cfg)) == {}
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_backfill_never_delays_head_of_queue(seed):
+    """Whatever backfills, the head fits as soon as the jobs running before it finish."""
+    rng = random.Random(seed)
+    n = rng.randint(2, 6)
+    running, used = [], {f"n{i}": 0 for i in range(n)}
+    for k in range(rng.randint(1, 8)):
+        node = f"n{rng.randrange(n)}"
+        w = rng.randint(1, 4 - used[node]) if used[node] < 4 else 0
+        if w:
+            used[node] += w
+            running.append(run(f"r{k}", HIGH, {node: w}))
+    queue = [job(f"q{k}", NORMAL, mn=rng.randint(1, 6), t=k) for k in range(rng.randint(2, 10))]
+    c = cluster_with(running, n)
+    ds = decide(queue, running, c, None, NOW, CFG)
+    adm = admitted(ds)
+    order = sorted(queue, key=lambda j: j.submit_time)
+    head = next((j for j in order if j.id not in adm), None)
+    if head is None:
+        return
+    # Everything that ran before, or was ahead of the head, finishes; what backfilled behind the
+    # head is still running. The head must fit then.
+    behind = order[order.index(head) + 1:]
+    cap = Capacity(nodes(n))
+    for j in behind:
+        if j.id in adm:
+            cap.take(adm[j.id].placement, (1.0, 0.0))
+    assert cap.place(head.min_workers, head.min_workers, head.bundle) is not None, (seed, adm, head)
+
+
+# --- quotas and rejection -----------------------------------------------------------------------
+def test_quota_holds_a_team_back_without_blocking_other_teams():
+    held = run("a-running", NORMAL, {"n0": 4}, team="a")
+    ds = decide([job("a-next", mn=4, t=1, team="a"), job("b-next", mn=4, t=2, team="b")], [held],
+                cluster_with([held], 4), {"a": Quota(cpus=6)}, NOW, CFG)
+    assert list(admitted(ds)) == ["b-next"] and not of(Reject, ds)
+
+
+def test_quota_caps_an_elastic_job_below_its_max():
+    ds = decide([job("e", mn=1, mx=8, team="a")], [], ClusterState.of(nodes(4)), {"a": Quota(cpus=3)},
+                NOW, CFG)
+    assert admitted(ds)["e"].workers == 3
+
+
+def test_job_needing_more_than_its_team_quota_is_rejected_with_the_reason():
+    ds = decide([job("big", mn=8, team="a")], [], ClusterState.of(nodes(4)), {"a": Quota(cpus=4)}, NOW, CFG)
+    [r] = of(Reject, ds)
+    assert r.job_id == "big" and "quota" in r.reason and "8 CPU" in r.reason
+
+
+def test_job_that_can_never_fit_the_cluster_is_rejected_not_queued_forever():
+    ds = decide([job("huge", mn=3, cpus=3), job("ok", mn=2, cpus=3)], [], ClusterState.of(nodes(2)),
+                None, NOW, CFG)
+    [r] = of(Reject, ds)
+    assert r.job_id == "huge" and "even when empty" in r.reason and "room for 2" in r.reason
+    assert list(admitted(ds)) == ["ok"]
+
+
+def test_with_an_autoscaler_a_gang_is_rejected_only_if_no_node_type_can_hold_a_worker():
+    c = ClusterState.of(nodes(1), autoscale_shapes=[(16, 0)])
+    ds = decide([job("wide", mn=8, cpus=8), job("fat", cpus=32)], [], c, None, NOW, CFG)
+    assert [r.job_id for r in of(Reject, ds)] == ["fat"]
+
+
+def test_blocked_gangs_are_announced_to_the_autoscaler_with_running_bundles():
+    busy = [run("r", NORMAL, {"n0": 2}, cpus=2)]
+    c = cluster_with(busy, 1, autoscale_shapes=[(4, 0)])
+    [req] = of(RequestResources, decide([job("g", mn=3, cpus=2)], busy, c, None, NOW, CFG))
+    assert req.bundles == [{"CPU": 2.0}] * 5
+
+
+# --- preemption ---------------------------------------------------------------------------------
+def two_low_elastic_jobs():
+    """The issue's scenario: two low elastic jobs (1..4 workers) fill a 2-node cluster."""
+    return [run("low-a", LOW, {"n0": 4}, mn=1, mx=4, ckpt=30), run("low-b", LOW, {"n1": 4}, mn=1, mx=4, ckpt=300)]
+
+
+def test_high_priority_job_shrinks_elastic_low_jobs_before_preempting():
+    low = two_low_elastic_jobs()
+    ds = decide([job("high", HIGH, mn=3, t=NOW)], low, cluster_with(low, 2), None, NOW, CFG)
+    assert not of(Preempt, ds)
+    [s] = of(Shrink, ds)
+    assert s.to_workers == 1 and "high" in s.reason
+    assert "high" not in admitted(ds)  # it starts once the shrink has freed the workers
+
+
+def test_preemption_stops_the_victim_with_the_freshest_checkpoint_and_checkpoints_it_first():
+    low = two_low_elastic_jobs()
+    ds = decide([job("high", HIGH, mn=7, t=NOW)], low, cluster_with(low, 2), None, NOW, CFG)
+    [p] = of(Preempt, ds)
+    assert p.job_id == "low-a" and p.checkpoint_first  # low-a checkpointed 30 s ago, low-b 300 s ago
+
+
+def test_lowest_class_is_preempted_before_a_higher_one():
+    running = [run("normal", NORMAL, {"n0": 4}, ckpt=1), run("low", LOW, {"n1": 4}, ckpt=999)]
+    ds = decide([job("crit", CRIT, mn=4, t=NOW)], running, cluster_with(running, 2), None, NOW, CFG)
+    assert [p.job_id for p in of(Preempt, ds)] == ["low"]
+
+
+def test_nothing_is_preempted_when_that_would_not_make_room():
+    running = [run("low", LOW, {"n0": 4}), run("pinned", LOW, {"n1": 4}, preemptible=False)]
+    ds = decide([job("high", HIGH, mn=8, t=NOW)], running, cluster_with(running, 2), None, NOW, CFG)
+    assert not of(Preempt, ds) and not of(Shrink, ds)
+
+
+def test_equal_or_higher_priority_jobs_are_never_preempted():
+    running = [run("same", HIGH, {"n0": 4}), run("higher", CRIT, {"n1": 4})]
+    ds = decide([job("high", HIGH, mn=4, t=NOW)], running, cluster_with(running, 2), None, NOW, CFG)
+    assert not of(Preempt, ds) and not of(Shrink, ds)
+
+
+def test_recently_started_jobs_are_not_preempted():
+    running = [run("low", LOW, {"n0": 4}, start=NOW - 60)]
+    cfg = PolicyConfig(min_run_before_preempt_s=600)
+    assert not of(Preempt, decide([job("high", HIGH, mn=4, t=NOW)], running, cluster_with(running, 1),
+                                  None, NOW, cfg))
+    running[0].start_time = NOW - 601
+    assert of(Preempt, decide([job("high", HIGH, mn=4, t=NOW)], running, cluster_with(running, 1),
+                              None, NOW, cfg))
+
+
+def test_capacity_already_being_released_is_not_preempted_for_again():
+    running = [run("low-a", LOW, {"n0": 4}, stopping=True, target_workers=0), run("low-b", LOW, {"n1": 4})]
+    ds = decide([job("high", HIGH, mn=4, t=NOW)], running, cluster_with(running, 2), None, NOW, CFG)
+    assert not of(Preempt, ds)
+
+
+def test_capacity_a_preemption_frees_is_not_backfilled_by_others():
+    running = [run("low", LOW, {"n0": 4})]
+    ds = decide([job("high", HIGH, mn=4, t=NOW), job("small", LOW, t=NOW)], running,
+                cluster_with(running, 1), None, NOW, CFG)
+    assert of(Preempt, ds) and admitted(ds) == {}
+
+
+def test_a_higher_class_job_behind_an_aged_head_may_still_preempt():
+    running = [run("low", LOW, {"n0": 4})]
+    aged = job("aged-low", LOW, mn=4, t=0)  # waited so long it outranks a fresh high job
+    ds = decide([aged, job("high", HIGH, mn=4, t=NOW)], running, cluster_with(running, 1), None, NOW, CFG)
+    assert [p.job_id for p in of(Preempt, ds)] == ["low"]
+
+
+def test_preempted_job_is_requeued_and_can_start_at_once():
+    victim = job("victim", LOW, mn=2, t=5, state="preempted")
+    ds = decide([victim], [], ClusterState.of(nodes(1)), None, NOW, CFG)
+    assert of(Requeue, ds)[0].job_id == "victim" and "victim" in admitted(ds)
+    assert ds.index(of(Requeue, ds)[0]) < ds.index(of(Admit, ds)[0])
+
+
+# --- growth and purity --------------------------------------------------------------------------
+def test_elastic_jobs_grow_into_idle_capacity_when_nobody_waits():
+    running = [run("e", NORMAL, {"n0": 2}, mn=1, mx=6)]
+    [g] = of(Grow, decide([], running, cluster_with(running, 2), None, NOW, CFG))
+    assert g.to_workers == 6 and sum(g.placement.values()) == 4
+
+
+def test_elastic_jobs_do_not_grow_while_a_gang_waits():
+    running = [run("e", NORMAL, {"n0": 2}, mn=1, mx=6)]
+    ds = decide([job("wait", NORMAL, mn=8)], running, cluster_with(running, 2), None, NOW, CFG)
+    assert not of(Grow, ds)
+
+
+def test_decide_does_not_modify_its_inputs():
+    low = two_low_elastic_jobs()
+    queue = [job("high", HIGH, mn=6, t=NOW), job("x", LOW, t=1)]
+    c = cluster_with(low, 2)
+    before = copy.deepcopy((queue, low, c))
+    decide(queue, low, c, {"default": Quota(cpus=100)}, NOW, CFG)
+    assert (queue, low, c) == before
+
+
+def test_config_names_the_bad_field():
+    with pytest.raises(ValueError, match="aging_per_hour"):
+        PolicyConfig(aging_per_hour=-1)
+    with pytest.raises(ValueError, match="min_workers"):
+        JobView("j", NORMAL, min_workers=3, max_workers=2)
+
+
+def test_one_cycle_over_5000_queued_jobs_and_1000_nodes_is_fast():
+    rng = random.Random(0)
+    ns = [Node(f"n{i}", 32, 0, rng.choice([0, 4, 8, 32])) for i in range(1000)]
+    queue = [job(f"q{i}", rng.choice([LOW, NORMAL, HIGH, CRIT]), mn=rng.choice([1, 2, 8, 64]), cpus=4,
+                 t=float(i)) for i in range(5000)]
+    t0 = time.perf_counter()
+    decide(queue, [], ClusterState.of(ns), None, NOW, CFG)
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_a_job_is_never_told_to_shrink_or_stop_twice_in_one_cycle():
+    running = [run("low-a", LOW, {"n0": 4}), run("low-b", LOW, {"n1": 4})]
+    aged_normal = job("aged-normal", NORMAL, mn=4, t=0)  # outranks critical by aging, preempts lows
+    ds = decide([aged_normal, job("crit", CRIT, mn=4, t=NOW)], running, cluster_with(running, 2), None,
+                NOW, CFG)
+    victims = [d.job_id for d in ds if isinstance(d, (Preempt, Shrink))]
+    assert sorted(victims) == ["low-a", "low-b"]

@@ -1,0 +1,392 @@
+"""Serving a checkpoint: real local Ray Serve, real HTTP on 127.0.0.1.
+
+One Serve instance (and one application, ``serve-test``) is shared by the module; tests that roll
+it read what it serves first, so they do not depend on each other's order. Ray Serve is shut down
+at the end so later modules get the CPUs back.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from actors.serve.canary import ArmStats, canary_decision
+from actors.serve.checkpoint import (CheckpointError, load_served_model, read_served_meta,
+                                     save_served_model)
+from actors.serve.request import (InputSchema, RequestError, api_key_digest, check_api_key,
+                                  parse_inputs)
+from jobs.examples.models import mlp
+from orchestrator.spec import Canary, ModelRef, parse_spec
+
+try:  # Serve replicas import this module only for the fault-injecting factory below
+    from conftest import _start_local_ray, free_port, wait_until
+except ImportError:  # pragma: no cover
+    pass
+
+MLP = "jobs.examples.models:mlp"
+
+
+class _Exploding(torch.nn.Module):
+    """An mlp whose forward always raises: a canary that must be rolled back."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x):
+        raise RuntimeError("injected canary failure")
+
+
+def exploding_mlp() -> torch.nn.Module:
+    return _Exploding()
+
+
+def _seeded_mlp(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return mlp().eval()
+
+
+def _forward(model, x) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.as_tensor(x, dtype=torch.float32)).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# pure units: request validation, API key, canary gate, checkpoint format
+# ---------------------------------------------------------------------------------------------
+SCHEMA = InputSchema((4,), "float32", max_request_examples=8)
+
+
+def _body(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def test_valid_inputs_parse_to_float32_array_of_the_declared_shape():
+    x = parse_inputs(_body({"inputs": [[1, 2, 3, 4], [0.5, 0, -1, 2e3]]}), SCHEMA)
+    assert x.dtype == np.float32 and x.shape == (2, 4)
+    assert parse_inputs(_body({"inputs": [[1, 2], [3, 4]]}), InputSchema((2,), "int64")).dtype == np.int64
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"\xff\xfe", 400, "not valid JSON"),
+    (_body([[1, 2, 3, 4]]), 400, '{"inputs"'),
+    (_body({"x": 1}), 400, '{"inputs"'),
+    (_body({"inputs": []}), 400, "non-empty"),
+    (_body({"inputs": [1, 2, 3, 4]}), 400, "shape [4]; expected [4, 4]"),
+    (_body({"inputs": [[1, 2, 3]]}), 400, "expected [1, 4]"),
+    (_body({"inputs": [[1, 2, 3, 4], [1, 2]]}), 400, "rectangular"),
+    (_body({"inputs": [["a", "b", "c", "d"]]}), 400, "got strings"),
+    (_body({"inputs": [[True, False, True, False]]}), 400, "got booleans"),
+    (_body({"inputs": [[None, 1, 2, 3]]}), 400, "float32 numbers"),
+    (b'{"inputs": [[NaN, 1, 2, 3]]}', 400, "non-finite"),
+    (b'{"inputs": [[1e999, 1, 2, 3]]}', 400, "finite"),
+    (_body({"inputs": [[1e39, 1, 2, 3]]}), 400, "overflow float32"),
+    (_body({"inputs": [[1, 2, 3, 4]] * 9}), 413, "limit is 8"),
+    (b" " * (SCHEMA.max_body_bytes + 1), 413, "bytes"),
+])
+def test_malformed_requests_are_refused_with_a_4xx_and_a_reason(body, status, words):
+    with pytest.raises(RequestError) as e:
+        parse_inputs(body, SCHEMA)
+    assert e.value.status == status and words in e.value.message
+
+
+def test_int64_inputs_refuse_floats():
+    with pytest.raises(RequestError, match="int64 numbers; got floats"):
+        parse_inputs(_body({"inputs": [[1.5, 2]]}), InputSchema((2,), "int64"))
+
+
+def test_api_key_accepts_bearer_or_x_api_key_and_refuses_the_rest():
+    digest = api_key_digest("s3cret")
+    check_api_key({"authorization": "Bearer s3cret"}, digest)
+    check_api_key({"x-api-key": "s3cret"}, digest)
+    check_api_key({}, None)  # no key configured: open
+    for headers in ({}, {"authorization": "Bearer nope"}, {"x-api-key": "nope"}, {"authorization": "s3cret"}):
+        with pytest.raises(RequestError) as e:
+            check_api_key(headers, digest)
+        assert e.value.status == 401
+
+
+def _arm(n, errors=0, latency=0.010):
+    return ArmStats.from_samples([latency] * n, errors)
+
+
+def test_canary_gate_waits_for_min_requests_on_both_arms():
+    cfg = Canary(min_requests=50)
+    assert canary_decision(_arm(49), _arm(500), cfg) == "wait"
+    assert canary_decision(_arm(500), _arm(49), cfg) == "wait"
+    assert canary_decision(_arm(50), _arm(50), cfg) == "promote"
+
+
+def test_canary_gate_rolls_back_on_relative_error_increase_over_5_percent():
+    cfg = Canary(min_requests=10)
+    assert canary_decision(_arm(1000, 100), _arm(1000, 104), cfg) == "promote"   # +4% relative
+    assert canary_decision(_arm(1000, 100), _arm(1000, 106), cfg) == "rollback"  # +6% relative
+    assert canary_decision(_arm(1000, 0), _arm(1000, 1), cfg) == "rollback"      # any error vs none
+    assert canary_decision(_arm(1000, 50), _arm(1000, 0), cfg) == "promote"
+
+
+def test_canary_gate_rolls_back_when_p95_is_over_20_percent_slower():
+    cfg = Canary(min_requests=10)
+    assert canary_decision(_arm(100, latency=0.100), _arm(100, latency=0.119), cfg) == "promote"
+    assert canary_decision(_arm(100, latency=0.100), _arm(100, latency=0.121), cfg) == "rollback"
+    slow_tail = ArmStats.from_samples([0.01] * 90 + [0.5] * 10, 0)  # p95 in the tail
+    assert canary_decision(_arm(100), slow_tail, cfg) == "rollback"
+    assert canary_decision(_arm(100, latency=0.1), _arm(100, latency=0.12),
+                           Canary(min_requests=10, max_p95_slowdown=0.5)) == "promote"
+
+
+def test_served_checkpoint_round_trips_on_any_storage_url(tmp_path):
+    model = _seeded_mlp(7)
+    for url in (str(tmp_path / "ckpt"), f"memory://serve-test/{time.monotonic_ns()}"):
+        save_served_model(model, url, MLP, {}, step=12, metrics={"loss": 0.5})
+        assert read_served_meta(url) == {"factory": MLP, "kwargs": {}, "step": 12, "metrics": {"loss": 0.5}}
+        x = torch.randn(3, 32)
+        for ref in (None, ModelRef(factory=MLP)):
+            np.testing.assert_array_equal(_forward(load_served_model(url, ref), x), _forward(model, x))
+
+
+def test_checkpoint_that_does_not_fit_the_model_is_refused_with_its_url(tmp_path):
+    url = str(tmp_path / "ckpt")
+    save_served_model(_seeded_mlp(1), url, MLP, {})
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_served_model(url, ModelRef(factory=MLP, kwargs={"hidden": 8}))
+    with pytest.raises(CheckpointError, match="not a served checkpoint"):
+        load_served_model(str(tmp_path / "missing"))
+
+
+def test_cli_refuses_a_spec_that_is_not_a_serve_spec(tmp_path, capsys):
+    from jobs.serve import main
+    path = tmp_path / "train.yaml"
+    path.write_text("kind: tune\nname: x\n")
+    assert main([str(path)]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# live Serve
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    out = {}
+    for seed in (1, 2, 3):
+        url = str(root / f"seed{seed}")
+        save_served_model(_seeded_mlp(seed), url, MLP, {}, step=seed)
+        out[url] = _seeded_mlp(seed)
+    bad = str(root / "exploding")
+    save_served_model(exploding_mlp(), bad, "tests.test_serve:exploding_mlp", {})
+    return out, bad
+
+
+@pytest.fixture(scope="module")
+def serve_port(_s3_env):
+    from ray import serve
+    _start_local_ray()
+    serve.shutdown()  # a Serve left by another module may listen elsewhere
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+
+
+def _spec(port, name="serve-test", route="/predict", **extra):
+    data = {"kind": "serve", "name": name, "checkpoint_url": "unused", "model": {"factory": MLP},
+            "input_shape": [32], "max_request_examples": 64, "http_port": port, "route_prefix": route,
+            "replicas": {"min_replicas": 1, "max_replicas": 1, "cpus_per_replica": 0.25},
+            "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.02}}
+    data.update(extra)
+    return parse_spec(data)
+
+
+@pytest.fixture(scope="module")
+def app(serve_port, checkpoints):
+    from jobs.serve import deploy
+    models, _ = checkpoints
+    spec = _spec(serve_port)
+    url = deploy(spec, next(iter(models)))
+    return spec, url, models
+
+
+def _post(url, inputs, **kw):
+    import requests
+    return requests.post(url, json={"inputs": np.asarray(inputs).tolist()}, timeout=30, **kw)
+
+
+class _Load:
+    """Client threads posting one example each until stopped (bounded by ``max_per_thread``)."""
+
+    def __init__(self, url, threads=3, max_per_thread=20_000):
+        self.url, self.stop = url, threading.Event()
+        self.x = np.random.default_rng(0).standard_normal((1, 32)).astype(np.float32)
+        self.results: list[tuple[int, str | None, list | None]] = []
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(max_per_thread,), daemon=True)
+                         for _ in range(threads)]
+
+    def _run(self, n):
+        import requests
+        with requests.Session() as s:
+            for _ in range(n):
+                if self.stop.is_set():
+                    return
+                try:
+                    r = s.post(self.url, json={"inputs": self.x.tolist()}, timeout=30)
+                    body = r.json()
+                    rec = (r.status_code, body.get("model_version"), body.get("outputs"))
+                except Exception as e:  # noqa: BLE001 - a connection failure is a failed request
+                    rec = (-1, repr(e), None)
+                with self._lock:
+                    self.results.append(rec)
+
+    def versions_since(self, start: int) -> set:
+        with self._lock:
+            return {v for _, v, _ in self.results[start:]}
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        wait_until(lambda: len(self.results) >= 10, 60, what="load to start")
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self._threads:
+            t.join(60)
+
+    def failures(self):
+        return [r[:2] for r in self.results if r[0] != 200]
+
+
+def test_predictions_equal_the_models_own_forward(app):
+    spec, url, models = app
+    from jobs.serve import served
+    version = served(spec)["stable"]
+    x = np.random.default_rng(1).standard_normal((5, 32)).astype(np.float32)
+    r = _post(url, x)
+    assert r.status_code == 200, r.text
+    assert r.json()["model_version"] == version
+    np.testing.assert_allclose(r.json()["outputs"], _forward(models[version], x), rtol=1e-5, atol=1e-6)
+    big = np.random.default_rng(2).standard_normal((40, 32))  # > max_batch_size: bypasses the queue
+    np.testing.assert_allclose(_post(url, big).json()["outputs"], _forward(models[version], big),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_concurrent_requests_are_batched(app):
+    spec, url, models = app
+    from jobs.serve import served
+    before = served(spec)["batch_sizes"]
+    xs = np.random.default_rng(3).standard_normal((48, 1, 32)).astype(np.float32)
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(lambda x: _post(url, x), xs))
+    info = served(spec)
+    assert all(r.status_code == 200 for r in replies)
+    for x, r in zip(xs, replies):
+        np.testing.assert_allclose(r.json()["outputs"], _forward(models[info["stable"]], x), rtol=1e-5, atol=1e-6)
+    new = {int(k): v - before.get(k, 0) for k, v in info["batch_sizes"].items() if v > before.get(k, 0)}
+    assert max(new) > 1, f"no batch held more than one request: {new}"
+    assert max(new) <= spec.batching.max_batch_size
+
+
+def test_bad_requests_get_4xx_and_the_replica_stays_healthy(app):
+    import requests
+    from ray import serve
+    from jobs.serve import served
+    spec, url, _ = app
+    pid = served(spec)["pid"]
+    cases = [
+        (b"{nope", 400, "not valid JSON"),
+        (_body({"inputs": [[1.0] * 31]}), 400, "expected [1, 32]"),
+        (_body({"inputs": [["x"] * 32]}), 400, "got strings"),
+        (_body({"inputs": [[1.0] * 32] * 65}), 413, "limit is 64"),
+        (_body({"data": []}), 400, '{"inputs"'),
+    ]
+    for body, status, words in cases:
+        r = requests.post(url, data=body, timeout=30)
+        assert r.status_code == status and words in r.json()["error"], (body[:40], r.status_code, r.text)
+    assert requests.get(url, timeout=30).status_code == 405
+    assert _post(url, np.zeros((1, 32))).status_code == 200
+    assert served(spec)["pid"] == pid  # same replica: nothing restarted it
+    serve.get_app_handle(spec.name).check_health.remote().result()
+    assert serve.status().applications[spec.name].status == "RUNNING"
+
+
+def test_api_key_is_required_when_configured(serve_port, checkpoints, monkeypatch):
+    from ray import serve
+    from jobs.serve import deploy
+    models, _ = checkpoints
+    monkeypatch.setenv("SERVE_TEST_KEY", "k-123")
+    spec = _spec(serve_port, name="serve-key", route="/secure", api_key_env="SERVE_TEST_KEY")
+    url = deploy(spec, next(iter(models)))
+    try:
+        x = np.zeros((1, 32))
+        assert _post(url, x).status_code == 401
+        assert "missing API key" in _post(url, x).json()["error"]
+        assert _post(url, x, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert _post(url, x, headers={"Authorization": "Bearer k-123"}).status_code == 200
+        assert _post(url, x, headers={"x-api-key": "k-123"}).status_code == 200
+    finally:
+        serve.delete(spec.name)
+
+
+def _other(models, *exclude):
+    return next(u for u in models if u not in exclude)
+
+
+@pytest.mark.slow
+def test_rolling_update_under_load_fails_no_request(app):
+    from jobs.serve import rollout, served
+    spec, url, models = app
+    old = served(spec)["stable"]
+    new = _other(models, old)
+    with _Load(url) as load:
+        result = rollout(spec, new, canary=False)
+        mark = len(load.results)
+        wait_until(lambda: len(load.results) > mark + 20 and load.versions_since(mark + 20) == {new},
+                   60, what="only the new checkpoint to answer")
+    assert result.decision == "promote" and result.serving_url == new
+    assert load.failures() == []
+    assert {v for _, v, _ in load.results} == {old, new}
+    np.testing.assert_allclose(load.results[-1][2], _forward(models[new], load.x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_canary_promotes_a_good_checkpoint(app):
+    from jobs.serve import rollout, served
+    spec, url, models = app
+    old = served(spec)["stable"]
+    new = _other(models, old)
+    # p95 gate widened: the good canary runs the same model on a shared 2-core machine
+    cfg = Canary(share=0.3, min_requests=30, max_p95_slowdown=1.0)
+    with _Load(url) as load:
+        result = rollout(spec, new, canary=cfg, timeout_s=120)
+        mark = len(load.results)
+        wait_until(lambda: len(load.results) > mark + 20 and load.versions_since(mark + 20) == {new},
+                   60, what="the promoted checkpoint to answer")
+    assert result.decision == "promote", result
+    assert result.canary["requests"] >= 30 and result.canary["errors"] == 0
+    assert load.failures() == []
+    assert served(spec)["stable"] == new and served(spec)["canary"] is None
+
+
+@pytest.mark.slow
+def test_canary_rolls_back_a_failing_checkpoint_and_clients_see_no_errors(app, checkpoints):
+    from jobs.serve import rollout, served
+    spec, url, models = app
+    _, bad = checkpoints
+    old = served(spec)["stable"]
+    with _Load(url) as load:
+        result = rollout(spec, bad, canary=Canary(share=0.3, min_requests=30), timeout_s=120,
+                         model=ModelRef(factory="tests.test_serve:exploding_mlp"))
+    assert result.decision == "rollback", result
+    assert result.canary["errors"] > 0 and result.stable["errors"] == 0
+    assert result.serving_url == old
+    assert load.failures() == []  # a failed canary forward is answered by the stable model
+    assert {v for _, v, _ in load.results} == {old}
+    assert served(spec)["stable"] == old and served(spec)["canary"] is None

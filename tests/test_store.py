@@ -1,0 +1,189 @@
+"""The durable job store: real SQLite files, legal transitions only, nothing lost across restarts."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from orchestrator import spec as specmod
+from orchestrator.store import (LEGAL, SCHEMA_VERSION, STATES, IllegalTransition, JobStore,
+                                StoreUnavailable, UnknownJob)
+
+TRAIN = {
+    "kind": "train", "name": "mlp", "scheduling": {"team": "research", "priority": "high", "max_retries": 2},
+    "resources": {"min_workers": 2, "max_workers": 4, "cpus_per_worker": 2, "gpus_per_worker": 0.5},
+    "model": {"factory": "jobs.examples.models:mlp"}, "dataset": {"url": "memory://data"},
+    "deepspeed": {"micro_batch_size": 2, "global_batch_size": 16},
+    "checkpoint": {"url": "memory://ckpt"}, "max_steps": 10,
+}
+PIPELINE = {
+    "kind": "pipeline", "name": "pipe",
+    "stages": [{"name": "train", "spec": TRAIN},
+               {"name": "train2", "depends_on": ["train"], "spec": {**TRAIN, "name": "mlp2"}}],
+}
+
+
+@pytest.fixture
+def store(tmp_path):
+    return JobStore(str(tmp_path / "jobs.db"))
+
+
+def spec(data=TRAIN):
+    return specmod.parse_spec(data)
+
+
+def test_submit_stores_the_resolved_spec_and_its_gang(store):
+    job = store.get(store.submit(spec()))
+    assert job.state == "queued" and job.kind == "train" and job.team == "research" and job.priority == "high"
+    assert (job.min_workers, job.max_workers, job.cpus_per_worker, job.gpus_per_worker) == (2, 4, 2.0, 0.5)
+    assert job.max_retries == 2 and job.attempts == 0
+    assert job.load() == spec()  # the stored spec round-trips, defaults filled in
+    assert job.spec["optimizer"]["name"] == "adamw"
+
+
+def test_every_transition_is_recorded_with_its_reason(store):
+    jid = store.submit(spec())
+    store.transition(jid, "admitted", "fits on n0", workers=2, placement={"n0": 2})
+    store.transition(jid, "running", "ray job started", ray_submission_id="orch-x-a1")
+    store.transition(jid, "preempted", "for urgent-1", checkpoint_url="memory://ckpt/step-5",
+                     checkpoint_step=5, checkpoint_time=123.0)
+    store.transition(jid, "queued", "requeued after preemption")
+    job = store.get(jid, history=True)
+    assert [(t.from_state, t.to_state) for t in job.history] == [
+        (None, "queued"), ("queued", "admitted"), ("admitted", "running"), ("running", "preempted"),
+        ("preempted", "queued")]
+    assert [t.reason for t in job.history][-2:] == ["for urgent-1", "requeued after preemption"]
+    assert job.checkpoint_step == 5 and job.checkpoint_url == "memory://ckpt/step-5"
+    assert job.workers == 0 and job.placement == {}  # a queued job holds nothing
+    assert job.ray_submission_id == "orch-x-a1"
+
+
+def test_illegal_transition_is_refused_and_changes_nothing(store):
+    jid = store.submit(spec())
+    with pytest.raises(IllegalTransition, match=f"{jid}.*queued.*cannot become running"):
+        store.transition(jid, "running", "skip admission")
+    assert store.get(jid).state == "queued" and len(store.history(jid)) == 1
+
+
+def test_finished_jobs_are_final(store):
+    jid = store.submit(spec())
+    store.transition(jid, "admitted", "a")
+    store.transition(jid, "running", "r")
+    store.transition(jid, "succeeded", "done")
+    for s in STATES:
+        with pytest.raises(IllegalTransition):
+            store.transition(jid, s, "again")
+    assert store.get(jid).end_time is not None
+
+
+def test_legal_table_covers_every_state():
+    assert set(LEGAL) == set(STATES) and all(v <= set(STATES) for v in LEGAL.values())
+
+
+def test_cancelling_a_finished_job_is_a_clear_error(store):
+    jid = store.submit(spec())
+    store.cancel(jid)
+    with pytest.raises(IllegalTransition, match=f"{jid}.*already cancelled"):
+        store.cancel(jid)
+
+
+def test_unknown_job_ids_are_named(store):
+    for call in (lambda: store.get("nope"), lambda: store.transition("nope", "admitted", "x"),
+                 lambda: store.history("nope"), lambda: store.cancel("nope"),
+                 lambda: store.update("nope", workers=1)):
+        with pytest.raises(UnknownJob, match="'nope'"):
+            call()
+
+
+def test_expected_state_guards_against_a_second_scheduler(store):
+    jid = store.submit(spec())
+    store.transition(jid, "admitted", "first scheduler", expect="queued")
+    with pytest.raises(IllegalTransition, match="another process"):
+        store.transition(jid, "admitted", "second scheduler", expect="queued")
+
+
+def test_a_restarted_scheduler_sees_every_job_exactly_once(tmp_path):
+    path = str(tmp_path / "jobs.db")
+    first = JobStore(path)
+    ids = [first.submit(spec()) for _ in range(5)]
+    first.transition(ids[0], "admitted", "a")
+    first.transition(ids[1], "cancelled", "c")
+    first.close()  # the scheduler dies
+    second = JobStore(path)
+    seen = [j.id for j in second.list()]
+    assert sorted(seen) == sorted(ids) and len(seen) == len(set(seen))
+    assert second.get(ids[0]).state == "admitted" and second.get(ids[1]).state == "cancelled"
+    assert [j.id for j in second.list(["queued"])] == ids[2:]
+
+
+def test_two_open_stores_on_one_file_see_each_other(tmp_path):
+    a, b = JobStore(str(tmp_path / "j.db")), JobStore(f"sqlite:///{tmp_path}/j.db")
+    jid = a.submit(spec())
+    b.transition(jid, "admitted", "by b")
+    assert a.get(jid).state == "admitted"
+
+
+def test_pipeline_stores_one_job_per_stage_with_its_dependencies(store):
+    pid = store.submit(spec(PIPELINE))
+    stages = store.list(parent_id=pid)
+    assert [(s.stage, s.depends_on) for s in stages] == [("train", []), ("train2", ["train"])]
+    assert store.get(pid).kind == "pipeline" and store.get(pid).max_workers == 0
+    assert [j.id for j in store.list(top_level=True)] == [pid]
+    store.cancel(pid)
+    assert {s.state for s in store.list(parent_id=pid)} == {"cancelled"}
+
+
+def test_schema_version_is_recorded_and_a_newer_one_refused(tmp_path):
+    path = tmp_path / "jobs.db"
+    JobStore(str(path)).close()
+    with sqlite3.connect(path) as c:
+        assert c.execute("select version from schema_version").fetchall() == [(SCHEMA_VERSION,)]
+        c.execute("update schema_version set version = ?", (SCHEMA_VERSION + 1,))
+    with pytest.raises(StoreUnavailable, match="newer"):
+        JobStore(str(path))
+
+
+@pytest.mark.parametrize("url, why", [("foo://x", "not a usable database URL"),
+                                      ("postgresql+nosuchdriver://u@h/db", "not a usable database URL")])
+def test_a_store_url_that_cannot_be_opened_is_a_clear_error(url, why):
+    with pytest.raises(StoreUnavailable, match=why) as e:
+        JobStore(url)
+    assert url in str(e.value)
+
+
+def test_an_unwritable_store_path_names_the_path(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StoreUnavailable, match="file/jobs.db"):
+        JobStore(str(blocker / "jobs.db"))
+
+
+def test_a_file_that_is_not_a_database_is_refused(tmp_path):
+    bad = tmp_path / "junk.db"
+    bad.write_bytes(b"\x00garbage" * 1000)
+    with pytest.raises(StoreUnavailable, match="junk.db"):
+        JobStore(str(bad))
+
+
+def test_only_scheduler_fields_can_be_updated(store):
+    jid = store.submit(spec())
+    assert store.update(jid, checkpoint_step=7).checkpoint_step == 7
+    with pytest.raises(ValueError, match="state"):
+        store.update(jid, state="running")
+
+
+def test_a_record_becomes_the_policy_view_with_its_checkpoint_age(store):
+    jid = store.submit(spec())
+    store.transition(jid, "admitted", "a", workers=3, placement={"n0": 3}, start_time=50.0)
+    store.update(jid, checkpoint_time=100.0)
+    v = store.get(jid).view(now=130.0)
+    assert (v.id, v.priority, v.team, v.min_workers, v.max_workers) == (jid, 200, "research", 2, 4)
+    assert v.workers == 3 and v.placement == {"n0": 3} and v.checkpoint_age == 30.0 and v.start_time == 50.0
+
+
+def test_the_ray_submission_id_is_stable_per_attempt(store):
+    jid = store.submit(spec())
+    first = store.get(jid).submission_id
+    assert first == JobStore(store.url).get(jid).submission_id  # a restarted scheduler agrees
+    assert store.update(jid, attempts=1).submission_id != first
