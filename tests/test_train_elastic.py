@@ -84,30 +84,47 @@ def test_worker_death_resumes_with_bitwise_identical_losses(baseline, tmp_path, 
 def test_node_loss_shrinks_then_grows_back_with_same_samples(baseline, ray_cluster, tmp_path):
     """Remove the node hosting one of two trainers mid-run: the job resumes on 1 worker from the
     last checkpoint (accumulation doubles, global batch constant), then grows back to 2 workers
-    when a node returns. Every step sees the same samples as the uninterrupted run."""
+    when a node returns. Every step sees the same samples as the uninterrupted run.
+
+    The run is pinned with the trainer's ``hold_file`` hook at known steps while the cluster
+    changes, so the test does not race the trainer."""
     from actors.trainer.trainer import run_train
     ref_spec, ref = baseline
     node = ray_cluster.add_node(num_cpus=1)
     ray_cluster.wait_for_nodes()
-    steps = 40
+    steps = 24
     spec = make_spec(ref_spec.dataset.url, str(tmp_path / "ckpt"), steps=steps, interval=4,
-                     min_w=1, max_w=2, resize_s=2.0)
-    store = CheckpointStore(spec.checkpoint.url)
+                     min_w=1, max_w=2, resize_s=1.0)
+    hold = tmp_path / "hold"
+    held = tmp_path / "hold.held"
+    hold.write_text("8")
     out: dict = {}
 
     def fit():
         try:
-            out["result"] = run_train(spec, options={"min_step_time_s": 0.25})
+            out["result"] = run_train(spec, options={"hold_file": str(hold)})
         except BaseException as e:  # noqa: BLE001 - reported by the assertion below
             out["error"] = e
 
+    def held_at():
+        return tuple(map(int, held.read_text().split())) if held.exists() else None
+
     t = threading.Thread(target=fit, daemon=True)
     t.start()
-    latest = lambda: store.load_state(store.steps()[-1]) if store.steps() else None  # noqa: E731
-    wait_until(lambda: (latest() or {}).get("world_size") == 2, 240, 0.2, "a 2-worker checkpoint")
+    # 2 workers reach step 8 (checkpoints at 4 and 8) and wait; take a node away under them.
+    wait_until(lambda: held_at() == (8, 2), 300, 0.2, "2 workers holding at step 8")
+    held.unlink()
     ray_cluster.remove_node(node)
-    wait_until(lambda: (latest() or {}).get("world_size") == 1, 240, 0.2, "a 1-worker checkpoint")
+    # Ray Train restarts on the survivor from the step-8 checkpoint (accumulation 2 -> 4).
+    wait_until(lambda: held_at() == (8, 1), 300, 0.2, "1 worker resumed at step 8")
+    held.unlink()
+    hold.write_text("16")
+    wait_until(lambda: held_at() == (16, 1), 300, 0.2, "1 worker holding at step 16")
+    held.unlink()
     ray_cluster.add_node(num_cpus=1)
+    # The resize monitor sees room for 2 and restarts from the step-16 checkpoint on 2 workers.
+    wait_until(lambda: held_at() == (16, 2), 300, 0.2, "2 workers again at step 16")
+    hold.unlink()
     t.join(600)
     assert not t.is_alive(), "training did not finish"
     assert "error" not in out, out.get("error")

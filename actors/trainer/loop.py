@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from actors.trainer import zero_state
 from actors.trainer.checkpoint import AsyncSaver, CheckpointStore, SaveRequest, assign_params
+from actors.trainer.control import JobControl
 from orchestrator.spec import TrainSpec, gradient_accumulation, parse_spec
 
 log = logging.getLogger("actors.trainer")
@@ -144,6 +145,8 @@ class Worker:
         self.ckpt = CheckpointStore(c.url, st_opts, keep_last=c.keep_last, keep_best=c.keep_best,
                                     best_metric=c.best_metric, best_mode=c.best_mode)
         self.saver = AsyncSaver()
+        # The scheduler asks for a checkpoint (before preempting or resizing) through storage.
+        self.control = JobControl(c.url, st_opts)
         self.history: list[dict] = []
         self.reported_commit: str | None = None
 
@@ -265,22 +268,34 @@ class Worker:
         fail_at = self.options.get("fail_at_step")
         # Pacing for demos and chaos tests: stretch each step as if the model were bigger.
         min_step_s = float(self.options.get("min_step_time_s", 0.0))
+        poll_s = float(self.options.get("control_poll_s", 1.0))  # scheduler requests, rank 0
+        next_poll = 0.0
+        hold_file = self.options.get("hold_file")
         while step < self.max_steps:
+            if hold_file:
+                _hold(hold_file, step, self.world, self.rank)
             t_step = time.monotonic()
             for g in self.optimizer.param_groups:
                 g["lr"] = learning_rate(spec, step)
             micro_batches = self.loader.next_step()
-            loss_sum = torch.zeros(3, dtype=torch.float64)  # loss, sum(id), sum(id^2)
+            # loss, sum(id), sum(id^2), checkpoint requested (rank 0's flag rides the same all-reduce)
+            loss_sum = torch.zeros(4, dtype=torch.float64)
             for mb in micro_batches:
                 out = self.engine(mb["x"])
                 loss = compute_loss(spec.loss, out, mb["y"])
                 self.engine.backward(loss)
                 self.engine.step()
                 ids = mb["id"].to(torch.float64)
-                loss_sum += torch.stack([loss.detach().double(), ids.sum(), (ids * ids).sum()])
+                loss_sum[:3] += torch.stack([loss.detach().double(), ids.sum(), (ids * ids).sum()])
             if min_step_s:
                 time.sleep(max(0.0, min_step_s - (time.monotonic() - t_step)))
+            request = None
+            if self.rank == 0 and time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + poll_s
+                request = self.control.pending_request()
+                loss_sum[3] = 1.0 if request else 0.0
             dist.all_reduce(loss_sum)
+            requested = bool(loss_sum[3] > 0)
             step += 1
             n_last += spec.deepspeed.global_batch_size
             g_loss = float(loss_sum[0]) / (self.accum * self.world)
@@ -289,8 +304,12 @@ class Worker:
                                  "t": time.time()})
             metrics = {"step": step, "loss": g_loss, "world_size": self.world,
                        "epoch": self.loader.state_dict().get("epoch", 0)}
-            if step % spec.checkpoint.interval_steps == 0 or step == self.max_steps:
-                self.save(step, {"loss": g_loss}, sync=step == self.max_steps)
+            if step % spec.checkpoint.interval_steps == 0 or step == self.max_steps or requested:
+                self.save(step, {"loss": g_loss}, sync=step == self.max_steps or requested)
+                if requested and self.rank == 0:
+                    self.control.mark_served(request, step)
+                    log.warning("[%s] checkpointed at step %d as the scheduler asked (%s)",
+                                spec.name, step, request)
             if step % spec.log_interval == 0 or step == self.max_steps:
                 dt = time.monotonic() - t_last
                 metrics["samples_per_s"] = n_last / dt if dt > 0 else 0.0
@@ -323,6 +342,30 @@ class Worker:
             png = os.path.join(tmp, "loss.png")
             _plot_history(self.history, png, self.spec.name)
             st.write_from_file("loss.png", png)
+
+
+def _hold(path: str, step: int, world: int, rank: int) -> None:
+    """Test/demo hook: while ``path`` exists and holds a step number <= ``step``, wait here.
+
+    Rank 0 writes ``<path>.held`` (``"<step> <world size>"``) while waiting, so a chaos test can
+    pin the run at a known step until the cluster change it waits for has taken effect, instead
+    of racing the trainer with sleeps.
+    """
+    announced = False
+    while True:
+        try:
+            with open(path) as f:
+                at = int(f.read().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            return
+        if step < at:
+            return
+        if rank == 0 and not announced:
+            with open(path + ".held.tmp", "w") as f:
+                f.write(f"{step} {world}")
+            os.replace(path + ".held.tmp", path + ".held")
+            announced = True
+        time.sleep(0.1)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
