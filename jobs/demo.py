@@ -1,13 +1,15 @@
 """The whole product on local Ray, with embedded defaults: ``make demo`` (``python -m jobs.demo``).
 
-Stages (each prints a ``[demo i/n]`` line; the run takes a few minutes on 2 cores):
-
 1. write a small classification dataset as shards (local disk);
-2. train it with DeepSpeed ZeRO-2 on 2 Ray Train workers, SIGKILL one worker process mid-run and
-   let the job resume elastically from its last checkpoint (exactly-once data order checked);
-3. search the learning rate with Ray Tune (ASHA) over the same trainer;
-4. consolidate the best checkpoint, serve it with Ray Serve and send it HTTP requests;
-5. print a summary (steps, losses, recovery time, best trial, serve latency) and write plots and
+2. start local Ray with its dashboard, a SQLite job store and the scheduler service, and submit a
+   pipeline ``train -> tune -> serve`` through the scheduler (every stage runs as a Ray Job);
+3. the train stage runs DeepSpeed ZeRO-2 on 2 Ray Train workers; the demo SIGKILLs one worker
+   process mid-run and the job resumes elastically from its last checkpoint (exactly-once data
+   order checked afterwards);
+4. the tune stage searches the learning rate with Ray Tune (ASHA) over the same trainer and
+   exports the best trial's checkpoint; the serve stage serves it with Ray Serve and the demo sends
+   it HTTP requests;
+5. prints a summary (steps, losses, recovery time, best trial, serve latency) and writes plots and
    ``summary.json`` under ``--out`` (default ``demo_out/``).
 
 Everything lives under ``--out``; running it again starts from scratch.
@@ -29,152 +31,149 @@ from typing import Any, Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-STAGES = ["data", "train", "tune", "serve", "summary"]
+STAGES = ["data", "pipeline", "train", "tune", "serve", "summary"]
+N_SAMPLES, SHUFFLE_SEED, GLOBAL_BATCH = 4096, 7, 64
+MODEL = {"factory": "jobs.examples.models:mlp", "kwargs": {"in_dim": 32, "hidden": 64, "num_classes": 4}}
 
 
 def say(i: int, msg: str) -> None:
     print(f"[demo {i}/{len(STAGES)}] {msg}", flush=True)
 
 
-def start_ray(num_cpus: int | None):
-    import ray
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        kwargs: dict[str, Any] = {"runtime_env": {"env_vars": {"PYTHONPATH": ROOT}}}
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
-                     **kwargs)
-    return ray
-
-
-def train_spec(out: str, *, steps: int, name: str = "demo-mlp"):
-    from orchestrator.spec import parse_spec
-    return parse_spec({
-        "kind": "train", "name": name, "seed": 0, "max_steps": steps, "log_interval": 5,
-        "scheduling": {"team": "demo", "priority": "normal"},
-        "resources": {"min_workers": 1, "max_workers": 2, "cpus_per_worker": 1,
-                      "resize_check_interval_s": 5},
-        "model": {"factory": "jobs.examples.models:mlp",
-                  "kwargs": {"in_dim": 32, "hidden": 64, "num_classes": 4}},
-        "dataset": {"url": os.path.join(out, "data", "classification"),
-                    "shuffle": {"mode": "global", "seed": 7}},
-        "deepspeed": {"zero_stage": 2, "precision": "fp32", "micro_batch_size": 16,
-                      "global_batch_size": 64},
-        "optimizer": {"name": "adamw", "lr": 0.003},
-        "checkpoint": {"url": os.path.join(out, "checkpoints", name), "interval_steps": 5,
-                       "keep_last": 2},
-        "loss": "cross_entropy",
-    })
-
-
-def kill_one_train_worker() -> int | None:
-    """SIGKILL the process of one live Ray Train worker; returns its pid (None if none found)."""
-    from ray.util.state import list_actors
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    pids = sorted(a.pid for a in workers if a.pid)
-    if not pids:
-        return None
-    os.kill(pids[-1], signal.SIGKILL)
-    return pids[-1]
-
-
-def poll(predicate: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:
+def poll(predicate: Callable[[], Any], timeout: float, interval: float = 0.5,
+         what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(interval)
-    return None
+    raise TimeoutError(f"demo: timed out after {timeout:.0f}s waiting for {what}")
 
 
-def stage_train(out: str, steps: int, kill_after_step: int) -> dict:
-    """Train on 2 workers; kill one worker once a checkpoint at ``kill_after_step`` is committed."""
-    from actors.data import global_step_sample_ids
-    from actors.trainer.checkpoint import CheckpointStore
-    from actors.trainer.trainer import run_train
-    spec = train_spec(out, steps=steps)
-    store = CheckpointStore(spec.checkpoint.url)
-    result: dict[str, Any] = {}
-
-    def fit():
+def start_ray(num_cpus: int | None):
+    """Local Ray with its dashboard (the Jobs API the scheduler submits through)."""
+    import ray
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ["PYTHONPATH"] = ROOT + (os.pathsep + os.environ["PYTHONPATH"]
+                                       if os.environ.get("PYTHONPATH") else "")
+    if ray.is_initialized():
+        return ray
+    env = {"env_vars": {"PYTHONPATH": ROOT}}
+    if os.environ.get("RAY_ADDRESS"):  # a running cluster (`ray start --head`, cluster/local.py)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, runtime_env=env)
+        return ray
+    import socket
+    with socket.socket() as s:  # the Jobs API needs the dashboard agent on its default port
         try:
-            result["train"] = run_train(spec)
-        except BaseException as e:  # noqa: BLE001 - re-raised below in the main thread
-            result["error"] = e
+            s.bind(("", 52365))
+        except OSError:
+            raise SystemExit("demo: port 52365 (Ray's dashboard agent, which the Jobs API needs) is "
+                             "taken: another Ray instance is running. Stop it (`ray stop`) or point "
+                             "the demo at it with RAY_ADDRESS=<head ip>:6379.") from None
+    ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=True,
+             dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=env)
+    return ray
 
-    t = threading.Thread(target=fit, daemon=True)
-    t.start()
-    killed = poll(lambda: t.is_alive() and store.steps() and store.steps()[-1] >= kill_after_step
-                  and (time.time(), kill_one_train_worker()), timeout=900)
-    t.join()
-    if "error" in result:
-        raise result["error"]
-    tr = result["train"]
+
+def pipeline_spec(out: str, *, steps: int, port: int):
+    from orchestrator.spec import parse_spec
+    data = os.path.join(out, "data", "classification")
+    train = {
+        "kind": "train", "name": "demo-train", "seed": 0, "max_steps": steps, "log_interval": 5,
+        "resources": {"min_workers": 1, "max_workers": 2, "cpus_per_worker": 1,
+                      "resize_check_interval_s": 5},
+        "model": MODEL,
+        "dataset": {"url": data, "shuffle": {"mode": "global", "seed": SHUFFLE_SEED}},
+        "deepspeed": {"zero_stage": 2, "precision": "fp32", "micro_batch_size": 16,
+                      "global_batch_size": GLOBAL_BATCH},
+        "optimizer": {"name": "adamw", "lr": 0.003},
+        "checkpoint": {"url": os.path.join(out, "checkpoints", "demo-train"), "interval_steps": 5,
+                       "keep_last": 2},
+    }
+    trial = {**train, "name": "demo-trial", "max_steps": 16, "log_interval": 4,
+             "resources": {"min_workers": 1, "max_workers": 1, "cpus_per_worker": 1},
+             "checkpoint": {"url": os.path.join(out, "tune", "unused"), "interval_steps": 8,
+                            "keep_last": 1}}
+    tune = {"kind": "tune", "name": "demo-tune", "results_url": os.path.join(out, "tune"),
+            "num_samples": 1, "max_concurrent_trials": 2,
+            "scheduler": {"type": "asha", "metric": "loss", "mode": "min", "grace_period": 8},
+            "search_space": {"optimizer.lr": {"type": "grid", "values": [0.0003, 0.003, 0.03]}},
+            "trial": trial}
+    serve = {"kind": "serve", "name": "demo-serve", "model": MODEL, "input_shape": [32],
+             "checkpoint_url": os.path.join(out, "tune", "best"),  # replaced by the tune stage's
+             "replicas": {"min_replicas": 1, "max_replicas": 1, "cpus_per_replica": 0.25},
+             "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.005},
+             "http_port": port}
+    return parse_spec({
+        "kind": "pipeline", "name": "demo", "scheduling": {"team": "demo", "priority": "normal"},
+        "stages": [{"name": "train", "spec": train},
+                   {"name": "tune", "depends_on": ["train"], "spec": tune},
+                   {"name": "serve", "depends_on": ["tune"], "spec": serve}]})
+
+
+def kill_one_train_worker(gcs_address: str) -> int | None:
+    """SIGKILL the process of one live Ray Train worker (found with Ray's state API)."""
+    from ray.util.state import list_actors
+    workers = list_actors(address=gcs_address, filters=[("class_name", "=", "RayTrainWorker"),
+                                                        ("state", "=", "ALIVE")])
+    pids = sorted(a.pid for a in workers if a.pid)
+    if len(pids) < 2:
+        return None
+    os.kill(pids[-1], signal.SIGKILL)
+    return pids[-1]
+
+
+def train_report(spec, t_kill: float | None) -> dict:
+    """What the train stage did, from its summary (history with wall times) in storage."""
+    from actors.data import global_step_sample_ids
+    from actors.trainer.trainer import read_result
+    tr = read_result(spec)
     hist = tr.history
     info: dict[str, Any] = {"steps": tr.final_step, "first_loss": hist[0]["loss"],
                             "final_loss": hist[-1]["loss"], "world_sizes": tr.world_sizes,
                             "checkpoint": tr.checkpoint_url, "history": hist}
-    if killed and killed[1]:
-        t_kill = killed[0]
+    if t_kill:
         after = [h for h in hist if h.get("t", 0) > t_kill]
-        info["killed_pid"] = killed[1]
         info["kill_time"] = t_kill
         info["recovery_s"] = round(after[0]["t"] - t_kill, 1) if after else None
         info["resumed_at_step"] = after[0]["step"] if after else None
-    n = 4096
-    exact = all((h["ids_sum"], h["ids_sqsum"]) == (
-        int((ids := global_step_sample_ids(n, 7, 0, global_batch_size=64,
-                                           step=h["step"] - 1).astype("int64")).sum()),
-        int((ids * ids).sum())) for h in hist)
-    info["exactly_once"] = exact
+
+    def expected(step):
+        ids = global_step_sample_ids(N_SAMPLES, SHUFFLE_SEED, 0, global_batch_size=GLOBAL_BATCH,
+                                     step=step - 1).astype("int64")
+        return int(ids.sum()), int((ids * ids).sum())
+    info["exactly_once"] = all((h["ids_sum"], h["ids_sqsum"]) == expected(h["step"]) for h in hist)
     return info
 
 
-def stage_tune(out: str, train_ckpt_spec) -> dict | None:
-    """A small ASHA search over the learning rate (skipped if jobs.tune is unavailable)."""
-    try:
-        from jobs import tune as tune_job
-    except ImportError:
-        return None
-    if not hasattr(tune_job, "demo_search"):
-        return None
-    return tune_job.demo_search(out, train_ckpt_spec)
-
-
-def stage_serve(out: str, served_dir: str, n_requests: int) -> dict:
+def send_requests(url: str, n: int) -> dict:
     import numpy as np
-    from jobs.serve import deploy
-    from orchestrator.spec import parse_spec
-    spec = parse_spec({
-        "kind": "serve", "name": "demo-classifier", "checkpoint_url": served_dir,
-        "model": {"factory": "jobs.examples.models:mlp",
-                  "kwargs": {"in_dim": 32, "hidden": 64, "num_classes": 4}},
-        "input_shape": [32], "replicas": {"min_replicas": 1, "max_replicas": 1,
-                                          "cpus_per_replica": 0.5},
-        "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.005},
-        "http_port": int(os.environ.get("DEMO_SERVE_PORT", "8000"))})
-    url = deploy(spec)
     rng = np.random.default_rng(0)
-    lat = []
-    preds = []
-    for i in range(n_requests):
+    lat, first = [], None
+    for _ in range(n):
         body = json.dumps({"inputs": rng.normal(size=(1, 32)).round(4).tolist()}).encode()
         req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
         t0 = time.perf_counter()
         with urllib.request.urlopen(req, timeout=30) as r:
             payload = json.loads(r.read())
         lat.append((time.perf_counter() - t0) * 1000)
-        preds.append(payload)
-    lat_sorted = sorted(lat)
-    return {"url": url, "requests": n_requests,
-            "p50_ms": round(statistics.median(lat), 2),
-            "p95_ms": round(lat_sorted[int(0.95 * (len(lat) - 1))], 2),
-            "example_response": preds[0], "latencies_ms": lat}
+        first = first or payload
+    srt = sorted(lat)
+    return {"url": url, "requests": n, "p50_ms": round(statistics.median(lat), 2),
+            "p95_ms": round(srt[int(0.95 * (len(srt) - 1))], 2), "example_response": first,
+            "latencies_ms": lat}
+
+
+def serving(url: str) -> bool:
+    body = json.dumps({"inputs": [[0.0] * 32]}).encode()
+    try:
+        req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 def write_plots(out: str, train: dict, serve_info: dict | None) -> list[str]:
@@ -219,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="kill a worker once this step's checkpoint is committed")
     ap.add_argument("--requests", type=int, default=200, help="HTTP requests sent to Serve")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs for local Ray")
+    ap.add_argument("--port", type=int, default=8000, help="Serve's HTTP port")
     args = ap.parse_args(argv)
     out = os.path.abspath(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -226,57 +226,105 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
 
     from actors.data import write_shards
+    from actors.trainer.checkpoint import CheckpointStore
     from jobs.examples.datasets import classification
-    say(1, f"writing 4096 samples as shards to {out}/data/classification")
-    write_shards(classification(4096, seed=5), os.path.join(out, "data", "classification"),
-                 rows_per_shard=512, progress=False)
+    from orchestrator.policy import PolicyConfig
+    from orchestrator.ray_adapter import RayAdapter, RayMetrics
+    from orchestrator.service import Scheduler, SchedulerConfig
+    from orchestrator.store import JobStore
+    say(1, f"writing {N_SAMPLES} samples as shards to {out}/data/classification")
+    write_shards(classification(N_SAMPLES, seed=5, noise=4.0),
+                 os.path.join(out, "data", "classification"), rows_per_shard=512, progress=False)
 
     ray = start_ray(args.num_cpus)
-    say(2, f"training ZeRO-2 on 2 workers for {args.steps} steps; a worker is SIGKILLed after the "
-           f"step-{args.kill_after_step} checkpoint (first run compiles a DeepSpeed op, ~80 s)")
-    train = stage_train(out, args.steps, args.kill_after_step)
-    say(2, f"trained {train['steps']} steps, loss {train['first_loss']:.3f} -> "
-           f"{train['final_loss']:.3f}; recovery {train.get('recovery_s')} s; "
-           f"exactly-once data order: {train['exactly_once']}")
+    gcs = ray.get_runtime_context().gcs_address
+    store = JobStore(os.path.join(out, "jobs.db"))
+    adapter = RayAdapter(gcs)
+    sched = Scheduler(store, adapter, SchedulerConfig(
+        policy=PolicyConfig(min_run_before_preempt_s=0), spec_dir=os.path.join(out, "specs"),
+        workdir=out, tick_s=1.0, checkpoint_poll_s=2.0), metrics=RayMetrics())
+    stop = threading.Event()
+    threading.Thread(target=sched.run, args=(stop,), daemon=True).start()
+    spec = pipeline_spec(out, steps=args.steps, port=args.port)
+    pid = store.submit(spec)
+    stages = {j.stage: j for j in store.list(parent_id=pid)}
+    say(2, f"submitted pipeline {pid} (train -> tune -> serve) to the scheduler; store "
+           f"{out}/jobs.db; Ray dashboard at {adapter.dashboard_url}")
 
-    say(3, "tuning the learning rate with Ray Tune")
-    tune_info = stage_tune(out, train_spec(out, steps=args.steps))
-    if tune_info is None:
-        say(3, "Tune stage not available in this build; serving the trained checkpoint")
+    def state(stage: str) -> str:
+        job = store.get(stages[stage].id)
+        if job.state in ("failed", "cancelled"):
+            raise RuntimeError(f"demo: stage {stage} {job.state}: {job.reason}")
+        return job.state
 
-    from actors.trainer.export import export
-    best_ckpt = (tune_info or {}).get("best_checkpoint") or train["checkpoint"]
-    served_dir = os.path.join(out, "served", "best")
-    export(best_ckpt, served_dir)
-    say(4, f"serving {best_ckpt} with Ray Serve and sending {args.requests} requests")
-    serve_info = stage_serve(out, served_dir, args.requests)
-    say(4, f"served at {serve_info['url']}: p50 {serve_info['p50_ms']} ms, "
-           f"p95 {serve_info['p95_ms']} ms")
+    train_spec = spec.stages[0].spec
+    ckpts = CheckpointStore(train_spec.checkpoint.url)
+    say(3, f"train stage: ZeRO-2 on 2 workers for {args.steps} steps; a worker is SIGKILLed "
+           f"after the step-{args.kill_after_step} checkpoint (a first run compiles a DeepSpeed op)")
+    poll(lambda: state("train") == "running" or state("train") == "succeeded", 600, what="train to start")
+    t_kill, killed = None, None
+    try:
+        poll(lambda: state("train") == "succeeded" or (
+            ckpts.steps() and ckpts.steps()[-1] >= args.kill_after_step), 900,
+            what=f"the step-{args.kill_after_step} checkpoint")
+        if state("train") == "running":
+            t_kill, killed = time.time(), kill_one_train_worker(gcs)
+            say(3, f"killed Ray Train worker pid {killed}; the job resumes from its last checkpoint")
+        poll(lambda: state("train") == "succeeded", 900, what="the train stage")
+        train = train_report(train_spec, t_kill if killed else None)
+        train["killed_pid"] = killed
+        say(3, f"trained {train['steps']} steps on {train['world_sizes']} workers, loss "
+               f"{train['first_loss']:.3f} -> {train['final_loss']:.3f}; recovery "
+               f"{train.get('recovery_s')} s; exactly-once data order: {train['exactly_once']}")
 
-    plots = write_plots(out, train, serve_info) + list((tune_info or {}).get("plots", []))
+        say(4, "tune stage: Ray Tune (ASHA) over the learning rate, 3 trials on the same trainer")
+        poll(lambda: state("tune") == "succeeded", 900, what="the tune stage")
+        tune_dir = spec.stages[1].spec.results_url
+        with open(os.path.join(tune_dir, "best.json")) as f:
+            best = json.load(f)
+        tune_info = {"best": best, "table": os.path.join(tune_dir, "results.csv"),
+                     "plot": os.path.join(tune_dir, "learning_curves.png")}
+        say(4, f"best trial {best.get('trial_id')} {best.get('values')} loss {best.get('loss')}")
+
+        url = f"http://127.0.0.1:{args.port}/predict"
+        say(5, f"serve stage: the best checkpoint on Ray Serve at {url}; sending {args.requests} requests")
+        poll(lambda: state("serve") == "running" and serving(url), 600, what="the serve stage")
+        serve_info = send_requests(url, args.requests)
+        say(5, f"p50 {serve_info['p50_ms']} ms, p95 {serve_info['p95_ms']} ms")
+    finally:
+        store.cancel(pid, "demo finished")
+        try:
+            poll(lambda: all(store.get(j.id).state in ("succeeded", "failed", "cancelled")
+                             for j in store.list(parent_id=pid)), 60, what="the pipeline to stop")
+        except TimeoutError:
+            pass
+        stop.set()
+
+    plots = write_plots(out, train, serve_info)
+    if os.path.exists(tune_info["plot"]):
+        shutil.copy(tune_info["plot"], os.path.join(out, "plots", "tune_learning_curves.png"))
+        plots.append(os.path.join(out, "plots", "tune_learning_curves.png"))
     summary = {
+        "pipeline": pid,
         "train": {k: v for k, v in train.items() if k != "history"},
-        "tune": {k: v for k, v in (tune_info or {}).items() if k != "plots"} or None,
+        "tune": tune_info,
         "serve": {k: v for k, v in serve_info.items() if k != "latencies_ms"},
         "plots": plots, "wall_s": round(time.monotonic() - t0, 1),
     }
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1, default=str)
-    say(5, "summary")
+    say(6, "summary")
+    print(f"  pipeline: {pid} via the scheduler (store {out}/jobs.db); every stage ran as a Ray Job")
     print(f"  train   : {train['steps']} steps on worker counts {train['world_sizes']}, "
           f"loss {train['first_loss']:.4f} -> {train['final_loss']:.4f}")
     print(f"  chaos   : killed worker pid {train.get('killed_pid')}, resumed at step "
           f"{train.get('resumed_at_step')}, recovery {train.get('recovery_s')} s, "
           f"exactly-once {train['exactly_once']}")
-    if tune_info:
-        print(f"  tune    : best trial {tune_info.get('best_trial')} "
-              f"config {tune_info.get('best_config')} loss {tune_info.get('best_loss')}")
+    print(f"  tune    : best trial {best.get('trial_id')} {best.get('values')} loss {best.get('loss')}")
     print(f"  serve   : {serve_info['requests']} requests, p50 {serve_info['p50_ms']} ms, "
           f"p95 {serve_info['p95_ms']} ms")
-    print(f"  plots   : {', '.join(os.path.relpath(p) for p in plots)}")
-    print(f"  total   : {summary['wall_s']} s; summary in {os.path.relpath(out)}/summary.json")
-    from ray import serve
-    serve.shutdown()
+    print(f"  plots   : {', '.join(plots)}")
+    print(f"  total   : {summary['wall_s']} s; summary in {out}/summary.json")
     ray.shutdown()
     return 0
 

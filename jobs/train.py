@@ -24,7 +24,10 @@ def connect_ray(address: str | None = None):
         addr = address or os.environ.get("RAY_ADDRESS")
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         # Workers import the project from this checkout unless `ray job submit --working-dir` did it.
-        runtime_env = None if os.environ.get("RAY_JOB_ID") else {"env_vars": {"PYTHONPATH": root}}
+        # (the Jobs API's supervisor sets RAY_JOB_CONFIG_JSON_ENV_VAR with the job's runtime_env,
+        # which a driver-side runtime_env would conflict with).
+        under_ray_job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or os.environ.get("RAY_JOB_ID")
+        runtime_env = None if under_ray_job else {"env_vars": {"PYTHONPATH": root}}
         ray.init(address=addr, runtime_env=runtime_env, log_to_driver=True)
     return ray
 
@@ -35,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a spec field, e.g. --set max_steps=20 (value parsed as YAML)")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a train-loop option, e.g. --option min_step_time_s=0.05 (pacing for demos "
+                        "and tests; value parsed as YAML)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     import yaml
@@ -46,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise SpecError([(item, "--set takes FIELD=VALUE")], args.spec)
             overrides[k] = yaml.safe_load(v)
         spec = load_spec(args.spec, overrides)
+        options = {}
+        for item in args.option:
+            k, _, v = item.partition("=")
+            if not k or not _:
+                raise SpecError([(item, "--option takes KEY=VALUE")], args.spec)
+            options[k] = yaml.safe_load(v)
         if not isinstance(spec, TrainSpec):
             raise SpecError([("kind", f"jobs.train runs train specs, got {spec.kind!r}")], args.spec)
     except SpecError as e:
@@ -53,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     connect_ray(args.address)
     from actors.trainer.trainer import run_train
-    result = run_train(spec)
+    result = run_train(spec, options)
     print(json.dumps({"name": result.name, "final_step": result.final_step,
                       "final_loss": result.losses[-1] if result.losses else None,
                       "world_sizes": result.world_sizes, "checkpoint": result.checkpoint_url}))

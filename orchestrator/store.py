@@ -34,7 +34,7 @@ LEGAL: dict[str, frozenset[str]] = {
     "queued": frozenset({"admitted", "cancelled", "failed"}),  # failed: rejected / dependency failed
     "admitted": frozenset({"running", "queued", "preempted", "failed", "cancelled", "succeeded"}),
     "running": frozenset({"succeeded", "failed", "preempted", "queued", "cancelled"}),
-    "preempted": frozenset({"queued", "cancelled"}),
+    "preempted": frozenset({"queued", "cancelled", "succeeded"}),  # succeeded: done before the stop
     "succeeded": frozenset(),
     "failed": frozenset(),
     "cancelled": frozenset(),

@@ -86,6 +86,22 @@ def test_export_equals_deepspeed_zero_to_fp32(runs, stage, tmp_path):
         assert torch.equal(v, ours[k])
 
 
+def test_export_cli_matches_zero_to_fp32(runs, tmp_path):
+    """``orchestrator export CKPT OUT`` as the README shows it."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from actors.serve.checkpoint import load_served_model
+    tmp = runs["tmp"]
+    out = tmp_path / "served"
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "export", f"{tmp}/ckpt2", str(out)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    theirs = get_fp32_state_dict_from_zero_checkpoint(f"{tmp}/native2", tag="step3")
+    module = load_served_model(str(out))
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, theirs[k].float()), k
+
+
 def test_export_cli_reports_missing_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "orchestrator", "export", str(tmp_path / "none"),
                            str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)

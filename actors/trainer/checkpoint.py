@@ -194,6 +194,35 @@ class CheckpointStore:
             return None
         return torch.load(io.BytesIO(self.storage.read_bytes(name)), weights_only=False)
 
+    # ------------------------------------------------------------------ copying
+    def discard_from(self, step: int) -> list[int]:
+        """Delete every step directory >= ``step`` (manifest first, so none is ever half-trusted)."""
+        gone = []
+        for name in self.storage.list():
+            m = _STEP_RE.match(name)
+            if m and int(m.group(1)) >= step:
+                self.storage.delete(f"{name}/{MANIFEST}")
+                self.storage.delete(name, recursive=True)
+                gone.append(int(m.group(1)))
+        return sorted(gone)
+
+    def import_step(self, src: "CheckpointStore", step: int) -> str:
+        """Copy ``src``'s committed checkpoint ``step`` here and make it this store's newest.
+
+        Steps >= ``step`` of this store are discarded first; files are copied, the manifest last,
+        and the copy is verified. Used by Tune's PBT exploit (another trial's checkpoint, ZeRO
+        optimizer moments, data cursor and RNG included). Returns the copy's URL. Raises
+        CheckpointError (or StorageError) when the source does not verify or vanishes mid-copy.
+        """
+        man = src.verify(step, deep=False)
+        self.discard_from(step)
+        d = step_dir(step)
+        for name in sorted(man["files"]):
+            self.storage.write_bytes(f"{d}/{name}", src.storage.read_bytes(f"{d}/{name}"))
+        self.storage.write_bytes(f"{d}/{MANIFEST}", src.storage.read_bytes(f"{d}/{MANIFEST}"))
+        self.verify(step, deep=True)
+        return self.storage.url(d)
+
     # ------------------------------------------------------------------ retention
     def apply_retention(self) -> list[int]:
         """Keep the newest ``keep_last`` and the ``keep_best`` by metric; delete the rest.

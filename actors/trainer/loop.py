@@ -271,6 +271,10 @@ class Worker:
         poll_s = float(self.options.get("control_poll_s", 1.0))  # scheduler requests, rank 0
         next_poll = 0.0
         hold_file = self.options.get("hold_file")
+        if self.options.get("pid_dir"):  # demo/chaos hook: where to find (and kill) each worker
+            os.makedirs(self.options["pid_dir"], exist_ok=True)
+            with open(os.path.join(self.options["pid_dir"], f"rank-{self.rank}.pid"), "w") as f:
+                f.write(str(os.getpid()))
         while step < self.max_steps:
             if hold_file:
                 _hold(hold_file, step, self.world, self.rank)

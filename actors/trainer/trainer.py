@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,8 +18,9 @@ from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
 from ray.train.torch import TorchTrainer
 
 from actors.trainer.checkpoint import CheckpointStore
+from actors.trainer.control import JobControl
 from actors.trainer.loop import train_loop_per_worker
-from orchestrator.spec import TrainSpec, feasible_worker_counts
+from orchestrator.spec import TrainSpec, feasible_worker_counts, with_overrides
 from orchestrator.storage import Storage
 
 log = logging.getLogger("actors.trainer")
@@ -35,17 +37,42 @@ class BatchAwareScalingPolicy(ElasticScalingPolicy):
 
     When the cluster offers a size with no split (e.g. 3 workers for global batch 64 over micro 8),
     the resize is refused with a log line and the group uses the largest size that works; when no
-    allowed size fits, the job waits (Ray Train's below-min path).
+    allowed size fits, the job waits (Ray Train's below-min path). The scheduler's worker cap
+    (``control``, see :mod:`actors.trainer.control`) bounds the count too, so lowering or raising
+    it makes Ray Train resize the running group from its latest checkpoint.
     """
 
-    def __init__(self, scaling_config, feasible: list[int], job_name: str):
+    def __init__(self, scaling_config, feasible: list[int], job_name: str,
+                 control: JobControl | None = None):
         super().__init__(scaling_config)
         self.feasible = sorted(feasible)
         self.job_name = job_name
+        self.control = control
+        self._cap: int | None = None
+        self._cap_read = float("-inf")
         self._last_refusal: int | None = None
+
+    def _worker_cap(self) -> int | None:
+        if self.control is not None and time.monotonic() - self._cap_read >= 1.0:
+            self._cap_read = time.monotonic()
+            try:
+                self._cap = self.control.max_workers()
+            except Exception as e:  # noqa: BLE001 - storage hiccup: keep the last cap
+                log.warning("[%s] cannot read the scheduler's worker cap: %s", self.job_name, e)
+        return self._cap
+
+    def _get_num_workers_for_resource_request(self) -> int:
+        # Ray Train reserves max_workers in the cluster's AutoscalingCoordinator; under a cap that
+        # would starve other jobs of resources this one will not use.
+        cap = self._worker_cap()
+        n = super()._get_num_workers_for_resource_request()
+        return max(self.scaling_config.min_workers, min(n, cap)) if cap is not None else n
 
     def _count_possible_workers(self, reserved_resources) -> int:
         n = super()._count_possible_workers(reserved_resources)
+        cap = self._worker_cap()
+        if cap is not None:
+            n = min(n, cap)
         w = largest_feasible(n, self.feasible)
         if w != n and n != self._last_refusal:
             self._last_refusal = n
@@ -58,15 +85,17 @@ class BatchAwareScalingPolicy(ElasticScalingPolicy):
 class ElasticDeepSpeedTrainer(TorchTrainer):
     """``TorchTrainer`` with :class:`BatchAwareScalingPolicy` in place of the stock elastic policy."""
 
-    def __init__(self, *args, feasible_workers: list[int], job_name: str, **kwargs):
+    def __init__(self, *args, feasible_workers: list[int], job_name: str,
+                 control: JobControl | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._feasible = feasible_workers
         self._job_name = job_name
+        self._control = control
 
     def _initialize_and_run_controller(self, **kwargs):
         if self.scaling_config.elasticity_enabled:
             kwargs["scaling_policy"] = BatchAwareScalingPolicy(
-                self.scaling_config, self._feasible, self._job_name)
+                self.scaling_config, self._feasible, self._job_name, self._control)
         return super()._initialize_and_run_controller(**kwargs)
 
 
@@ -84,7 +113,8 @@ class TrainResult:
 
 
 def build_trainer(spec: TrainSpec, options: dict[str, Any] | None = None,
-                  run_name: str | None = None) -> ElasticDeepSpeedTrainer:
+                  run_name: str | None = None, callbacks: list | None = None) -> ElasticDeepSpeedTrainer:
+    """The Ray Train trainer for ``spec``; ``callbacks`` go to ``RunConfig`` (Tune forwards reports)."""
     import ray.train
     r = spec.resources
     resources = {"CPU": r.cpus_per_worker}
@@ -103,12 +133,14 @@ def build_trainer(spec: TrainSpec, options: dict[str, Any] | None = None,
         storage_filesystem=ray_store.pyarrow_filesystem(),
         failure_config=ray.train.FailureConfig(max_failures=spec.max_restarts),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.checkpoint.keep_last),
+        callbacks=callbacks,
     )
     return ElasticDeepSpeedTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec.model_dump(mode="json"), "options": options or {}},
         scaling_config=scaling, run_config=run_config,
-        feasible_workers=feasible, job_name=spec.name)
+        feasible_workers=feasible, job_name=spec.name,
+        control=JobControl(spec.checkpoint.url, spec.storage.as_options()))
 
 
 def read_result(spec: TrainSpec) -> TrainResult:
@@ -125,8 +157,18 @@ def read_result(spec: TrainSpec) -> TrainResult:
                        checkpoint_url=ck[1] if ck else None, world_sizes=sizes)
 
 
+def with_absolute_paths(spec: TrainSpec) -> TrainSpec:
+    """Plain relative paths resolved against the driver's cwd: Ray Train workers run elsewhere."""
+    import os
+    fix = {f: os.path.abspath(u) for f, u in (("dataset.url", spec.dataset.url),
+                                              ("checkpoint.url", spec.checkpoint.url))
+           if "://" not in u and not os.path.isabs(u)}
+    return with_overrides(spec, fix) if fix else spec
+
+
 def run_train(spec: TrainSpec, options: dict[str, Any] | None = None) -> TrainResult:
     """Run a train spec to completion on the connected Ray cluster and return its summary."""
+    spec = with_absolute_paths(spec)
     build_trainer(spec, options).fit()
     return read_result(spec)
 

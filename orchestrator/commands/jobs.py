@@ -1,9 +1,15 @@
-"""``orchestrator submit | status | queue | cancel | logs``: the job store from the command line.
+"""``orchestrator submit | status | queue | cancel | logs | scheduler``: jobs from the command line.
 
 Every command takes ``--store`` (default ``$ORCHESTRATOR_STORE`` or ``~/.orchestrator/jobs.db``;
 a path or any SQLAlchemy URL). ``--address`` (default ``$RAY_ADDRESS``) names the Ray cluster for
-``logs``; Ray token auth comes from the environment as for Ray's own CLI. Exit status: 0 ok,
-1 a store error (unknown job, illegal transition, store unavailable), 2 an invalid spec.
+``logs`` and ``scheduler``, as for ``ray job``: a dashboard ``http://host:8265`` or a GCS
+``host:6379``. Ray token auth comes from the environment exactly as for Ray's own CLI
+(``RAY_AUTH_MODE=token``, token in ``~/.ray/auth_token`` or ``RAY_AUTH_TOKEN``).
+
+``submit``, ``status``, ``queue`` and ``cancel`` touch only the store (so ``ray job submit --
+orchestrator submit SPEC`` works from anywhere the store is reachable); the ``scheduler`` service
+turns store state into Ray jobs and back. Exit status: 0 ok, 1 a store or Ray error (unknown job,
+illegal transition, store or cluster unavailable), 2 an invalid spec or argument.
 """
 
 from __future__ import annotations
@@ -48,8 +54,41 @@ def register(sub) -> None:
 
     p = sub.add_parser("logs", help="a job's logs from the Ray Jobs API")
     p.add_argument("job_id")
+    p.add_argument("--attempt", type=int, default=None, help="an earlier attempt (default: latest)")
     _common(p)
     p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("scheduler", help="run the scheduler service: admit, launch, watch, retry, "
+                                         "preempt (Ctrl-C or SIGTERM stops it; jobs keep running)")
+    p.add_argument("--once", action="store_true", help="run a single scheduling tick and exit")
+    p.add_argument("--tick", type=float, default=2.0, metavar="S", help="seconds between ticks")
+    p.add_argument("--quota", action="append", default=[], metavar="TEAM=CPUS[:GPUS]",
+                   help="the most a team may hold at once (repeatable)")
+    p.add_argument("--autoscale-node", action="append", default=[], metavar="CPUS[:GPUS]",
+                   help="a node type the autoscaler can add (repeatable); without any, a gang "
+                        "larger than the current cluster is rejected")
+    p.add_argument("--min-run-before-preempt", type=float, default=None, metavar="S",
+                   help="a job runs this long before it may be shrunk or preempted (default 1800)")
+    p.add_argument("--retry-backoff", type=float, default=10.0, metavar="S",
+                   help="first retry delay of a failed job; doubles per retry (max 600)")
+    p.add_argument("--checkpoint-timeout", type=float, default=120.0, metavar="S",
+                   help="how long a preempted train job may take to checkpoint before it is stopped")
+    p.add_argument("--admission-timeout", type=float, default=600.0, metavar="S",
+                   help="how long Ray may take to place an admitted gang before it is requeued")
+    p.add_argument("--python", default=sys.executable,
+                   help="the cluster's Python interpreter for job entrypoints (default: this one)")
+    p.add_argument("--workdir", default=os.getcwd(),
+                   help="directory jobs start in, for relative paths in specs (default: cwd)")
+    p.add_argument("--working-dir", default=None, metavar="DIR",
+                   help="upload DIR as the jobs' runtime_env working_dir (remote clusters) "
+                        "instead of using this checkout in place")
+    p.add_argument("--spec-dir", default=os.environ.get("ORCHESTRATOR_SPEC_DIR", "~/.orchestrator/specs"),
+                   help="URL where each attempt's resolved spec is written; jobs read it from "
+                        "there, so remote clusters need shared storage (s3://...)")
+    p.add_argument("--entrypoint", default="{python} -m jobs.{kind} {spec}",
+                   help="entrypoint template ({python}, {kind}, {spec})")
+    _common(p)
+    p.set_defaults(func=cmd_scheduler)
 
 
 def _common(p) -> None:
@@ -142,6 +181,9 @@ def cmd_status(args) -> int:
         print(f"  checkpoint {job.checkpoint_url} step {job.checkpoint_step} ({_age(job.checkpoint_time)} ago)")
     if job.parent_id:
         print(f"  pipeline {job.parent_id}, stage {job.stage}, after {job.depends_on or 'nothing'}")
+    if job.kind == "pipeline":
+        for s in storemod.JobStore(args.store).list(parent_id=job.id):
+            print(f"  stage {s.stage}: {s.id}  {s.state}  ({s.reason})")
     print("  history:")
     for t in job.history:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t.at))
@@ -182,16 +224,86 @@ def cmd_cancel(args) -> int:
 
 def cmd_logs(args) -> int:
     try:
-        job = storemod.JobStore(args.store).get(args.job_id)
+        st = storemod.JobStore(args.store)
+        job = st.get(args.job_id)
+        stages = st.list(parent_id=job.id)
     except storemod.StoreError as e:
         return _fail(str(e))
+    if job.kind == "pipeline":
+        lines = "\n".join(f"  stage {s.stage}: {s.id} ({s.state})" for s in stages)
+        return _fail(f"{job.id} is a pipeline; each stage has its own logs:\n{lines}")
     if not job.ray_submission_id:
         return _fail(f"job {job.id} has not been submitted to Ray yet (state {job.state}); no logs")
+    sid = job.ray_submission_id
+    if args.attempt is not None:
+        if not 0 <= args.attempt <= job.attempts:
+            return _fail(f"job {job.id} has attempts 0..{job.attempts}, not {args.attempt}", 2)
+        sid = f"orch-{job.id}-a{args.attempt}"
     try:
         from ray.job_submission import JobSubmissionClient
         client = JobSubmissionClient(args.address)
-        print(client.get_job_logs(job.ray_submission_id), end="")
+        print(client.get_job_logs(sid), end="")
     except Exception as e:  # noqa: BLE001 - any Ray/HTTP failure is reported, not raised
-        return _fail(f"cannot fetch logs of {job.id} (Ray job {job.ray_submission_id}) from "
-                     f"{args.address or 'the default Ray address'}: {e}")
+        from orchestrator.ray_adapter import connection_help
+        return _fail(f"cannot fetch logs of {job.id} (Ray job {sid}): {e}\n({connection_help(args.address)})")
+    return 0
+
+
+def _parse_resources(text: str, what: str) -> tuple[float, float]:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)(?::(\d+(?:\.\d+)?))?\s*", text)
+    if not m:
+        raise ValueError(f"{what}: {text!r} is not CPUS[:GPUS] (e.g. 8 or 16:2)")
+    return float(m[1]), float(m[2] or 0)
+
+
+def cmd_scheduler(args) -> int:
+    import logging
+    import signal
+    import threading
+
+    from orchestrator.policy import PolicyConfig, Quota
+    from orchestrator.service import Scheduler, SchedulerConfig
+    try:
+        quotas = {}
+        for q in args.quota:
+            team, eq, res = q.partition("=")
+            if not team or not eq:
+                raise ValueError(f"--quota: {q!r} is not TEAM=CPUS[:GPUS]")
+            c, g = _parse_resources(res, "--quota")
+            quotas[team] = Quota(cpus=c, gpus=g if ":" in res else None)
+        shapes = tuple(_parse_resources(s, "--autoscale-node") for s in args.autoscale_node)
+        policy = PolicyConfig() if args.min_run_before_preempt is None else \
+            PolicyConfig(min_run_before_preempt_s=args.min_run_before_preempt)
+        config = SchedulerConfig(
+            policy=policy, quotas=quotas, autoscale_shapes=shapes, python=args.python,
+            entrypoint=args.entrypoint, workdir=os.path.abspath(args.workdir),
+            working_dir=args.working_dir, spec_dir=args.spec_dir, retry_backoff_s=args.retry_backoff,
+            checkpoint_timeout_s=args.checkpoint_timeout, admission_timeout_s=args.admission_timeout,
+            tick_s=args.tick)
+    except ValueError as e:
+        return _fail(str(e), 2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        store = storemod.JobStore(args.store)
+    except storemod.StoreError as e:
+        return _fail(str(e))
+    from orchestrator.ray_adapter import RayAdapter, RayMetrics, RayUnavailable, connection_help
+    try:
+        ray = RayAdapter(args.address)
+    except RayUnavailable as e:
+        return _fail(f"{e}\n({connection_help(args.address)})")
+    sched = Scheduler(store, ray, config, metrics=RayMetrics())
+    if args.once:
+        try:
+            sched.tick()
+        except (RayUnavailable, storemod.StoreError) as e:
+            return _fail(str(e))
+        return 0
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(f"scheduler: store {store.url}, Ray jobs at {ray.dashboard_url}", flush=True)
+    try:
+        sched.run(stop)
+    except KeyboardInterrupt:
+        pass
     return 0

@@ -1,0 +1,1 @@
+"""Train benchmark: ``python -m bench.train`` (see docs/BENCHMARKS.md, section Train)."""

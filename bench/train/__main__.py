@@ -1,0 +1,590 @@
+"""``python -m bench.train``: this system's trainer against bare DeepSpeed, one model, one dataset, one run.
+
+Four measurements, with the issue's targets:
+
+1. step time: ``run_train`` (Ray Train v2, our loader, ZeRO, checkpoint store) against the bare
+   ``deepspeed`` launcher running ``bench/train/bare.py`` (same model, samples, DeepSpeed config,
+   optimizer and threads; a plain ``DistributedSampler`` DataLoader). Steady-state median seconds per
+   global step, warm-up steps skipped; runs alternate bare/ours ``--repeats`` times. Target <= 1.10x.
+   Also CPU seconds per step of every process each side runs (Ray's own included for ours), which
+   other tenants of a shared machine disturb far less than wall time.
+2. checkpoint save throughput: ``CheckpointStore`` saving the gathered ZeRO state against fsspec
+   writing the same bytes (``bench/train/save.py``). Target >= 0.8x.
+3. training stall: the same job checkpointing every ``--ckpt-interval`` steps with
+   ``checkpoint.async_save`` false and true; extra seconds per checkpoint over the run's own median
+   step. No target.
+4. recovery: SIGKILL one worker process right after a checkpoint commits (``--kills`` times in one
+   run); median seconds from a kill to the next completed step, against the median cold start of
+   the same job over every run above (``fit()`` to its first completed step; Ray already up).
+   Target < 0.5x.
+
+Prints a table, writes ``<out>/train.json`` and ``<out>/train.png``. The 1-minute load average is
+sampled throughout (the figures mean little on a busy machine; it is printed with them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:6.1f}s load {os.getloadavg()[0]:5.2f}] {msg}", file=sys.stderr, flush=True)
+
+
+class LoadSampler:
+    """Samples the 1-minute load average every few seconds in a background thread."""
+
+    def __init__(self, every_s: float = 5.0):
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.time() - T0, os.getloadavg()[0]))
+            self._stop.wait(every_s)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        v = [s[1] for s in self.samples]
+        return {"min": min(v), "mean": statistics.fmean(v), "max": max(v), "samples": self.samples}
+
+
+class CpuSampler:
+    """CPU seconds (user + system) used by every descendant of this process, sampled over time.
+
+    Wall-clock step time on a shared machine mostly measures the other tenants; CPU time per step
+    measures the work each contender does for a step (its Ray processes included for ours: the
+    raylet, GCS and every actor are children of this driver). Per-pid last-seen values are summed,
+    so a process that exits keeps its share.
+    """
+
+    def __init__(self, every_s: float = 0.2):
+        import psutil
+        self._me = psutil.Process()
+        self._last: dict[int, float] = {}
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def _run(self, every_s: float) -> None:
+        import psutil
+        while not self._stop.is_set():
+            for p in self._me.children(recursive=True):
+                try:
+                    c = p.cpu_times()
+                    self._last[p.pid] = c.user + c.system
+                except psutil.Error:
+                    pass
+            self.samples.append((time.time(), sum(self._last.values())))
+            self._stop.wait(every_s)
+
+    def stop(self) -> list[tuple[float, float]]:
+        self._stop.set()
+        self._thread.join()
+        return self.samples
+
+
+def cpu_between(samples: list[tuple[float, float]], t0: float, t1: float) -> float:
+    """CPU seconds used between wall times ``t0`` and ``t1`` (linear between samples)."""
+    import numpy as np
+    ts, cs = zip(*samples)
+    return float(np.interp(t1, ts, cs) - np.interp(t0, ts, cs))
+
+
+def cpu_per_step(run: dict, warmup: int) -> float:
+    """CPU seconds per step over the steady window (the end of step ``warmup`` to the last step)."""
+    ts = run["t"]
+    return cpu_between(run["cpu_samples"], ts[warmup - 1], ts[-1]) / (len(ts) - warmup)
+
+
+# ------------------------------------------------------------------------------------------ config
+def make_spec(a, data_url: str, ckpt_url: str, *, steps: int, interval: int, log_interval: int,
+              async_save: bool = False) -> dict:
+    return {
+        "kind": "train", "name": "bench-train", "max_steps": steps, "log_interval": log_interval,
+        "seed": a.seed, "max_restarts": 3,
+        "resources": {"min_workers": a.workers, "max_workers": a.workers, "cpus_per_worker": a.threads},
+        "model": {"factory": "jobs.examples.models:mlp", "kwargs": model_kwargs(a)},
+        "dataset": {"url": data_url, "shuffle": {"seed": a.seed}},
+        "deepspeed": {"zero_stage": a.zero_stage, "micro_batch_size": a.micro_batch,
+                      "global_batch_size": a.global_batch},
+        "optimizer": {"name": "adamw", "lr": a.lr},
+        "checkpoint": {"url": ckpt_url, "interval_steps": interval, "keep_last": 2,
+                       "async_save": async_save}}
+
+
+def model_kwargs(a) -> dict:
+    return {"in_dim": a.in_dim, "hidden": a.hidden, "depth": a.depth, "num_classes": a.classes}
+
+
+def dataset_kwargs(a) -> dict:
+    return {"n": a.samples, "in_dim": a.in_dim, "num_classes": a.classes, "seed": a.seed + 5, "noise": 3.0}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def durations(ts: list[float]) -> dict[int, float]:
+    """{step k: seconds between the ends of steps k-1 and k}; ``ts[i]`` ends step i+1."""
+    return {i + 2: ts[i + 1] - ts[i] for i in range(len(ts) - 1)}
+
+
+def steady(d: dict[int, float], warmup: int) -> list[float]:
+    return [v for k, v in sorted(d.items()) if k > warmup]
+
+
+def run_logged(cmd: list[str], log_path: str, env: dict, show: str) -> int:
+    """Run ``cmd``, keep its whole output in ``log_path``, echo lines containing ``show``."""
+    with open(log_path, "w") as logf:
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, bufsize=1)
+        for line in p.stdout:
+            logf.write(line)
+            if show in line:
+                log(line.strip())
+        return p.wait()
+
+
+def niced(a, cmd: list[str]) -> list[str]:
+    """``cmd`` at the CPU priority Ray gives its workers here (``--niceness``): equal footing."""
+    return ["nice", "-n", str(a.niceness), *cmd] if a.niceness else cmd
+
+
+def sub_env(a) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = str(a.threads)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+# ------------------------------------------------------------------------------------------ phases
+def run_bare(a, rep: int, data_cfg: dict, ds_config: dict) -> dict:
+    cfg_path = os.path.join(a.workdir, f"bare-{rep}.json")
+    out = os.path.join(a.workdir, f"bare-{rep}.out.json")
+    cfg = {"threads": a.threads, "seed": a.seed, "lr": a.lr, "steps": a.warmup + a.steps, "out": out,
+           "model": {"factory": "jobs.examples.models:mlp", "kwargs": model_kwargs(a)},
+           "dataset": data_cfg, "deepspeed": ds_config}
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    script = os.path.join(ROOT, "bench", "train", "bare.py")
+    if a.launcher == "deepspeed":
+        launcher = shutil.which("deepspeed", path=sub_env(a)["PATH"]) or "deepspeed"
+        # --master_port: other jobs on this machine may hold DeepSpeed's default 29500
+        cmd = [launcher, "--num_nodes", "1", "--num_gpus", str(a.workers), "--master_port",
+               str(_free_port()), script, "--config", cfg_path]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.workers),
+               "--master_port", str(_free_port()), script, "--config", cfg_path]
+    cmd = niced(a, cmd)
+    t = time.time()
+    cpu = CpuSampler()
+    try:
+        rc = run_logged(cmd, os.path.join(a.out, f"bare-{rep}.log"), sub_env(a), "[bare]")
+    finally:
+        samples = cpu.stop()
+    if rc != 0:
+        raise RuntimeError(f"bare run failed (rc {rc}); see {a.out}/bare-{rep}.log")
+    res = json.load(open(out))
+    res["launch_to_first_step_s"] = res["t"][0] - t
+    res["cpu_samples"] = samples
+    res["command"] = " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd)
+    return res
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ours(spec_dict: dict, options: dict | None = None, during=None, cpu: bool = False) -> dict:
+    """``run_train`` the spec; ``during(spec, thread)`` runs in this thread while it trains."""
+    from actors.trainer.trainer import run_train
+    from orchestrator.spec import parse_spec
+    spec = parse_spec(spec_dict)
+    box: dict = {}
+
+    def fit():
+        try:
+            box["result"] = run_train(spec, options)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            box["error"] = e
+
+    sampler = CpuSampler() if cpu else None
+    t_fit = time.time()
+    th = threading.Thread(target=fit, daemon=True)
+    th.start()
+    try:
+        extra = during(spec, th) if during else {}
+    finally:
+        th.join()
+        if sampler:
+            extra = dict(extra or {}, cpu_samples=sampler.stop())
+    if "error" in box:
+        raise box["error"]
+    r = box["result"]
+    ts = [h["t"] for h in r.history]
+    return {"t_fit": t_fit, "t": ts, "steps": [h["step"] for h in r.history],
+            "world_sizes": r.world_sizes, "cold_start_s": ts[0] - t_fit, "wall_s": time.time() - t_fit,
+            "loss_first_last": [r.losses[0], r.losses[-1]], **extra}
+
+
+def stall(d: dict[int, float], interval: int, warmup: int, max_steps: int) -> dict:
+    """Extra seconds a checkpoint costs: the step after each save against the run's median step."""
+    window = {k: v for k, v in d.items() if k > warmup}
+    after = [k for k in window if (k - 1) % interval == 0 and k - 1 < max_steps]
+    others = [v for k, v in window.items() if k not in after]
+    base = statistics.median(others)
+    immediate = statistics.fmean(window[k] - base for k in after)
+    amortised = (sum(window.values()) - base * len(window)) / len(after)
+    return {"base_step_s": base, "checkpoints": len(after), "steps_after_checkpoint": after,
+            "extra_s_next_step": immediate, "extra_s_amortised": amortised}
+
+
+def kill_targets(a) -> list[int]:
+    """Checkpoint steps after whose commit a worker is killed: ``--kill-after``, then every
+    ``--kill-every`` steps, ``--kills`` times."""
+    return [a.kill_after + i * a.kill_every for i in range(a.kills)]
+
+
+def kill_after_commits(a, pid_dir: str):
+    def during(spec, th) -> dict:
+        from actors.trainer.control import latest_commit
+        kills = []
+        for target in kill_targets(a):
+            while th.is_alive():
+                c = latest_commit(spec.checkpoint.url)
+                if c and c.step >= target:
+                    break
+                time.sleep(0.05)
+            else:
+                raise RuntimeError(f"the recovery run ended before its checkpoint at step {target}")
+            pid = int(open(os.path.join(pid_dir, f"rank-{a.workers - 1}.pid")).read())
+            os.kill(pid, signal.SIGKILL)
+            kills.append({"t_kill": time.time(), "pid": pid, "after_commit_step": c.step})
+            log(f"recovery: checkpoint step {c.step} committed; SIGKILLed rank {a.workers - 1} (pid {pid})")
+        return {"kills": kills}
+    return during
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="smaller model, fewer steps, one repeat: a smoke run of every phase "
+                         "(about 2-3 min on an idle 2-core machine)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (and Ray CPUs) per worker")
+    ap.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2, 3])
+    ap.add_argument("--in-dim", type=int, default=256)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--classes", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=16384)
+    ap.add_argument("--micro-batch", type=int, default=32)
+    ap.add_argument("--global-batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--warmup", type=int, default=5, help="steps skipped before timing")
+    ap.add_argument("--steps", type=int, default=40, help="timed steps per step-time run")
+    ap.add_argument("--repeats", type=int, default=2, help="bare/ours step-time run pairs, interleaved")
+    ap.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
+    ap.add_argument("--niceness", type=int, default=0,
+                    help="CPU niceness of Ray's worker processes (Ray's own default is 15) and of the "
+                         "bare and save-probe processes, so both sides compete for a shared CPU equally")
+    ap.add_argument("--stall-steps", type=int, default=30)
+    ap.add_argument("--ckpt-interval", type=int, default=5)
+    ap.add_argument("--recovery-steps", type=int, default=40)
+    ap.add_argument("--kill-after", type=int, default=10, help="first kill once this step is committed")
+    ap.add_argument("--kill-every", type=int, default=15, help="steps between kills")
+    ap.add_argument("--kills", type=int, default=2, help="worker kills in the recovery run")
+    ap.add_argument("--save-reps", type=int, default=9)
+    ap.add_argument("--ckpt-root", help="fsspec URL for checkpoints (default: under --workdir)")
+    ap.add_argument("--workdir", help="scratch directory (default: a new temp dir, removed after)")
+    ap.add_argument("--out", default="bench_out/train")
+    ap.add_argument("--verbose", action="store_true", help="show the Ray workers' logs")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.hidden, a.samples, a.warmup, a.steps, a.repeats, a.save_reps = 1024, 8192, 3, 15, 1, 3
+        a.stall_steps, a.ckpt_interval, a.recovery_steps, a.kill_after, a.kills = 16, 4, 12, 4, 1
+    if a.warmup < 2:
+        ap.error("--warmup must be >= 2 (the first step has no start time)")
+    if kill_targets(a)[-1] + a.ckpt_interval > a.recovery_steps:
+        ap.error("--recovery-steps must leave a checkpoint interval after the last kill")
+    os.makedirs(a.out, exist_ok=True)
+    own_workdir = a.workdir is None
+    a.workdir = a.workdir or tempfile.mkdtemp(prefix="bench-train-")
+    os.makedirs(a.workdir, exist_ok=True)
+    ckpt_root = (a.ckpt_root or os.path.join(a.workdir, "ckpt")).rstrip("/")
+    sys.path.insert(0, ROOT)
+    load = LoadSampler()
+    report: dict = {"config": vars(a) | {"cpu_count": os.cpu_count(), "model": model_kwargs(a),
+                                         "dataset": dataset_kwargs(a), "loadavg_start": os.getloadavg(),
+                                         "argv": sys.argv[1:] if argv is None else argv}}
+    try:
+        _run(a, ckpt_root, report)
+    finally:
+        report["loadavg"] = load.stop()
+        report["config"]["loadavg_end"] = os.getloadavg()
+        report["config"]["wall_s"] = time.time() - T0
+        if own_workdir:
+            shutil.rmtree(a.workdir, ignore_errors=True)
+    _finish(a, report)
+    return 0
+
+
+def _run(a, ckpt_root: str, report: dict) -> None:
+    from actors.data import write_shards
+    from actors.trainer.loop import deepspeed_config
+    from jobs.examples.datasets import classification
+    from orchestrator.spec import parse_spec
+
+    data_url = os.path.join(a.workdir, "data")
+    write_shards(classification(**dataset_kwargs(a)), data_url, rows_per_shard=2048, progress=False)
+    base_spec = make_spec(a, data_url, f"{ckpt_root}/probe", steps=1, interval=1, log_interval=1)
+    spec = parse_spec(base_spec)
+    n_params = sum(p.numel() for p in spec.model.resolve()(**spec.model.kwargs).parameters())
+    report["config"]["params"] = n_params
+    log(f"model mlp {model_kwargs(a)}: {n_params / 1e6:.2f} M params; {a.samples} samples; "
+        f"{a.workers} workers x {a.threads} thread(s), ZeRO-{a.zero_stage} fp32, global batch "
+        f"{a.global_batch} = micro {a.micro_batch} x workers {a.workers} x accumulation "
+        f"{a.global_batch // (a.micro_batch * a.workers)}")
+
+    # 2. checkpoint save throughput (its own process: a one-rank process group)
+    log(f"save: CheckpointStore vs fsspec, {a.save_reps} interleaved rounds")
+    cfg_path = os.path.join(a.workdir, "save.json")
+    with open(cfg_path, "w") as f:
+        json.dump({"threads": a.threads, "reps": a.save_reps, "url": f"{ckpt_root}/save-probe",
+                   "out": os.path.join(a.workdir, "save.out.json"), "spec": base_spec}, f)
+    rc = run_logged(niced(a, [sys.executable, "-m", "bench.train.save", "--config", cfg_path]),
+                    os.path.join(a.out, "save.log"), sub_env(a), "[save]")
+    if rc != 0:
+        raise RuntimeError(f"save probe failed (rc {rc}); see {a.out}/save.log")
+    report["save"] = json.load(open(os.path.join(a.workdir, "save.out.json")))
+
+    import ray
+    ray.init(num_cpus=max(2, a.workers * a.threads), include_dashboard=False, log_to_driver=a.verbose,
+             runtime_env={"env_vars": {"PYTHONPATH": ROOT}},
+             _system_config={"worker_niceness": a.niceness})
+    try:
+        # 1. step time, bare and ours interleaved
+        data_cfg = {"fn": "classification", "kwargs": dataset_kwargs(a)}
+        ds_config = deepspeed_config(spec, a.workers)
+        report["step_time"] = {"bare": [], "ours": []}
+        for rep in range(a.repeats):
+            log(f"step time {rep + 1}/{a.repeats}: bare {a.launcher} launcher, {a.warmup}+{a.steps} steps")
+            b = run_bare(a, rep, data_cfg, ds_config)
+            report["step_time"]["bare"].append(b)
+            log(f"  bare: median {statistics.median(steady(durations(b['t']), a.warmup)) * 1e3:.1f} ms/step, "
+                f"{cpu_per_step(b, a.warmup):.3f} CPU s/step")
+            log(f"step time {rep + 1}/{a.repeats}: ours (run_train on local Ray), {a.warmup}+{a.steps} steps")
+            o = run_ours(make_spec(a, data_url, f"{ckpt_root}/steptime-{rep}", steps=a.warmup + a.steps,
+                                   interval=10**6, log_interval=10), cpu=True)
+            report["step_time"]["ours"].append(o)
+            log(f"  ours: median {statistics.median(steady(durations(o['t']), a.warmup)) * 1e3:.1f} ms/step, "
+                f"{cpu_per_step(o, a.warmup):.3f} CPU s/step, cold start {o['cold_start_s']:.1f} s")
+
+        # 3. stall: sync vs async checkpointing, same job
+        report["stall"] = {}
+        for mode, async_save in (("sync", False), ("async", True)):
+            log(f"stall: {mode} checkpoint every {a.ckpt_interval} steps, {a.stall_steps} steps")
+            o = run_ours(make_spec(a, data_url, f"{ckpt_root}/stall-{mode}", steps=a.stall_steps,
+                                   interval=a.ckpt_interval, log_interval=a.ckpt_interval,
+                                   async_save=async_save))
+            o["stall"] = stall(durations(o["t"]), a.ckpt_interval, a.warmup, a.stall_steps)
+            report["stall"][mode] = o
+            log(f"  {mode}: +{o['stall']['extra_s_next_step']:.3f} s on the step after a checkpoint, "
+                f"+{o['stall']['extra_s_amortised']:.3f} s amortised (median step "
+                f"{o['stall']['base_step_s'] * 1e3:.1f} ms), cold start {o['cold_start_s']:.1f} s")
+
+        # 4. recovery from killed workers vs the same job's cold start
+        log(f"recovery: {a.recovery_steps} steps, checkpoint every {a.ckpt_interval}, SIGKILL rank "
+            f"{a.workers - 1} after the commits of steps {kill_targets(a)}")
+        pid_dir = os.path.join(a.workdir, "pids")
+        o = run_ours(make_spec(a, data_url, f"{ckpt_root}/recovery", steps=a.recovery_steps,
+                               interval=a.ckpt_interval, log_interval=a.ckpt_interval),
+                     options={"pid_dir": pid_dir}, during=kill_after_commits(a, pid_dir))
+        for k in o["kills"]:
+            step, t_next = next((s, t) for s, t in zip(o["steps"], o["t"]) if t > k["t_kill"])
+            k.update(next_step=step, resumed_from_step=step - 1, recovery_s=t_next - k["t_kill"])
+            log(f"  kill after commit {k['after_commit_step']}: resumed from step {step - 1}, next step "
+                f"completed {k['recovery_s']:.1f} s after the kill")
+        report["recovery"] = o
+        log(f"  cold start of this run {o['cold_start_s']:.1f} s")
+    finally:
+        ray.shutdown()
+
+
+def _finish(a, report: dict) -> None:
+    st, sv, sl, rc = report["step_time"], report["save"], report["stall"], report["recovery"]
+    bare_d = [x for b in st["bare"] for x in steady(durations(b["t"]), a.warmup)]
+    ours_d = [x for o in st["ours"] for x in steady(durations(o["t"]), a.warmup)]
+    med_b, med_o = statistics.median(bare_d), statistics.median(ours_d)
+    mean_b, mean_o = statistics.fmean(bare_d), statistics.fmean(ours_d)
+    cpu_b = statistics.median(cpu_per_step(b, a.warmup) for b in st["bare"])
+    cpu_o = statistics.median(cpu_per_step(o, a.warmup) for o in st["ours"])
+    bps = sv["bytes_per_s"]
+    colds = [o["cold_start_s"] for o in st["ours"]] + [sl[m]["cold_start_s"] for m in sl] + [rc["cold_start_s"]]
+    cold = statistics.median(colds)
+    recs = [k["recovery_s"] for k in rc["kills"]]
+    rec = statistics.median(recs)
+    ratios = {
+        "step_time_median": med_o / med_b,
+        "step_time_mean": mean_o / mean_b,
+        "cpu_per_step": cpu_o / cpu_b,
+        "save_vs_fsspec": bps["ours"] / bps["fsspec"],
+        "save_vs_fsspec_fsync": bps["ours"] / bps["fsspec+fsync"] if "fsspec+fsync" in bps else None,
+        "save_vs_torch_save": bps["ours"] / bps["torch.save"],
+        "stall_async_vs_sync_next_step": _ratio(sl["async"]["stall"]["extra_s_next_step"],
+                                                sl["sync"]["stall"]["extra_s_next_step"]),
+        "stall_async_vs_sync_amortised": _ratio(sl["async"]["stall"]["extra_s_amortised"],
+                                                sl["sync"]["stall"]["extra_s_amortised"]),
+        "recovery_vs_cold_start": rec / cold,
+        "recovery_vs_own_cold_start": rec / rc["cold_start_s"],
+    }
+    targets = {"step_time_median": ("<=", 1.10), "save_vs_fsspec": (">=", 0.8),
+               "recovery_vs_cold_start": ("<", 0.5)}
+    verdict = {}
+    for k, (op, v) in targets.items():
+        r = ratios[k]
+        verdict[k] = {"target": f"{op} {v}", "ratio": r,
+                      "met": bool(r <= v if op == "<=" else r >= v if op == ">=" else r < v)}
+    report["summary"] = {"step_time_median_s": {"ours": med_o, "bare": med_b},
+                         "step_time_mean_s": {"ours": mean_o, "bare": mean_b},
+                         "cpu_s_per_step": {"ours": cpu_o, "bare": cpu_b},
+                         "save_mb_per_s": {k: v / 1e6 for k, v in bps.items()},
+                         "cold_starts_s": colds, "recoveries_s": recs,
+                         "ratios": ratios, "targets": verdict}
+
+    la, mb = report["loadavg"], 1e6
+    ss, sa = sl["sync"]["stall"], sl["async"]["stall"]
+    rows = [
+        ("step time, median ms", f"{med_o * 1e3:.1f}", f"{med_b * 1e3:.1f} (bare {a.launcher})",
+         ratios["step_time_median"], "<= 1.10x"),
+        ("step time, mean ms", f"{mean_o * 1e3:.1f}", f"{mean_b * 1e3:.1f}", ratios["step_time_mean"], ""),
+        ("CPU s per step", f"{cpu_o:.3f}", f"{cpu_b:.3f}", ratios["cpu_per_step"], ""),
+        ("save MB/s", f"{bps['ours'] / mb:.0f}", f"{bps['fsspec'] / mb:.0f} (fsspec)",
+         ratios["save_vs_fsspec"], ">= 0.8x"),
+    ]
+    if ratios["save_vs_fsspec_fsync"] is not None:
+        rows.append(("save MB/s", f"{bps['ours'] / mb:.0f}", f"{bps['fsspec+fsync'] / mb:.0f} (fsspec+fsync)",
+                     ratios["save_vs_fsspec_fsync"], ""))
+    rows += [
+        ("save MB/s", f"{bps['ours'] / mb:.0f}", f"{bps['torch.save'] / mb:.0f} (torch.save)",
+         ratios["save_vs_torch_save"], ""),
+        ("stall s/ckpt, next step", f"{sa['extra_s_next_step']:.3f} (async)",
+         f"{ss['extra_s_next_step']:.3f} (sync)", ratios["stall_async_vs_sync_next_step"], ""),
+        ("stall s/ckpt, amortised", f"{sa['extra_s_amortised']:.3f} (async)",
+         f"{ss['extra_s_amortised']:.3f} (sync)", ratios["stall_async_vs_sync_amortised"], ""),
+        ("recovery s, kill->step", f"{rec:.1f}", f"{cold:.1f} (median cold start)",
+         ratios["recovery_vs_cold_start"], "< 0.5x"),
+        ("", "", f"{rc['cold_start_s']:.1f} (its own cold start)", ratios["recovery_vs_own_cold_start"], ""),
+    ]
+    print(f"\nbench.train: mlp {model_kwargs(a)} ({report['config']['params'] / 1e6:.2f} M params), "
+          f"{a.workers} workers x {a.threads} thread, ZeRO-{a.zero_stage} fp32 CPU, global batch {a.global_batch}, "
+          f"checkpoint {sv['bytes'] / mb:.0f} MB; {os.cpu_count()} cores, 1-min load average "
+          f"{la['min']:.1f}-{la['max']:.1f} (mean {la['mean']:.1f}); wall {report['config']['wall_s']:.0f} s")
+    print(f"{'':26}{'ours':>16}  {'baseline':<30}{'ratio':>8}  target")
+    for label, ours, base, r, tgt in rows:
+        rs = "-" if r is None else f"{r:.2f}x"
+        print(f"{label:26}{ours:>16}  {base:<30}{rs:>8}  {tgt}")
+    for k, v in verdict.items():
+        print(f"target {k}: {v['ratio']:.2f}x {v['target']}: {'met' if v['met'] else 'NOT met'}")
+    print(f"ours per save: torch.save {sv['serialize_s']:.2f} s + sha256 {sv['sha256_s']:.2f} s of "
+          f"{sv['median_s']['ours']:.2f} s median (ZeRO gather before it, not in the figure: {sv['gather_s']:.2f} s)")
+    print("recovery: " + "; ".join(f"killed after commit {k['after_commit_step']}, resumed from "
+                                   f"{k['resumed_from_step']}, next step +{k['recovery_s']:.1f} s"
+                                   for k in rc["kills"])
+          + f"; cold starts of every run: {', '.join(f'{c:.1f}' for c in colds)} s")
+    with open(os.path.join(a.out, "train.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    _plot(a, report, os.path.join(a.out, "train.png"))
+    print(f"wrote {a.out}/train.json and {a.out}/train.png")
+
+
+def _ratio(x: float, y: float) -> float | None:
+    return x / y if y > 0 else None
+
+
+def _plot(a, report: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    s = report["summary"]
+    fig, ax = plt.subplots(2, 2, figsize=(12, 8))
+    p = ax[0][0]
+    for name, runs, c in (("bare", report["step_time"]["bare"], "tab:gray"),
+                          ("ours", report["step_time"]["ours"], "tab:blue")):
+        for i, r in enumerate(runs):
+            d = durations(r["t"])
+            p.plot(list(d), [v * 1e3 for v in d.values()], color=c, lw=1, alpha=0.8,
+                   label=name if i == 0 else None)
+    p.axvline(a.warmup + 0.5, color="k", ls=":", lw=0.8)
+    p.set_xlabel("global step (dotted: end of warm-up)")
+    p.set_ylabel("ms per step")
+    p.set_title(f"step time: ours/bare median {s['ratios']['step_time_median']:.2f}x (target <= 1.10), "
+                f"CPU/step {s['ratios']['cpu_per_step']:.2f}x", fontsize=10)
+    p.legend()
+
+    p = ax[0][1]
+    bps = report["save"]["bytes_per_s"]
+    names = list(bps)
+    p.bar(names, [bps[n] / 1e6 for n in names],
+          color=["tab:blue" if n == "ours" else "tab:gray" for n in names])
+    p.set_ylabel("MB/s (median of rounds)")
+    p.set_title(f"checkpoint save, {report['save']['bytes'] / 1e6:.0f} MB: ours/fsspec "
+                f"{s['ratios']['save_vs_fsspec']:.2f}x (target >= 0.8)", fontsize=10)
+
+    p = ax[1][0]
+    for mode, c in (("sync", "tab:red"), ("async", "tab:green")):
+        d = durations(report["stall"][mode]["t"])
+        p.plot(list(d), [v * 1e3 for v in d.values()], color=c, lw=1, marker=".", label=mode)
+    for k in range(a.ckpt_interval, a.stall_steps, a.ckpt_interval):
+        p.axvline(k + 1, color="k", ls=":", lw=0.6)
+    p.set_xlabel("global step (dotted: first step after a checkpoint)")
+    p.set_ylabel("ms per step")
+    p.set_title("stall: sync vs async checkpointing", fontsize=10)
+    p.legend()
+
+    p = ax[1][1]
+    r = report["recovery"]
+    t0 = r["t_fit"]
+    p.plot([t - t0 for t in r["t"]], r["steps"], marker=".", lw=1, color="tab:blue")
+    p.axvspan(0, r["cold_start_s"], color="tab:gray", alpha=0.2, label=f"cold start {r['cold_start_s']:.1f} s")
+    for i, k in enumerate(r["kills"]):
+        p.axvspan(k["t_kill"] - t0, k["t_kill"] - t0 + k["recovery_s"], color="tab:red", alpha=0.15,
+                  label="SIGKILL -> next step" if i == 0 else None)
+        p.axvline(k["t_kill"] - t0, color="tab:red", ls="--", lw=1)
+    p.set_xlabel("seconds since fit()")
+    p.set_ylabel("completed global step")
+    p.set_title(f"recovery / cold start {s['ratios']['recovery_vs_cold_start']:.2f}x (target < 0.5)", fontsize=10)
+    p.legend(loc="lower right")
+    la = report["loadavg"]
+    fig.suptitle(f"bench.train: {report['config']['params'] / 1e6:.1f} M-param MLP, {a.workers} workers, "
+                 f"ZeRO-{a.zero_stage} fp32 CPU; 1-min load average {la['min']:.1f}-{la['max']:.1f} on "
+                 f"{os.cpu_count()} cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""The scheduler's only door to Ray: Jobs API, placement groups, autoscaler requests, metrics.
+
+:class:`RayAdapter` is a thin wrapper with no decisions in it; :mod:`orchestrator.service` decides
+and calls it. Tests of the service's logic pass a fake with the same methods.
+
+Addresses and auth follow Ray's own CLI. ``address`` (or ``RAY_ADDRESS``) is what ``ray.init``
+takes (``host:port`` of the GCS, ``auto``) or the dashboard's ``http(s)://host:port``, as
+``ray job`` takes. The scheduler is a Ray driver (placement groups, ``request_resources`` and
+metrics need one), so with a dashboard URL it joins the cluster of the machine it runs on
+(``auto``). Token auth: ``RAY_AUTH_MODE=token`` with the token in ``~/.ray/auth_token``,
+``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``, exactly as for ``ray job submit``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from orchestrator.policy import Node
+
+log = logging.getLogger("orchestrator.ray")
+
+NAMESPACE = "orchestrator"   # named placement groups live here
+SUBMISSION_PREFIX = "orch-"  # JobRecord.submission_id: orch-<job id>-a<attempt>
+LIVE = frozenset({"PENDING", "RUNNING"})
+
+
+class RayUnavailable(RuntimeError):
+    """Ray (or its Jobs API) cannot be reached; the message names the address."""
+
+
+@dataclass(frozen=True)
+class RayJob:
+    """One Ray job as the Jobs API reports it."""
+    submission_id: str
+    status: str          # PENDING | RUNNING | STOPPED | SUCCEEDED | FAILED
+    message: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def live(self) -> bool:
+        return self.status in LIVE
+
+
+@contextlib.contextmanager
+def _env(**values: str | None) -> Iterator[None]:
+    """Set (or, with None, unset) environment variables for the duration of the block."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _is_http(address: str | None) -> bool:
+    return bool(address) and address.startswith(("http://", "https://"))
+
+
+class RayAdapter:
+    """Jobs, gangs, autoscaler and metrics on the Ray cluster at ``address``.
+
+    Connects on construction; raises :class:`RayUnavailable` naming the address if it cannot.
+    """
+
+    def __init__(self, address: str | None = None, *, namespace: str = NAMESPACE):
+        import ray
+        from ray.job_submission import JobSubmissionClient
+        self.address = address or os.environ.get("RAY_ADDRESS") or None
+        gcs = "auto" if (self.address is None or _is_http(self.address)) else self.address
+        try:
+            _reachable(gcs)
+            if not ray.is_initialized():  # a driver already connected (tests) keeps its connection
+                # RAY_ADDRESS may hold a dashboard URL (as for `ray job`); ray.init must not see it.
+                with _env(RAY_ADDRESS=None):
+                    ray.init(address=gcs, namespace=namespace, log_to_driver=False,
+                             logging_level=logging.WARNING, configure_logging=False)
+            dashboard = self.address if _is_http(self.address) else None
+            if dashboard is None:
+                url = _dashboard_url()
+                if not url:
+                    raise RayUnavailable(f"the Ray cluster at {gcs} runs no dashboard; the Jobs API "
+                                         "needs one (ray start --head --include-dashboard=true)")
+                dashboard = url
+            # JobSubmissionClient lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override its argument.
+            with _env(RAY_API_SERVER_ADDRESS=None, RAY_ADDRESS=dashboard):
+                self.jobs = JobSubmissionClient(dashboard)
+        except RayUnavailable:
+            raise
+        except Exception as e:  # noqa: BLE001 - ConnectionError, auth errors, ...
+            raise RayUnavailable(f"cannot reach Ray at {self.address or 'auto'}: {e}") from None
+        self.dashboard_url = dashboard
+        self.namespace = namespace
+
+    # cluster --------------------------------------------------------------------------------
+    def nodes(self) -> list[Node]:
+        """Alive nodes with their total CPUs and GPUs (free capacity is the scheduler's
+        bookkeeping; the placement group of each admission is the check against Ray's)."""
+        import ray
+        out = []
+        for n in ray.nodes():
+            if not n.get("Alive"):
+                continue
+            r = n.get("Resources", {})
+            out.append(Node(n["NodeID"], float(r.get("CPU", 0.0)), float(r.get("GPU", 0.0))))
+        return out
+
+    # jobs -----------------------------------------------------------------------------------
+    def list_jobs(self, prefix: str = SUBMISSION_PREFIX) -> dict[str, RayJob]:
+        """Every Ray job whose submission id starts with ``prefix``, by submission id.
+        Raises RayUnavailable when the Jobs API does not answer (never a partial list)."""
+        try:
+            details = self.jobs.list_jobs()
+        except Exception as e:  # noqa: BLE001
+            raise RayUnavailable(f"Jobs API at {self.dashboard_url} did not list jobs: {e}") from None
+        return {d.submission_id: RayJob(d.submission_id, str(getattr(d.status, "value", d.status)),
+                                        d.message or "", dict(d.metadata or {}))
+                for d in details if d.submission_id and d.submission_id.startswith(prefix)}
+
+    def submit(self, submission_id: str, entrypoint: str, *, runtime_env: dict | None = None,
+               metadata: dict[str, str] | None = None, attempts: int = 5) -> bool:
+        """Submit a job under ``submission_id``. Returns False if Ray already has that id
+        (a restarted scheduler re-submitting: nothing is duplicated)."""
+        delay = 0.5
+        for i in range(attempts):
+            try:
+                self.jobs.submit_job(entrypoint=entrypoint, submission_id=submission_id,
+                                     runtime_env=runtime_env, metadata=metadata,
+                                     entrypoint_num_cpus=0)
+                return True
+            except RuntimeError as e:
+                msg = str(e)
+                if "already exists" in msg:
+                    return False
+                # A head node just started may not have its job agent yet.
+                if "No available agent" not in msg or i == attempts - 1:
+                    raise
+                time.sleep(delay)
+                delay *= 2
+        return False
+
+    def stop(self, submission_id: str) -> bool:
+        """Ask Ray to stop the job (SIGTERM, then SIGKILL). False if it was not running."""
+        try:
+            return bool(self.jobs.stop_job(submission_id))
+        except RuntimeError as e:
+            if "does not exist" in str(e) or "404" in str(e):
+                return False
+            raise
+
+    def logs(self, submission_id: str) -> str:
+        return self.jobs.get_job_logs(submission_id)
+
+    # gangs ----------------------------------------------------------------------------------
+    def reserve(self, name: str, bundles: list[dict[str, float]]) -> None:
+        """Create the detached placement group ``name`` for a gang (no-op if it exists)."""
+        from ray.util.placement_group import placement_group
+        if self._placement_group(name) is not None:
+            return
+        placement_group(bundles, strategy="PACK", name=name, lifetime="detached")
+
+    def reservation_ready(self, name: str) -> bool | None:
+        """True once the gang's placement group is placed; None if there is no such group."""
+        pg = self._placement_group(name)
+        if pg is None:
+            return None
+        return bool(pg.wait(timeout_seconds=0.01))
+
+    def release(self, name: str) -> None:
+        """Remove the placement group ``name`` (its resources go to the job's own workers)."""
+        from ray.util.placement_group import remove_placement_group
+        pg = self._placement_group(name)
+        if pg is not None:
+            remove_placement_group(pg)
+
+    def reservations(self, prefix: str = SUBMISSION_PREFIX) -> list[str]:
+        """Names of live placement groups starting with ``prefix``."""
+        from ray.util import placement_group_table
+        return sorted({v.get("name") for v in placement_group_table().values()
+                       if (v.get("name") or "").startswith(prefix) and v.get("state") != "REMOVED"})
+
+    def _placement_group(self, name: str):
+        from ray.util.placement_group import get_placement_group
+        try:
+            return get_placement_group(name)
+        except ValueError:
+            return None
+
+    # autoscaler -----------------------------------------------------------------------------
+    def request_resources(self, bundles: list[dict[str, float]]) -> None:
+        """Tell the autoscaler what the queued gangs and running jobs need (empty: nothing)."""
+        from ray.autoscaler.sdk import request_resources
+        request_resources(bundles=bundles)
+
+
+def _reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a GCS ``host:port`` nobody listens on (``ray.init`` retries for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", ray:// ... : leave it to ray.init
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RayUnavailable(f"no Ray cluster at {address}: {e}") from None
+
+
+def _dashboard_url() -> str | None:
+    import ray
+    info = ray._private.worker.global_worker.node.address_info  # what JobSubmissionClient reads too
+    url = info.get("webui_url")
+    return f"http://{url}" if url else None
+
+
+class RayMetrics:
+    """Scheduler metrics in the Ray dashboard / Prometheus (``ray.util.metrics``)."""
+
+    def __init__(self):
+        from ray.util.metrics import Counter, Gauge, Histogram
+        tags = ("priority",)
+        self.queue_depth = Gauge("orchestrator_queue_depth", "jobs waiting, by priority class",
+                                 tag_keys=tags)
+        self.running = Gauge("orchestrator_running_jobs", "jobs holding capacity, by priority class",
+                             tag_keys=tags)
+        self.admissions = Counter("orchestrator_admissions", "jobs admitted, by priority class",
+                                  tag_keys=tags)
+        self.preemptions = Counter("orchestrator_preemptions", "jobs preempted, by priority class",
+                                   tag_keys=tags)
+        self.wait = Histogram("orchestrator_wait_seconds", "queue wait before admission",
+                              boundaries=[1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600],
+                              tag_keys=tags)
+
+    def on_tick(self, queued: dict[str, int], running: dict[str, int]) -> None:
+        for prio, n in queued.items():
+            self.queue_depth.set(n, tags={"priority": prio})
+        for prio, n in running.items():
+            self.running.set(n, tags={"priority": prio})
+
+    def on_admit(self, priority: str, wait_s: float) -> None:
+        self.admissions.inc(1, tags={"priority": priority})
+        self.wait.observe(max(0.0, wait_s), tags={"priority": priority})
+
+    def on_preempt(self, priority: str) -> None:
+        self.preemptions.inc(1, tags={"priority": priority})
+
+
+def connection_help(address: str | None) -> str:
+    """One line on how to point the CLI at a cluster, for error messages."""
+    mode = os.environ.get("RAY_AUTH_MODE", "unset")
+    return (f"address {address or os.environ.get('RAY_ADDRESS') or 'auto'}; pass --address or set "
+            f"RAY_ADDRESS; token auth: RAY_AUTH_MODE={mode} (set it to 'token' with the token in "
+            "~/.ray/auth_token or RAY_AUTH_TOKEN)")

@@ -1,0 +1,562 @@
+"""The scheduler service: each tick reads the store and Ray, asks the policy, and acts through Ray.
+
+One :meth:`Scheduler.tick`, top to bottom:
+
+1. **Observe.** Ray's jobs (``list_jobs``, by submission id) and nodes; the store's unfinished jobs.
+2. **Reconcile** every job with what Ray says: an admitted job gets its gang reserved as a
+   placement group and, once that is placed, is submitted through the Jobs API (the group is
+   released to the job's own workers when it starts running); finished Ray jobs finish store
+   jobs; failed ones are retried with exponential backoff up to ``max_retries``; preempted train
+   jobs are asked to checkpoint and then stopped; Ray jobs no store job owns any more (cancelled,
+   superseded attempts) are stopped and stray placement groups removed.
+3. **Decide** (:func:`orchestrator.policy.decide`, pure; a pipeline stage is only offered once
+   its upstream stages succeeded) and **apply** the decisions: admit, requeue, reject, preempt,
+   shrink/grow (train jobs: a worker cap Ray Train's elastic policy honours), and
+   ``request_resources`` for blocked gangs.
+4. **Pipelines**: stages whose upstream failed fail with the reason; a pipeline runs once a stage
+   has started and finishes when its stages have.
+
+Every effect is derived from the store's state and every Ray call is idempotent (submission ids
+are ``orch-<job>-a<attempt>``, placement groups are named after them), so a scheduler killed at
+any point and started again finishes the work it had begun: nothing is lost or run twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shlex
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from orchestrator import pipeline as pipemod
+from orchestrator import spec as specmod
+from orchestrator import storage
+from orchestrator.policy import (Admit, ClusterState, Grow, JobView, Node, PolicyConfig, Preempt,
+                                 Quota, Reject, Requeue, RequestResources, Shrink, decide)
+from orchestrator.store import IllegalTransition, JobRecord, JobStore, UnknownJob
+
+log = logging.getLogger("orchestrator.scheduler")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+UNFINISHED = ("queued", "admitted", "running", "preempted")
+SUBMISSION_PREFIX = "orch-"
+
+
+class Metrics(Protocol):
+    """Callbacks for the scheduler's metrics (``orchestrator.ray_adapter.RayMetrics``)."""
+
+    def on_tick(self, queued: dict[str, int], running: dict[str, int]) -> None: ...
+    def on_admit(self, priority: str, wait_s: float) -> None: ...
+    def on_preempt(self, priority: str) -> None: ...
+
+
+@dataclass
+class SchedulerConfig:
+    """Every knob of the service, in one place (the policy's are in ``policy``)."""
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    quotas: dict[str, Quota] = field(default_factory=dict)
+    autoscale_shapes: tuple[tuple[float, float], ...] = ()  # (cpus, gpus) node types it may add
+    python: str = sys.executable          # the cluster's Python (its jobs run ``python -m jobs.X``)
+    entrypoint: str = "{python} -m jobs.{kind} {spec}"
+    workdir: str = field(default_factory=os.getcwd)  # jobs start here (relative spec paths)
+    project_root: str = ROOT              # on every job's PYTHONPATH (workers import the checkout)
+    working_dir: str | None = None        # or: upload this directory as the jobs' working_dir
+    spec_dir: str = "~/.orchestrator/specs"  # URL where each attempt's resolved spec is written
+    retry_backoff_s: float = 10.0         # first retry after this, doubling per failure...
+    max_backoff_s: float = 600.0          # ...up to this
+    checkpoint_timeout_s: float = 120.0   # a preempted job that has not checkpointed by then stops
+    admission_timeout_s: float = 600.0    # an admitted gang Ray has not placed by then requeues
+    checkpoint_poll_s: float = 15.0       # how often running train jobs' checkpoints are read
+    tick_s: float = 2.0
+
+    def __post_init__(self):
+        for name in ("retry_backoff_s", "max_backoff_s", "checkpoint_timeout_s",
+                     "admission_timeout_s", "checkpoint_poll_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"SchedulerConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.tick_s <= 0:
+            raise ValueError(f"SchedulerConfig.tick_s must be > 0, got {self.tick_s}")
+        if "{spec}" not in self.entrypoint:
+            raise ValueError(f"SchedulerConfig.entrypoint must contain {{spec}}: {self.entrypoint!r}")
+        if "://" not in self.spec_dir:
+            self.spec_dir = os.path.abspath(os.path.expanduser(self.spec_dir))
+
+
+def parse_submission_id(submission_id: str) -> tuple[str, int] | None:
+    """``orch-<job id>-a<attempt>`` -> ``(job id, attempt)``; None for any other id."""
+    if not submission_id.startswith(SUBMISSION_PREFIX) or "-a" not in submission_id:
+        return None
+    body, _, n = submission_id[len(SUBMISSION_PREFIX):].rpartition("-a")
+    return (body, int(n)) if body and n.isdigit() else None
+
+
+class Scheduler:
+    """The scheduler over ``store``, acting through ``ray`` (a :class:`RayAdapter` or a fake)."""
+
+    def __init__(self, store: JobStore, ray, config: SchedulerConfig | None = None,
+                 metrics: Metrics | None = None, clock=time.time):
+        self.store = store
+        self.ray = ray
+        self.config = config or SchedulerConfig()
+        self.metrics = metrics
+        self.clock = clock
+        self._checkpoint_read: dict[str, float] = {}
+        self._requested: list[dict[str, float]] | None = None
+        self._events: list[str] = []
+
+    # -------------------------------------------------------------------------------- loop
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Tick every ``tick_s`` until ``stop`` is set. A tick that cannot reach Ray or the
+        store is logged and retried; nothing is decided on a partial view."""
+        stop = stop or threading.Event()
+        while True:
+            try:
+                self.tick()
+            except Exception as e:  # noqa: BLE001 - the service outlives Ray/store outages
+                log.warning("scheduler tick failed, retrying in %.1fs: %s", self.config.tick_s, e)
+            if stop.wait(self.config.tick_s):
+                return
+
+    def tick(self) -> list[str]:
+        """One scheduling cycle. Returns what it did, one line per action."""
+        self._events = []
+        now = self.clock()
+        ray_jobs = self.ray.list_jobs()          # raises before anything changes
+        nodes = self.ray.nodes()
+        active = self.store.list(UNFINISHED)
+        by_id = {j.id: j for j in active}
+        self._stop_strays(ray_jobs, by_id)
+        for job in active:
+            if job.kind != "pipeline":
+                self._reconcile(job, ray_jobs.get(job.submission_id), now)
+        self._release_stray_reservations()
+        active = self.store.list(UNFINISHED)
+        queue, running = self._views(active, ray_jobs, now)
+        cluster = ClusterState.of(_free(nodes, running), self.config.autoscale_shapes)
+        decisions = decide(queue, running, cluster, self.config.quotas, now, self.config.policy)
+        asked = False
+        for d in decisions:
+            try:
+                asked |= self._apply(d, now)
+            except (IllegalTransition, UnknownJob) as e:
+                self._event(f"skipped {type(d).__name__} of {getattr(d, 'job_id', '-')}: {e}")
+            except Exception as e:  # noqa: BLE001 - one job's trouble must not stall the rest
+                log.exception("applying %s", d)
+                self._event(f"error applying {type(d).__name__} of {getattr(d, 'job_id', '-')}: {e}")
+        if not asked and self._requested:
+            self.ray.request_resources([])
+            self._requested = None
+        self._advance_pipelines()
+        if self.metrics is not None:
+            self._report(self.store.list(UNFINISHED))
+        return self._events
+
+    def _event(self, line: str) -> None:
+        self._events.append(line)
+        log.info("%s", line)
+
+    # -------------------------------------------------------------------------------- reconcile
+    def _reconcile(self, job: JobRecord, rj, now: float) -> None:
+        sid = job.submission_id
+        try:
+            if job.state == "admitted":
+                if rj is None:
+                    self._launch(job, now)
+                elif rj.status == "RUNNING":
+                    self.ray.release(sid)
+                    self.store.transition(job.id, "running", f"running on Ray as {sid}",
+                                          expect="admitted", start_time=now)
+                    self._event(f"{job.id} running ({sid})")
+                elif not rj.live:
+                    self.ray.release(sid)
+                    self._finished(job, rj, now)
+            elif job.state == "running":
+                if rj is None:
+                    self._failed(job, f"Ray has no job {sid} any more (cluster restarted?)", now)
+                elif rj.live:
+                    self._read_checkpoint(job, now)
+                else:
+                    self._finished(job, rj, now)
+            elif job.state == "preempted" and rj is not None:
+                if rj.live:
+                    self._stop_victim(job, rj, now)
+                elif rj.status == "SUCCEEDED":  # it finished before the stop landed
+                    self._finished(job, rj, now)
+        except (IllegalTransition, UnknownJob) as e:  # cancelled (or moved) meanwhile
+            self._event(f"{job.id}: {e}")
+        except specmod.SpecError as e:  # stored before a schema change made it invalid
+            if job.state in ("admitted", "running"):
+                self.ray.stop(sid)
+                self.store.transition(job.id, "failed", f"its spec is no longer valid: {e}")
+            self._event(f"{job.id}: invalid spec: {e}")
+        except Exception as e:  # noqa: BLE001 - retried next tick; the others go on
+            log.exception("reconciling %s", job.id)
+            self._event(f"{job.id}: error, retrying next tick: {e}")
+
+    def _launch(self, job: JobRecord, now: float) -> None:
+        """Reserve the admitted gang; submit the job once Ray has placed it."""
+        sid = job.submission_id
+        ready = self.ray.reservation_ready(sid)
+        if ready is None:
+            self.ray.reserve(sid, _bundles(job))
+            ready = self.ray.reservation_ready(sid)
+        if ready:
+            self._submit(job)
+        elif now - job.updated_time > self.config.admission_timeout_s:
+            self.ray.release(sid)
+            self.store.transition(job.id, "queued",
+                                  f"requeued: Ray did not place its gang of {job.workers} within "
+                                  f"{self.config.admission_timeout_s:g}s", expect="admitted")
+            self._event(f"{job.id} requeued: gang not placed in time")
+
+    def _submit(self, job: JobRecord) -> None:
+        spec = job.load()
+        run = pipemod.prepare_stage(spec, self._upstream(job) if job.parent_id else {},
+                                    python=self.config.python)
+        if isinstance(spec, specmod.TrainSpec):
+            from actors.trainer.control import JobControl
+            control = JobControl(spec.checkpoint.url, spec.storage.as_options())
+            control.clear()  # requests to an earlier attempt do not apply to this one
+            control.set_max_workers(job.workers)  # grow only when the policy says so
+        spec_url = self._write_spec(job, run.spec)
+        entry = self._entrypoint(job.kind, spec_url, run)
+        meta = {"orchestrator_job": job.id, "attempt": str(job.attempts), "kind": job.kind,
+                "team": job.team, "priority": job.priority, "workers": str(job.workers)}
+        env = {"working_dir": self.config.working_dir} if self.config.working_dir else None
+        new = self.ray.submit(job.submission_id, entry, runtime_env=env, metadata=meta)
+        self._event(f"{job.id} submitted to Ray as {job.submission_id} on {job.workers} worker(s)"
+                    + ("" if new else " (already there)"))
+
+    def _write_spec(self, job: JobRecord, spec) -> str:
+        st = storage.Storage(self.config.spec_dir)
+        name = f"{job.submission_id}.json"
+        st.write_text(name, json.dumps(spec.model_dump(mode="json"), indent=1))
+        return st.url(name)
+
+    def _entrypoint(self, kind: str, spec_url: str, run: pipemod.StageRun) -> str:
+        """A shell command: cd to the workdir, export PYTHONPATH and the stage's env, run the
+        stage's ``before`` commands, then exec the job's entrypoint."""
+        c = self.config
+        py = shlex.quote(c.python)
+        exports = [f"{k}={shlex.quote(v)}" for k, v in run.env.items()]
+        parts = []
+        if not c.working_dir:
+            parts.append(f"cd {shlex.quote(c.workdir)}")
+            exports.insert(0, f"PYTHONPATH={shlex.quote(c.project_root)}${{PYTHONPATH:+:$PYTHONPATH}}")
+        if exports:
+            parts.append("export " + " ".join(exports))
+        for argv in run.before:
+            argv = [c.python, *argv[1:]] if argv and argv[0] == "python" else argv
+            parts.append(" ".join(shlex.quote(a) for a in argv))
+        parts.append("exec " + c.entrypoint.format(python=py, kind=kind, spec=shlex.quote(spec_url)))
+        return " && ".join(parts)
+
+    def _upstream(self, job: JobRecord) -> dict[str, str | None]:
+        sib = {s.stage: s for s in self.store.list(parent_id=job.parent_id)}
+        return {d: sib[d].checkpoint_url for d in job.depends_on if d in sib}
+
+    def _finished(self, job: JobRecord, rj, now: float) -> None:
+        if rj.status == "SUCCEEDED":
+            url, step, at = self._result_checkpoint(job)
+            fields = {k: v for k, v in (("checkpoint_url", url), ("checkpoint_step", step),
+                                        ("checkpoint_time", at)) if v is not None}
+            self.store.transition(job.id, "succeeded", f"Ray job {job.submission_id} succeeded",
+                                  expect=job.state, **fields)
+            self._event(f"{job.id} succeeded" + (f" (checkpoint {url})" if url else ""))
+        elif rj.status == "STOPPED":
+            self.store.transition(job.id, "cancelled", f"Ray job {job.submission_id} was stopped "
+                                  "outside the orchestrator (ray job stop)", expect=job.state)
+            self._event(f"{job.id} cancelled: stopped outside the orchestrator")
+        else:
+            self._failed(job, f"Ray job {job.submission_id} failed: {rj.message}", now)
+
+    def _result_checkpoint(self, job: JobRecord):
+        try:
+            return pipemod.stage_checkpoint(job.load(), lambda: self.ray.logs(job.submission_id))
+        except Exception as e:  # noqa: BLE001 - a finished job stays finished without it
+            log.warning("%s: cannot find its checkpoint: %s", job.id, e)
+            return None, None, None
+
+    def retries_used(self, job: JobRecord) -> tuple[int, float | None]:
+        """``(retries so far, when the latest was queued)``, from the job's history."""
+        retries = [t for t in self.store.history(job.id)
+                   if t.to_state == "queued" and t.reason.startswith("retry ")]
+        return len(retries), (retries[-1].at if retries else None)
+
+    def _backoff(self, retry: int) -> float:
+        return min(self.config.max_backoff_s, self.config.retry_backoff_s * 2 ** max(0, retry - 1))
+
+    def _failed(self, job: JobRecord, message: str, now: float) -> None:
+        message = " ".join(message.split())[:400]
+        used, _ = self.retries_used(job)
+        if used < job.max_retries:
+            wait = self._backoff(used + 1)
+            self.store.transition(job.id, "queued", f"retry {used + 1}/{job.max_retries} after "
+                                  f"{wait:g}s backoff: {message}", expect=job.state,
+                                  attempts=job.attempts + 1)
+            self._event(f"{job.id} failed; retry {used + 1}/{job.max_retries} in {wait:g}s")
+        else:
+            self.store.transition(job.id, "failed", f"gave up after {used} retr"
+                                  f"{'y' if used == 1 else 'ies'} (max_retries={job.max_retries}): "
+                                  f"{message}", expect=job.state)
+            self._event(f"{job.id} failed for good: {message}")
+
+    def _in_backoff(self, job: JobRecord, now: float) -> bool:
+        if job.attempts == 0:
+            return False
+        used, at = self.retries_used(job)
+        return at is not None and now < at + self._backoff(used)
+
+    def _read_checkpoint(self, job: JobRecord, now: float) -> None:
+        """Keep a running train job's newest checkpoint in the store (the policy preempts the
+        freshest-checkpointed victims first)."""
+        if job.kind != "train" or now - self._checkpoint_read.get(job.id, -1e18) < self.config.checkpoint_poll_s:
+            return
+        self._checkpoint_read[job.id] = now
+        spec = job.load()
+        from actors.trainer.control import latest_commit
+        try:
+            c = latest_commit(spec.checkpoint.url, spec.storage.as_options())
+        except storage.StorageError:
+            return
+        if c is not None and c.step != job.checkpoint_step:
+            self.store.update(job.id, checkpoint_url=c.url, checkpoint_step=c.step,
+                              checkpoint_time=c.committed_at)
+
+    def _stop_victim(self, job: JobRecord, rj, now: float) -> None:
+        """A preempted job still running: a train job checkpoints first (up to
+        ``checkpoint_timeout_s``), then Ray stops it. Idempotent across ticks and restarts."""
+        sid = job.submission_id
+        if job.kind == "train" and rj.status == "RUNNING":
+            spec = job.load()
+            from actors.trainer.control import JobControl, latest_commit
+            control = JobControl(spec.checkpoint.url, spec.storage.as_options())
+            req = f"{sid}:preempt"
+            control.request_checkpoint(req)
+            step = control.checkpoint_served(req)
+            if step is None and now - job.updated_time < self.config.checkpoint_timeout_s:
+                return
+            c = latest_commit(spec.checkpoint.url, spec.storage.as_options())
+            if c is not None:
+                self.store.update(job.id, checkpoint_url=c.url, checkpoint_step=c.step,
+                                  checkpoint_time=c.committed_at)
+            why = (f"checkpointed at step {step}" if step is not None else
+                   f"no checkpoint within {self.config.checkpoint_timeout_s:g}s, stopping anyway")
+        else:
+            why = "stopping"
+        if self.ray.stop(sid):
+            self._event(f"{job.id} preempted: {why}; Ray job {sid} stopped")
+
+    def _stop_strays(self, ray_jobs: dict, by_id: dict[str, JobRecord]) -> None:
+        """Stop live Ray jobs of this store that no unfinished job owns (cancelled jobs,
+        superseded attempts). Ray jobs of other stores are left alone."""
+        for sid, rj in ray_jobs.items():
+            parsed = parse_submission_id(sid)
+            if not rj.live or parsed is None:
+                continue
+            job = by_id.get(parsed[0])
+            if job is None:
+                try:
+                    job = self.store.get(parsed[0])
+                except UnknownJob:
+                    continue
+            if job.state in ("admitted", "running", "preempted") and job.submission_id == sid:
+                continue
+            if self.ray.stop(sid):
+                self._event(f"stopped Ray job {sid}: job {job.id} is {job.state}"
+                            + ("" if job.submission_id == sid else f" (now {job.submission_id})"))
+
+    def _release_stray_reservations(self) -> None:
+        """Remove placement groups of this store's jobs that are no longer being launched."""
+        keep = {j.submission_id for j in self.store.list(["admitted"])}
+        for name in self.ray.reservations():
+            parsed = parse_submission_id(name)
+            if name in keep or parsed is None:
+                continue
+            try:
+                self.store.get(parsed[0])
+            except UnknownJob:
+                continue  # another store's scheduler on the same cluster
+            self.ray.release(name)
+
+    # -------------------------------------------------------------------------------- pipelines
+    def _advance_pipelines(self) -> None:
+        for parent in self.store.list(UNFINISHED, top_level=True):
+            if parent.kind != "pipeline":
+                continue
+            try:
+                self._advance_pipeline(parent)
+            except (IllegalTransition, UnknownJob) as e:
+                self._event(f"{parent.id}: {e}")
+
+    def _advance_pipeline(self, parent: JobRecord) -> None:
+        stages = self.store.list(parent_id=parent.id)
+        state = {s.stage: s.state for s in stages}
+        reason = {s.stage: s.reason for s in stages}
+        changed = True
+        while changed:  # failures propagate down the whole DAG in one tick
+            changed = False
+            for s in stages:
+                if state[s.stage] != "queued":
+                    continue
+                status, why = pipemod.stage_status(s.depends_on, state, reason)
+                if status == "blocked":
+                    self.store.transition(s.id, "failed", why, expect="queued")
+                    state[s.stage], reason[s.stage] = "failed", why
+                    self._event(f"{s.id} {why}")
+                    changed = True
+        if parent.state == "queued" and any(st != "queued" for st in state.values()):
+            started = [n for n, st in state.items() if st != "queued"]
+            parent = self.store.transition(parent.id, "admitted", f"stage(s) {', '.join(started)} "
+                                           "started", expect="queued")
+            parent = self.store.transition(parent.id, "running", "running its stages",
+                                           expect="admitted")
+        outcome = pipemod.pipeline_outcome({n: (state[n], reason[n]) for n in state})
+        if outcome is not None:
+            final, why = outcome
+            if parent.state == "queued" and final == "succeeded":  # unreachable; stay legal
+                return
+            self.store.transition(parent.id, final, why, expect=parent.state)
+            self._event(f"pipeline {parent.id} {final}: {why}")
+
+    def _stage_ready(self, job: JobRecord, states: dict[str, dict[str, str]]) -> bool:
+        sib = states.get(job.parent_id)
+        if sib is None:
+            sib = {s.stage: s.state for s in self.store.list(parent_id=job.parent_id)}
+            states[job.parent_id] = sib
+        return pipemod.stage_status(job.depends_on, sib)[0] == "ready"
+
+    # -------------------------------------------------------------------------------- policy
+    def _views(self, active: list[JobRecord], ray_jobs: dict, now: float):
+        queue: list[JobView] = []
+        running: list[JobView] = []
+        stage_states: dict[str, dict[str, str]] = {}
+        for j in active:
+            if j.kind == "pipeline":
+                continue
+            v = j.view(now)
+            if j.state == "queued":
+                if j.parent_id and not self._stage_ready(j, stage_states):
+                    continue
+                if self._in_backoff(j, now):
+                    continue
+                queue.append(v)
+            elif j.state == "preempted":
+                rj = ray_jobs.get(j.submission_id)
+                if rj is not None and rj.live:  # still stopping: its capacity is about to free
+                    running.append(dataclasses.replace(v, stopping=True, target_workers=0))
+                else:
+                    queue.append(v)
+            elif j.workers > 0:
+                if j.kind != "train":  # only train jobs resize in place (Ray Train elastic)
+                    v = dataclasses.replace(v, min_workers=j.workers, max_workers=j.workers)
+                running.append(v)
+        return queue, running
+
+    def _apply(self, d, now: float) -> bool:
+        """Act on one decision; True if it was an autoscaler request."""
+        if isinstance(d, RequestResources):
+            if d.bundles != self._requested:
+                self.ray.request_resources(d.bundles)
+                self._event(f"asked the autoscaler for {len(d.bundles)} bundle(s)")
+            self._requested = d.bundles
+            return True
+        job = self.store.get(d.job_id)
+        if isinstance(d, Reject):
+            self.store.transition(job.id, "failed", f"rejected: {d.reason}", expect="queued")
+            self._event(f"{job.id} rejected: {d.reason}")
+        elif isinstance(d, Requeue):
+            self.store.transition(job.id, "queued", f"requeued: {d.reason}", expect="preempted",
+                                  attempts=job.attempts + 1)
+            self._event(f"{job.id} requeued after preemption")
+        elif isinstance(d, Admit):
+            waited = now - self._queued_since(job)
+            job = self.store.transition(
+                job.id, "admitted", f"admitted on {d.workers} worker(s) after {waited:.0f}s",
+                expect="queued", workers=d.workers, placement=d.placement,
+                ray_submission_id=job.submission_id)
+            self._event(f"{job.id} admitted on {d.workers} worker(s)")
+            if self.metrics is not None:
+                self.metrics.on_admit(job.priority, waited)
+            self._launch(job, now)
+        elif isinstance(d, Preempt):
+            self.store.transition(job.id, "preempted", f"preempted {d.reason}", expect="running",
+                                  workers=job.workers, placement=job.placement)
+            self._event(f"{job.id} preempted {d.reason}")
+            if self.metrics is not None:
+                self.metrics.on_preempt(job.priority)
+            if job.kind != "train":
+                self.ray.stop(job.submission_id)
+            else:
+                self._stop_victim(self.store.get(job.id), _Live(), now)
+        elif isinstance(d, (Shrink, Grow)):
+            self._resize(job, d, now)
+        return False
+
+    def _resize(self, job: JobRecord, d, now: float) -> None:
+        """Shrink or grow a running train job: checkpoint, then cap its workers; Ray Train's
+        elastic policy restarts the group on the new size from that checkpoint."""
+        from actors.trainer.control import JobControl
+        spec = job.load()
+        control = JobControl(spec.checkpoint.url, spec.storage.as_options())
+        req = f"{job.submission_id}:resize-{d.to_workers}-{int(now)}"
+        control.request_checkpoint(req)
+        control.set_max_workers(d.to_workers, checkpoint_first=req)
+        placement = dict(job.placement)
+        if isinstance(d, Shrink):
+            for n, w in d.release.items():
+                placement[n] = placement.get(n, 0) - w
+            why = f"shrinking to {d.to_workers} worker(s) {d.reason}"
+        else:
+            for n, w in d.placement.items():
+                placement[n] = placement.get(n, 0) + w
+            why = f"growing to {d.to_workers} worker(s) into idle capacity"
+        self.store.update(job.id, workers=d.to_workers,
+                          placement={n: w for n, w in placement.items() if w > 0}, reason=why)
+        self._event(f"{job.id} {why}")
+
+    def _queued_since(self, job: JobRecord) -> float:
+        hist = self.store.history(job.id)
+        at = [t.at for t in hist if t.to_state == "queued"]
+        return at[-1] if at else job.submit_time
+
+    def _report(self, active: list[JobRecord]) -> None:
+        classes = tuple(specmod.PRIORITY_CLASSES)
+        queued = Counter(j.priority for j in active if j.kind != "pipeline"
+                         and j.state in ("queued", "preempted"))
+        running = Counter(j.priority for j in active if j.kind != "pipeline"
+                          and j.state in ("admitted", "running"))
+        self.metrics.on_tick({c: queued.get(c, 0) for c in classes},
+                             {c: running.get(c, 0) for c in classes})
+
+
+class _Live:
+    """Stand-in Ray status for a job preempted this tick (it was running a moment ago)."""
+    status = "RUNNING"
+    live = True
+
+
+def _bundles(job: JobRecord) -> list[dict[str, float]]:
+    b = {"CPU": job.cpus_per_worker}
+    if job.gpus_per_worker:
+        b["GPU"] = job.gpus_per_worker
+    return [dict(b) for _ in range(max(1, job.workers))]
+
+
+def _free(nodes: list[Node], running: list[JobView]) -> list[Node]:
+    """Nodes with what running jobs hold (by the store's placements) taken out."""
+    used: dict[str, list[float]] = {}
+    for r in running:
+        for n, w in r.placement.items():
+            u = used.setdefault(n, [0.0, 0.0])
+            u[0] += w * r.cpus_per_worker
+            u[1] += w * r.gpus_per_worker
+    return [Node(n.id, n.cpus, n.gpus, max(0.0, n.cpus - used.get(n.id, (0, 0))[0]),
+                 max(0.0, n.gpus - used.get(n.id, (0, 0))[1])) for n in nodes]

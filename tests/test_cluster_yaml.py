@@ -1,0 +1,211 @@
+"""Every cluster YAML in cluster/ passes Ray's own config validation (KubeRay: the RayCluster
+structure), a malformed copy is rejected with the file, field and reason, and the YAMLs say what
+the product promises: CPU and GPU worker types that autoscale, with the project installed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import ray
+import yaml
+
+from cluster import configs
+from cluster.configs import ClusterConfigError, cluster_yaml_paths, load, validate, worker_types
+from cluster.local import LocalCluster, LocalClusterError, main as local_main
+
+NAMES = ["aws.yaml", "gcp.yaml", "kuberay.yaml", "local.yaml"]
+
+
+def by_name(name: str) -> dict:
+    return load(configs.CLUSTER_DIR / name)
+
+
+def test_cluster_dir_ships_local_aws_gcp_and_kuberay_yamls():
+    assert [p.name for p in cluster_yaml_paths()] == NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_cluster_yaml_validates(name):
+    validate(configs.CLUSTER_DIR / name)
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_cloud_yamls_have_cpu_and_gpu_worker_types_that_autoscale_from_zero(name):
+    config = validate(configs.CLUSTER_DIR / name)
+    types = worker_types(config)
+    gpu = [t for t, (_, _, res) in types.items() if res.get("GPU", 0) >= 1]
+    cpu = [t for t, (_, _, res) in types.items() if not res.get("GPU") and res.get("CPU", 0) >= 1]
+    assert gpu and cpu
+    for lo, hi, _ in types.values():
+        assert lo == 0 < hi <= config["max_workers"]
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_cloud_yamls_install_cuda_torch_on_gpu_nodes_then_the_project(name):
+    config = validate(configs.CLUSTER_DIR / name)
+    for node_type, spec in config["available_node_types"].items():
+        if node_type == config["head_node_type"]:
+            commands = config["head_setup_commands"]
+        else:
+            commands = spec["worker_setup_commands"]
+        torch_cmd = next(i for i, c in enumerate(commands) if "torch==" in c)
+        project_cmd = next(i for i, c in enumerate(commands) if "ray-elastic-orchestrator" in c)
+        assert torch_cmd < project_cmd, "torch first, so the project does not pull another build"
+        wheel = "/whl/cu12" if spec["resources"].get("GPU") else "/whl/cpu"
+        assert wheel in commands[torch_cmd] and "download.pytorch.org" in commands[torch_cmd]
+    assert "~/ray-elastic-orchestrator" in config["file_mounts"]
+    assert f"ray[train,tune,serve,default]=={ray.__version__}" in " ".join(config["setup_commands"])
+
+
+def test_kuberay_manifest_autoscales_cpu_and_gpu_groups_on_the_pinned_ray():
+    manifest = validate(configs.CLUSTER_DIR / "kuberay.yaml")
+    spec = manifest["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["rayVersion"] == ray.__version__
+    groups = worker_types(manifest)
+    assert any("nvidia.com/gpu" in limits for _, _, limits in groups.values())
+    assert any("nvidia.com/gpu" not in limits for _, _, limits in groups.values())
+    for lo, hi, _ in groups.values():
+        assert lo == 0 < hi
+    images = {c["image"] for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+              for c in g["template"]["spec"]["containers"]}
+    assert all("ray-elastic-orchestrator" in image for image in images)  # built by cluster/Dockerfile
+    assert (configs.CLUSTER_DIR / "Dockerfile").exists()
+
+
+def test_local_yaml_is_a_fake_multinode_cluster_that_scales_down_within_a_minute():
+    config = validate(configs.CLUSTER_DIR / "local.yaml")
+    assert config["provider"]["type"] == "fake_multinode"
+    assert config["idle_timeout_minutes"] <= 1
+    (cpu_type, (lo, hi, res)), = worker_types(config).items()
+    assert lo == 0 and hi >= 2 and res["CPU"] >= 1
+    # The head's resources come from the YAML, so `ray start` and the autoscaler agree on them.
+    assert LocalCluster().head_resources() == {"CPU": 0}
+
+
+# -----------------------------------------------------------------------------------------------
+# malformed copies
+# -----------------------------------------------------------------------------------------------
+def _break(name: str, edit) -> dict:
+    config = copy.deepcopy(by_name(name))
+    edit(config)
+    return config
+
+
+LAUNCHER_BREAKAGES = {
+    "string GPU count": ("aws.yaml",
+                         lambda c: c["available_node_types"]["gpu_worker"]["resources"].update(GPU="one"),
+                         "available_node_types.gpu_worker.resources.GPU: 'one' is not of type 'integer'"),
+    "unknown node type field": ("gcp.yaml",
+                                lambda c: c["available_node_types"]["cpu_worker"].update(min_worker=1),
+                                "available_node_types.cpu_worker: Additional properties are not allowed "
+                                "('min_worker' was unexpected)"),
+    "head type not declared": ("aws.yaml", lambda c: c.update(head_node_type="nope"),
+                               "`head_node_type` must be one of `available_node_types`"),
+    "min workers over the cap": ("gcp.yaml", lambda c: c.update(max_workers=1)
+                                 or c["available_node_types"]["cpu_worker"].update(min_workers=2),
+                                 "max_workers` is smaller than the sum of `min_workers`"),
+    "no provider": ("aws.yaml", lambda c: c.pop("provider"), "provider.type: required"),
+    "fake head renamed": ("local.yaml",
+                          lambda c: (c["available_node_types"].update(
+                              head=c["available_node_types"].pop("ray.head.default")),
+                              c.update(head_node_type="head")),
+                          "head_node_type: the fake_multinode provider names its head 'ray.head.default'"),
+    "fake config missing a field Ray would not fill": (
+        "local.yaml", lambda c: c.pop("cluster_synced_files"),
+        "cluster_synced_files: required (Ray fills no defaults"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAUNCHER_BREAKAGES))
+def test_malformed_launcher_yaml_is_rejected_naming_file_field_and_reason(case, tmp_path):
+    name, edit, expected = LAUNCHER_BREAKAGES[case]
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(_break(name, edit)))
+    with pytest.raises(ClusterConfigError) as e:
+        validate(path)
+    assert str(e.value).startswith(f"{path}: ")
+    assert expected in str(e.value)
+
+
+def _gpu_group(c):
+    return next(g for g in c["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu")
+
+
+def _ray_container(group):
+    return group["template"]["spec"]["containers"][0]
+
+
+KUBERAY_BREAKAGES = {
+    "old api version": (lambda c: c.update(apiVersion="ray.io/v1alpha1"),
+                        "apiVersion: Input should be 'ray.io/v1'"),
+    "not a RayCluster": (lambda c: c.update(kind="RayJob"), "kind: Input should be 'RayCluster'"),
+    "no head group": (lambda c: c["spec"].pop("headGroupSpec"), "spec.headGroupSpec: Field required"),
+    "integer rayStartParams": (lambda c: c["spec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}),
+                               "spec.headGroupSpec.rayStartParams.num-cpus: Input should be a valid string"),
+    "replica bounds inverted": (lambda c: _gpu_group(c).update(minReplicas=5, maxReplicas=2),
+                                "spec.workerGroupSpecs.1: Value error, minReplicas (5) > maxReplicas (2)"),
+    "bad memory quantity": (lambda c: _ray_container(_gpu_group(c))["resources"]["limits"]
+                            .update(memory="48 gigs"),
+                            "spec.workerGroupSpecs.1.template.spec.containers.0.resources.limits: "
+                            "Value error, memory: '48 gigs' is not a Kubernetes quantity"),
+    "ray container without a size": (lambda c: _ray_container(_gpu_group(c)).update(
+                                         resources={"limits": {"nvidia.com/gpu": 1}}),
+                                     "the Ray container needs limits for cpu, memory"),
+    "no image": (lambda c: _ray_container(_gpu_group(c)).pop("image"),
+                 "spec.workerGroupSpecs.1.template.spec.containers.0.image: Field required"),
+    "duplicate group": (lambda c: c["spec"]["workerGroupSpecs"].append(copy.deepcopy(_gpu_group(c))),
+                        "duplicate groupName gpu"),
+    "unknown upscaling mode": (lambda c: c["spec"]["autoscalerOptions"].update(upscalingMode="Fast"),
+                               "spec.autoscalerOptions.upscalingMode: Input should be 'Default', "
+                               "'Aggressive' or 'Conservative'"),
+    "negative idle timeout": (lambda c: c["spec"]["autoscalerOptions"].update(idleTimeoutSeconds=-1),
+                              "spec.autoscalerOptions.idleTimeoutSeconds: Input should be greater than "
+                              "or equal to 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(KUBERAY_BREAKAGES))
+def test_malformed_kuberay_manifest_is_rejected_naming_field_and_reason(case):
+    edit, expected = KUBERAY_BREAKAGES[case]
+    with pytest.raises(ClusterConfigError) as e:
+        validate(_break("kuberay.yaml", edit), name="kuberay.yaml")
+    assert str(e.value).startswith("kuberay.yaml: ")
+    assert expected in str(e.value)
+
+
+def test_non_mapping_yaml_is_rejected(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ClusterConfigError, match="expected a YAML mapping"):
+        validate(path)
+
+
+def test_validate_command_checks_every_shipped_yaml_and_fails_on_a_bad_one(tmp_path, capsys):
+    assert configs.main([]) == 0
+    assert capsys.readouterr().out.count("ok ") == len(NAMES)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(_break("aws.yaml", lambda c: c.update(max_workers="ten"))))
+    assert configs.main([str(bad), str(tmp_path / "missing.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}: max_workers: 'ten' is not of type 'integer'" in err
+    assert "missing.yaml: cannot read" in err
+
+
+def test_local_cluster_commands_without_a_running_cluster(tmp_path, capsys):
+    assert local_main(["down", "--state-dir", str(tmp_path)]) == 0
+    assert "no local cluster state" in capsys.readouterr().err
+    with pytest.raises(LocalClusterError, match="python -m cluster.local up"):
+        LocalCluster.from_state(tmp_path)
+    assert local_main(["status", "--state-dir", str(tmp_path)]) == 1
+
+
+def test_local_cluster_refuses_a_port_in_use(tmp_path):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        cluster = LocalCluster(state_dir=str(tmp_path), port=taken.getsockname()[1])
+        with pytest.raises(LocalClusterError, match="--port N"):
+            cluster.start()

@@ -1,0 +1,446 @@
+"""The scheduler service's logic against an in-memory stand-in for Ray (no Ray, milliseconds):
+crash recovery without duplicates, retry backoff, shrink through the trainer's worker cap,
+admission timeouts, strays, autoscaler requests, the control protocol and pipeline stage plumbing.
+``tests/test_service.py`` runs the same service against a real Ray head."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from actors.trainer.control import JobControl, latest_commit
+from orchestrator import pipeline as pipemod
+from orchestrator.cli import main as cli
+from orchestrator.policy import Node, PolicyConfig
+from orchestrator.ray_adapter import RayJob
+from orchestrator.service import Scheduler, SchedulerConfig, parse_submission_id
+from orchestrator.spec import parse_spec
+from orchestrator.store import JobStore
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class FakeRay:
+    """The RayAdapter surface, in memory. ``place=False`` leaves placement groups pending."""
+
+    def __init__(self, nodes=(("n0", 4.0),), place: bool = True):
+        self._nodes = [Node(n, c) for n, c in nodes]
+        self.place = place
+        self.jobs: dict[str, RayJob] = {}
+        self.entrypoints: dict[str, str] = {}
+        self.submits: list[str] = []
+        self.stops: list[str] = []
+        self.pgs: dict[str, list] = {}
+        self.requests: list[list] = []
+        self.crash_on_submit = False
+
+    def nodes(self):
+        return list(self._nodes)
+
+    def list_jobs(self):
+        return dict(self.jobs)
+
+    def submit(self, sid, entrypoint, *, runtime_env=None, metadata=None):
+        if self.crash_on_submit:
+            self.crash_on_submit = False
+            raise SystemExit("scheduler killed while submitting")
+        self.submits.append(sid)
+        if sid in self.jobs:
+            return False
+        self.jobs[sid] = RayJob(sid, "PENDING", "", dict(metadata or {}))
+        self.entrypoints[sid] = entrypoint
+        return True
+
+    def set(self, sid, status, message=""):
+        self.jobs[sid] = RayJob(sid, status, message)
+
+    def stop(self, sid):
+        self.stops.append(sid)
+        if sid in self.jobs and self.jobs[sid].live:
+            self.jobs[sid] = RayJob(sid, "STOPPED")
+            return True
+        return False
+
+    def logs(self, sid):
+        return ""
+
+    def reserve(self, name, bundles):
+        self.pgs.setdefault(name, bundles)
+
+    def reservation_ready(self, name):
+        return (self.place if name in self.pgs else None)
+
+    def release(self, name):
+        self.pgs.pop(name, None)
+
+    def reservations(self):
+        return sorted(self.pgs)
+
+    def request_resources(self, bundles):
+        self.requests.append(bundles)
+
+
+def train_spec(tmp_path, name, *, lo=1, hi=1, priority="normal", retries=0, team="t", batch=4):
+    return parse_spec({
+        "kind": "train", "name": name, "max_steps": 10,
+        "scheduling": {"team": team, "priority": priority, "max_retries": retries},
+        "resources": {"min_workers": lo, "max_workers": hi, "cpus_per_worker": 1},
+        "model": {"factory": "jobs.examples.models:mlp"},
+        "dataset": {"url": str(tmp_path / "data")},
+        "deepspeed": {"micro_batch_size": 1, "global_batch_size": batch},
+        "checkpoint": {"url": str(tmp_path / "ckpt" / name)}})
+
+
+@pytest.fixture
+def world(tmp_path):
+    clock = Clock()
+    store = JobStore(str(tmp_path / "jobs.db"), clock=clock)
+    ray = FakeRay()
+    config = SchedulerConfig(policy=PolicyConfig(min_run_before_preempt_s=0),
+                             spec_dir=str(tmp_path / "specs"), retry_backoff_s=10,
+                             admission_timeout_s=60, workdir=str(tmp_path))
+
+    def scheduler():
+        return Scheduler(store, ray, config, clock=clock)
+    return clock, store, ray, scheduler
+
+
+def run_ray_jobs(ray):
+    for sid, j in list(ray.jobs.items()):
+        if j.status == "PENDING":
+            ray.set(sid, "RUNNING")
+
+
+# ---------------------------------------------------------------------------------------------
+def test_a_scheduler_killed_between_admission_and_submission_submits_exactly_once(world, tmp_path):
+    clock, store, ray, scheduler = world
+    jid = store.submit(train_spec(tmp_path, "a"))
+    ray.crash_on_submit = True
+    with pytest.raises(SystemExit):
+        scheduler().tick()                      # dies after admitting, before Ray has the job
+    assert store.get(jid).state == "admitted" and ray.jobs == {}
+    for _ in range(3):                          # restarted (several times): one Ray job, ever
+        scheduler().tick()
+    assert ray.submits == [f"orch-{jid}-a0"] and list(ray.jobs) == [f"orch-{jid}-a0"]
+    run_ray_jobs(ray)
+    scheduler().tick()
+    assert store.get(jid).state == "running" and ray.pgs == {}  # gang handed to the job
+    ray.set(f"orch-{jid}-a0", "SUCCEEDED")
+    scheduler().tick()
+    scheduler().tick()
+    assert store.get(jid).state == "succeeded" and ray.submits == [f"orch-{jid}-a0"]
+
+
+def test_the_submitted_entrypoint_runs_the_job_kind_on_its_resolved_spec(world, tmp_path):
+    clock, store, ray, scheduler = world
+    jid = store.submit(train_spec(tmp_path, "a"))
+    scheduler().tick()
+    entry = ray.entrypoints[f"orch-{jid}-a0"]
+    assert entry.startswith(f"cd {tmp_path} && export PYTHONPATH=")
+    assert f"-m jobs.train {tmp_path}/specs/orch-{jid}-a0.json" in entry
+    written = json.loads((tmp_path / "specs" / f"orch-{jid}-a0.json").read_text())
+    assert written["name"] == "a" and written["kind"] == "train"
+    assert JobControl(str(tmp_path / "ckpt" / "a")).max_workers() == 1  # capped at its admission
+
+
+def test_failed_job_waits_out_its_backoff_before_it_is_admitted_again(world, tmp_path):
+    clock, store, ray, scheduler = world
+    jid = store.submit(train_spec(tmp_path, "a", retries=2))
+    s = scheduler()
+    s.tick()
+    ray.set(f"orch-{jid}-a0", "FAILED", "exit code 1")
+    s.tick()
+    job = store.get(jid)
+    assert job.state == "queued" and job.attempts == 1
+    assert job.reason.startswith("retry 1/2 after 10s backoff: Ray job")
+    clock.t += 9
+    s.tick()
+    assert store.get(jid).state == "queued"
+    clock.t += 1.5
+    s.tick()
+    assert store.get(jid).state == "admitted" and f"orch-{jid}-a1" in ray.jobs
+    ray.set(f"orch-{jid}-a1", "FAILED", "again")
+    s.tick()
+    clock.t += 15                                 # second backoff is 20s
+    s.tick()
+    assert store.get(jid).state == "queued"
+    clock.t += 6
+    s.tick()
+    ray.set(f"orch-{jid}-a2", "FAILED", "and again")
+    s.tick()
+    job = store.get(jid)
+    assert job.state == "failed" and job.reason.startswith("gave up after 2 retries (max_retries=2)")
+
+
+def test_a_lost_ray_job_is_retried_and_its_old_attempt_stopped_if_it_reappears(world, tmp_path):
+    clock, store, ray, scheduler = world
+    jid = store.submit(train_spec(tmp_path, "a", retries=1))
+    s = scheduler()
+    s.tick()
+    run_ray_jobs(ray)
+    s.tick()
+    old = ray.jobs.pop(f"orch-{jid}-a0")         # e.g. the head node restarted
+    s.tick()
+    assert store.get(jid).state == "queued" and "Ray has no job" in store.get(jid).reason
+    ray.jobs[old.submission_id] = old            # it was only hidden: stop it, do not run twice
+    s.tick()
+    assert ray.jobs[old.submission_id].status == "STOPPED"
+
+
+def test_cancelled_job_has_its_ray_job_stopped_and_its_gang_released(world, tmp_path):
+    clock, store, ray, scheduler = world
+    ray.place = False
+    jid = store.submit(train_spec(tmp_path, "a"))
+    other = store.submit(train_spec(tmp_path, "b"))
+    s = scheduler()
+    s.tick()
+    assert sorted(ray.pgs) == sorted([f"orch-{jid}-a0", f"orch-{other}-a0"])
+    store.cancel(jid)
+    s.tick()
+    assert sorted(ray.pgs) == [f"orch-{other}-a0"]
+    ray.place = True
+    s.tick()
+    run_ray_jobs(ray)
+    store.cancel(other)
+    s.tick()
+    assert ray.jobs[f"orch-{other}-a0"].status == "STOPPED"
+
+
+def test_a_gang_ray_cannot_place_in_time_is_requeued(world, tmp_path):
+    clock, store, ray, scheduler = world
+    ray.place = False
+    jid = store.submit(train_spec(tmp_path, "a"))
+    s = scheduler()
+    s.tick()
+    clock.t += 61
+    s.tick()
+    job = store.get(jid)
+    assert job.state in ("queued", "admitted") and ray.jobs == {}
+    assert any("did not place its gang" in t.reason for t in store.history(jid))
+
+
+def test_shrink_asks_for_a_checkpoint_then_caps_the_elastic_job(world, tmp_path):
+    clock, store, ray, scheduler = world
+    low = store.submit(train_spec(tmp_path, "low", lo=1, hi=4, priority="low"))
+    s = scheduler()
+    s.tick()
+    run_ray_jobs(ray)
+    s.tick()
+    assert store.get(low).workers == 4
+    high = store.submit(train_spec(tmp_path, "high", lo=2, hi=2, priority="high"))
+    s.tick()
+    job = store.get(low)
+    assert job.state == "running" and job.workers == 1 and job.reason.startswith("shrinking to 1")
+    control = JobControl(str(tmp_path / "ckpt" / "low"), clock=clock)
+    req = control.pending_request()
+    assert req and req.startswith(f"orch-{low}-a0:resize-1")
+    assert control.max_workers() is None         # not before the checkpoint is saved...
+    control.mark_served(req, 30)
+    assert control.max_workers() == 1            # ...then Ray Train resizes to the cap
+    s.tick()
+    assert store.get(high).state == "admitted"   # its gang waits for the freed CPUs
+
+
+def test_preempted_train_job_is_stopped_only_after_it_checkpoints_or_times_out(world, tmp_path):
+    clock, store, ray, scheduler = world
+    low = store.submit(train_spec(tmp_path, "low", lo=4, hi=4, priority="low"))
+    s = scheduler()
+    s.tick()
+    run_ray_jobs(ray)
+    s.tick()
+    store.submit(train_spec(tmp_path, "high", lo=2, hi=2, priority="high"))
+    s.tick()
+    assert store.get(low).state == "preempted" and ray.stops == []
+    s.tick()
+    assert ray.stops == []                        # waiting for the checkpoint
+    clock.t += s.config.checkpoint_timeout_s + 1
+    s.tick()
+    assert ray.jobs[f"orch-{low}-a0"].status == "STOPPED"
+    s.tick()
+    assert store.get(low).state == "queued" and store.get(low).attempts == 1
+
+
+def test_blocked_gangs_are_announced_to_the_autoscaler_and_never_fitting_ones_rejected(world, tmp_path):
+    clock, store, ray, scheduler = world
+    s = scheduler()
+    s.config.autoscale_shapes = ((8.0, 0.0),)
+    big = store.submit(train_spec(tmp_path, "big", lo=6, hi=6, batch=6))
+    huge = parse_spec({**train_spec(tmp_path, "huge").model_dump(mode="json"),
+                       "resources": {"min_workers": 1, "max_workers": 1, "cpus_per_worker": 16}})
+    hid = store.submit(huge)
+    s.tick()
+    assert store.get(big).state == "queued"
+    assert ray.requests[-1] == [{"CPU": 1.0}] * 6
+    assert store.get(hid).state == "failed" and "fits no node" in store.get(hid).reason
+    store.cancel(big)
+    s.tick()
+    assert ray.requests[-1] == []                 # nothing blocked any more: request withdrawn
+
+
+def test_parse_submission_id_round_trips_and_ignores_foreign_ids():
+    assert parse_submission_id("orch-mlp-1a2b3c4d-a3") == ("mlp-1a2b3c4d", 3)
+    assert parse_submission_id("raysubmit_123") is None
+    assert parse_submission_id("orch-x-abc") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# the control protocol the scheduler and the trainer share
+# ---------------------------------------------------------------------------------------------
+def test_control_cap_applies_after_its_checkpoint_or_after_the_grace_period(tmp_path):
+    clock = Clock()
+    c = JobControl(str(tmp_path / "ck"), clock=clock)
+    assert c.pending_request() is None and c.max_workers() is None
+    c.request_checkpoint("r1")
+    c.request_checkpoint("r1")                    # idempotent
+    c.set_max_workers(2, checkpoint_first="r1")
+    assert c.pending_request() == "r1" and c.max_workers() is None
+    clock.t += 121
+    assert c.max_workers() == 2                   # the checkpoint never came: apply anyway
+    c.mark_served("r1", 12)
+    assert c.pending_request() is None and c.checkpoint_served("r1") == 12
+    c.clear()
+    assert c.max_workers() is None
+
+
+def test_latest_commit_reads_the_newest_manifest_only(tmp_path):
+    root = tmp_path / "ck"
+    for step, manifest in ((10, True), (20, True), (30, False)):
+        d = root / f"step-{step:08d}"
+        d.mkdir(parents=True)
+        if manifest:
+            (d / "MANIFEST.json").write_text(json.dumps({"committed_at": 5.0 + step}))
+    c = latest_commit(str(root))
+    assert (c.step, c.committed_at) == (20, 25.0) and c.url.endswith("step-00000020")
+    assert latest_commit(str(tmp_path / "none")) is None
+
+
+def test_the_elastic_scaling_policy_honours_the_schedulers_cap(tmp_path):
+    import ray.train
+
+    from actors.trainer.trainer import BatchAwareScalingPolicy
+    cfg = ray.train.ScalingConfig(num_workers=(1, 4), resources_per_worker={"CPU": 1})
+    control = JobControl(str(tmp_path / "ck"))
+    policy = BatchAwareScalingPolicy(cfg, [1, 2, 4], "job", control)
+    assert policy._count_possible_workers({"n0": {"CPU": 4}}) == 4
+    assert policy._get_num_workers_for_resource_request() == 4
+    control.set_max_workers(3)
+    policy._cap_read = float("-inf")
+    assert policy._count_possible_workers({"n0": {"CPU": 4}}) == 2   # 3 has no batch split
+    assert policy._get_num_workers_for_resource_request() == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# pipelines
+# ---------------------------------------------------------------------------------------------
+def serve_spec(ckpt: str):
+    return parse_spec({"kind": "serve", "name": "srv", "checkpoint_url": ckpt,
+                       "model": {"factory": "jobs.examples.models:mlp"}, "input_shape": [32]})
+
+
+def test_a_serve_stage_serves_its_upstream_checkpoint_exporting_a_training_one(tmp_path):
+    served = tmp_path / "served-ckpt"
+    served.mkdir()
+    (served / "model.json").write_text("{}")
+    run = pipemod.prepare_stage(serve_spec("placeholder"), {"tune": str(served)})
+    assert run.spec.checkpoint_url == str(served) and run.before == []
+    train_ckpt = str(tmp_path / "ckpt" / "step-00000040")
+    run = pipemod.prepare_stage(serve_spec("placeholder"), {"train": train_ckpt}, python="py")
+    assert run.spec.checkpoint_url == str(tmp_path / "ckpt" / "served" / "step-00000040")
+    assert run.before == [["py", "-m", "orchestrator", "export", train_ckpt, run.spec.checkpoint_url]]
+    assert json.loads(run.env[pipemod.UPSTREAM_ENV]) == {"train": train_ckpt}
+
+
+def test_a_serve_stage_in_the_scheduler_exports_then_serves(world, tmp_path):
+    clock, store, ray, scheduler = world
+    pipe = parse_spec({"kind": "pipeline", "name": "p", "stages": [
+        {"name": "train", "spec": train_spec(tmp_path, "tr").model_dump(mode="json")},
+        {"name": "serve", "depends_on": ["train"],
+         "spec": serve_spec("placeholder").model_dump(mode="json")}]})
+    pid = store.submit(pipe)
+    stages = {s.stage: s for s in store.list(parent_id=pid)}
+    s = scheduler()
+    s.tick()
+    assert list(ray.jobs) == [f"orch-{stages['train'].id}-a0"]    # serve waits for train
+    assert store.get(pid).state == "running"
+    ck = tmp_path / "ckpt" / "tr" / "step-00000010"
+    ck.mkdir(parents=True)
+    (ck / "MANIFEST.json").write_text(json.dumps({"committed_at": 1.0}))
+    ray.set(f"orch-{stages['train'].id}-a0", "SUCCEEDED")
+    s.tick()
+    assert store.get(stages["train"].id).checkpoint_url == str(ck)
+    entry = ray.entrypoints[f"orch-{stages['serve'].id}-a0"]
+    assert f"-m orchestrator export {ck} {tmp_path}/ckpt/tr/served/step-00000010 && exec" in entry
+    assert "-m jobs.serve" in entry and "ORCHESTRATOR_UPSTREAM_CHECKPOINTS=" in entry
+    ray.set(f"orch-{stages['serve'].id}-a0", "SUCCEEDED")
+    s.tick()
+    assert store.get(pid).state == "succeeded"
+
+
+def test_cancelling_a_pipeline_cancels_its_stages_and_stops_the_running_one(world, tmp_path):
+    clock, store, ray, scheduler = world
+    pipe = parse_spec({"kind": "pipeline", "name": "p", "stages": [
+        {"name": "a", "spec": train_spec(tmp_path, "a").model_dump(mode="json")},
+        {"name": "b", "depends_on": ["a"], "spec": train_spec(tmp_path, "b").model_dump(mode="json")}]})
+    pid = store.submit(pipe)
+    s = scheduler()
+    s.tick()
+    run_ray_jobs(ray)
+    s.tick()
+    store.cancel(pid)
+    s.tick()
+    assert all(j.status == "STOPPED" for j in ray.jobs.values())
+    assert {st.state for st in store.list(parent_id=pid)} == {"cancelled"}
+
+
+def test_the_pipeline_entrypoint_runs_stages_in_order_and_skips_those_after_a_failure(tmp_path):
+    """``python -m jobs.pipeline`` (no scheduler): stages run one after another in dependency
+    order, each handed its upstream checkpoints; a failed stage's dependants do not run."""
+    import os
+    import sys
+
+    from jobs.pipeline import run_pipeline
+    log = tmp_path / "log"
+
+    def stage(name, deps, **kw):
+        sp = train_spec(tmp_path, f"s-{name}").model_dump(mode="json")
+        sp["model"]["kwargs"] = {"log": str(log), **kw}
+        return {"name": name, "depends_on": deps, "spec": sp}
+    spec = parse_spec({"kind": "pipeline", "name": "p", "stages": [
+        stage("c", ["b"]), stage("b", ["a"], fail_attempts=1), stage("a", [], checkpoint="mem-a"),
+        stage("d", ["a"])]})
+    fake = os.path.join(os.path.dirname(__file__), "fake_job.py")
+    result = run_pipeline(spec, sys.executable, entrypoint="{python} " + fake + " {spec}")
+    assert {n: r["state"] for n, r in result.items()} == {
+        "a": "succeeded", "b": "failed", "c": "failed", "d": "succeeded"}
+    assert result["c"]["reason"].startswith("not run: upstream stage 'b' failed")
+    assert result["a"]["checkpoint"] == "mem-a"
+    lines = [ln.split(" ", 2) for ln in log.read_text().splitlines()]
+    assert [ln[0] for ln in lines if ln[2] == "start"] == ["s-a", "s-b", "s-d"]
+    assert json.loads(next(ln[2] for ln in lines if ln[0] == "s-d" and ln[2].startswith("upstream"))
+                      .split(" ", 1)[1]) == {"a": "mem-a"}
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def test_scheduler_command_rejects_bad_quota_and_autoscale_arguments(tmp_path, capsys):
+    store = str(tmp_path / "jobs.db")
+    assert cli(["scheduler", "--once", "--store", store, "--quota", "vision"]) == 2
+    assert "TEAM=CPUS[:GPUS]" in capsys.readouterr().err
+    assert cli(["scheduler", "--once", "--store", store, "--autoscale-node", "eight"]) == 2
+    assert "CPUS[:GPUS]" in capsys.readouterr().err
+
+
+def test_scheduler_command_fails_fast_naming_an_address_with_no_ray(tmp_path, capsys):
+    from conftest import free_port
+    addr = f"127.0.0.1:{free_port()}"
+    assert cli(["scheduler", "--once", "--store", str(tmp_path / "jobs.db"), "--address", addr]) == 1
+    err = capsys.readouterr().err
+    assert f"no Ray cluster at {addr}" in err and "RAY_AUTH_MODE" in err
