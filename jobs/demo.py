@@ -58,9 +58,13 @@ def start_ray(num_cpus: int | None):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["PYTHONPATH"] = ROOT + (os.pathsep + os.environ["PYTHONPATH"]
                                        if os.environ.get("PYTHONPATH") else "")
+    # Pace training (every train step >= this long, as if the model were bigger) so the demo's
+    # chaos step lands mid-run on any machine; Ray's processes inherit it from this one.
+    os.environ.setdefault("ORCHESTRATOR_MIN_STEP_TIME_S", "0.3")
     if ray.is_initialized():
         return ray
-    env = {"env_vars": {"PYTHONPATH": ROOT}}
+    env = {"env_vars": {"PYTHONPATH": ROOT,
+                        "ORCHESTRATOR_MIN_STEP_TIME_S": os.environ["ORCHESTRATOR_MIN_STEP_TIME_S"]}}
     if os.environ.get("RAY_ADDRESS"):  # a running cluster (`ray start --head`, cluster/local.py)
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, runtime_env=env)
         return ray
@@ -113,16 +117,20 @@ def pipeline_spec(out: str, *, steps: int, port: int):
                    {"name": "serve", "depends_on": ["tune"], "spec": serve}]})
 
 
-def kill_one_train_worker(gcs_address: str) -> int | None:
-    """SIGKILL the process of one live Ray Train worker (found with Ray's state API)."""
+def kill_one_train_worker(gcs_address: str, timeout: float = 30.0) -> int | None:
+    """SIGKILL the process of one live Ray Train worker (found with Ray's state API, which can lag
+    behind a worker group that just started: retried until ``timeout``)."""
     from ray.util.state import list_actors
-    workers = list_actors(address=gcs_address, filters=[("class_name", "=", "RayTrainWorker"),
-                                                        ("state", "=", "ALIVE")])
-    pids = sorted(a.pid for a in workers if a.pid)
-    if len(pids) < 2:
-        return None
-    os.kill(pids[-1], signal.SIGKILL)
-    return pids[-1]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        workers = list_actors(address=gcs_address, filters=[
+            ("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        pids = sorted(a.pid for a in workers if a.pid)
+        if len(pids) >= 2:
+            os.kill(pids[-1], signal.SIGKILL)
+            return pids[-1]
+        time.sleep(0.5)
+    return None
 
 
 def train_report(spec, t_kill: float | None) -> dict:
@@ -268,8 +276,10 @@ def main(argv: list[str] | None = None) -> int:
             ckpts.steps() and ckpts.steps()[-1] >= args.kill_after_step), 900,
             what=f"the step-{args.kill_after_step} checkpoint")
         if state("train") == "running":
-            t_kill, killed = time.time(), kill_one_train_worker(gcs)
-            say(3, f"killed Ray Train worker pid {killed}; the job resumes from its last checkpoint")
+            killed = kill_one_train_worker(gcs)
+            t_kill = time.time()
+            say(3, f"killed Ray Train worker pid {killed}; the job resumes from its last checkpoint"
+                if killed else "found no 2-worker group to kill (the run had moved on); no chaos")
         poll(lambda: state("train") == "succeeded", 900, what="the train stage")
         train = train_report(train_spec, t_kill if killed else None)
         train["killed_pid"] = killed

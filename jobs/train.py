@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 
-from orchestrator.spec import SpecError, TrainSpec, load_spec
+from orchestrator.spec import SpecError, TrainSpec, load_spec, parse_assignments
 
 
 def connect_ray(address: str | None = None):
@@ -43,21 +43,9 @@ def main(argv: list[str] | None = None) -> int:
                         "and tests; value parsed as YAML)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    import yaml
     try:
-        overrides = {}
-        for item in args.set:
-            k, _, v = item.partition("=")
-            if not k or not _:
-                raise SpecError([(item, "--set takes FIELD=VALUE")], args.spec)
-            overrides[k] = yaml.safe_load(v)
-        spec = load_spec(args.spec, overrides)
-        options = {}
-        for item in args.option:
-            k, _, v = item.partition("=")
-            if not k or not _:
-                raise SpecError([(item, "--option takes KEY=VALUE")], args.spec)
-            options[k] = yaml.safe_load(v)
+        spec = load_spec(args.spec, parse_assignments(args.set, "--set", args.spec))
+        options = parse_assignments(args.option, "--option", args.spec)
         if not isinstance(spec, TrainSpec):
             raise SpecError([("kind", f"jobs.train runs train specs, got {spec.kind!r}")], args.spec)
     except SpecError as e:

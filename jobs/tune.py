@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from orchestrator.spec import (Domain, SpecError, TuneSpec, feasible_worker_counts, load_spec,
-                               with_overrides)
+                               parse_assignments, with_overrides)
 from orchestrator.storage import Storage
 
 log = logging.getLogger("jobs.tune")
@@ -419,22 +419,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a spec field, e.g. --set num_samples=8 (value parsed as YAML)")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
-    p.add_argument("--min-step-time", type=float, default=0.0, metavar="SECONDS",
-                   help="stretch every train step to at least this long (demos, chaos tests)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a train-loop option for every trial, e.g. --option min_step_time_s=0.05 "
+                        "(pacing for demos and tests; value parsed as YAML)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    import yaml
     try:
-        overrides = {}
-        for item in args.set:
-            k, _, v = item.partition("=")
-            if not k or not _:
-                raise SpecError([(item, "--set takes FIELD=VALUE")], args.spec)
-            overrides[k] = yaml.safe_load(v)
-        spec = load_spec(args.spec, overrides)
+        spec = load_spec(args.spec, parse_assignments(args.set, "--set", args.spec))
+        options = parse_assignments(args.option, "--option", args.spec)
         if not isinstance(spec, TuneSpec):
             raise SpecError([("kind", f"jobs.tune runs tune specs, got {spec.kind!r}")], args.spec)
-        options = {"min_step_time_s": args.min_step_time} if args.min_step_time else None
         result = run_tune(spec, options, address=args.address)
     except SpecError as e:
         print(e, file=sys.stderr)

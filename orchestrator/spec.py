@@ -509,6 +509,21 @@ def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
     return out
 
 
+def parse_assignments(items: list[str], flag: str = "--set", source: str | None = None
+                      ) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` (command-line ``FIELD=VALUE`` flags, values parsed as YAML) -> dict.
+
+    Raises SpecError naming the flag and the item when one has no ``=`` or no field.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        k, eq, v = item.partition("=")
+        if not k or not eq:
+            raise SpecError([(item, f"{flag} takes FIELD=VALUE")], source)
+        out[k] = yaml.safe_load(v)
+    return out
+
+
 def with_overrides(spec, overrides: dict[str, Any]):
     """A new validated spec with dotted-path fields replaced."""
     return parse_spec(apply_overrides(spec.model_dump(mode="json"), overrides))

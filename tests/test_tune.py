@@ -77,6 +77,11 @@ def experiment_trials(results_url: str) -> dict[str, str]:
     return {s["trial_id"]: s["status"] for s in (json.loads(t) for t, _ in data["trial_data"])}
 
 
+def wait_for_free_cpus(ray, n: float = 2.0) -> None:
+    """Concurrency is sized to the free CPUs: let an earlier test's workers exit first."""
+    wait_until(lambda: ray.available_resources().get("CPU", 0) >= n, 120, 0.2, f"{n} free CPUs")
+
+
 def committed_steps(results_url: str, trial_id: str) -> list[int]:
     return CheckpointStore(trial_checkpoint_url(results_url, trial_id)).steps()
 
@@ -180,6 +185,39 @@ def test_example_tune_spec_is_valid():
     assert spec.scheduler.type == "asha" and spec.trial.resources.max_workers == 2
 
 
+def _commit(store: CheckpointStore, step: int, value: float) -> None:
+    """A 2-rank checkpoint whose weights and Adam moments all equal ``value``."""
+    from actors.trainer.checkpoint import SaveRequest
+    for rank in range(2):
+        t = {f"w{rank}": {k: torch.full((4,), value) for k in ("fp32", "exp_avg", "exp_avg_sq")}}
+        state = ({"step": step, "world_size": 2, "data": {"epoch": 0, "consumed": step * G}}
+                 if rank == 0 else None)
+        store.write_shard(SaveRequest(step, rank, 2, t, {"rank": rank}, state))
+    store.commit(step, 2, {"loss": value}, timeout_s=5)
+
+
+def test_exploit_replaces_newer_own_checkpoints_with_the_donors(tmp_path):
+    from actors.tune.trial import restore_origin
+    donor = CheckpointStore(str(tmp_path / "donor"))
+    mine = CheckpointStore(str(tmp_path / "mine"))
+    for step in (4, 8):
+        _commit(donor, step, float(step))
+    for step in (4, 10):
+        _commit(mine, step, -1.0)
+    own = {"trial_id": "mine", "root": mine.url, "step": 10}
+    assert restore_origin(mine, own, "mine") == {"source": "resume"}
+    origin = restore_origin(mine, {"trial_id": "donor", "root": donor.url, "step": 8}, "mine")
+    assert origin == {"source": "exploit", "donor": "donor", "donor_step": 8}
+    assert mine.steps() == [4, 8] and mine.latest_valid() == 8      # own step 10 is gone
+    assert mine.load_state(8) == donor.load_state(8)
+    assert all(torch.equal(t["exp_avg_sq"], torch.full((4,), 8.0)) for t in mine.load_tensors(8).values())
+    # the donor's step was removed by its retention: its newest committed step is cloned instead
+    gone = {"trial_id": "donor", "root": donor.url, "step": 2}
+    assert restore_origin(mine, gone, "mine")["donor_step"] == 8
+    fresh = CheckpointStore(str(tmp_path / "fresh"))
+    assert restore_origin(fresh, None, "fresh") == {"source": "fresh"}
+
+
 # ---------------------------------------------------------------------------------------------
 # driver killed mid-search, same command again (2-worker ZeRO-2 trials)
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +226,7 @@ def resumed_search(dataset, tmp_path_factory):
     """Run ``python -m jobs.tune`` against the session's Ray; SIGKILL it once the short trial is
     TERMINATED in the experiment state and the long one has committed a checkpoint; run it again."""
     ray = _start_local_ray()
+    wait_for_free_cpus(ray, 1.0)           # one trial's gang; both at once when 2 are free
     address = ray.get_runtime_context().gcs_address
     tmp = tmp_path_factory.mktemp("tune-resume")
     results = str(tmp / "results")
@@ -197,7 +236,8 @@ def resumed_search(dataset, tmp_path_factory):
     spec["search_space"] = {"max_steps": {"type": "grid", "values": [4, 24]},
                             "optimizer.lr": {"type": "choice", "values": [0.01]}}
     path = write_yaml(tmp, spec)
-    cmd = [sys.executable, "-m", "jobs.tune", path, "--address", address, "--min-step-time", "0.3"]
+    cmd = [sys.executable, "-m", "jobs.tune", path, "--address", address,
+           "--option", "min_step_time_s=0.3"]
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}   # snapshot the experiment state often
 
     with open(tmp / "first.log", "w") as log:
@@ -272,6 +312,7 @@ def test_pbt_exploit_copies_the_better_trials_checkpoint_and_continues_from_it(d
                                                                                ray_local):
     from jobs.tune import run_tune
     spec = parse_spec(tune_spec(str(tmp_path / "res"), dataset, **{"scheduler.type": "pbt"}))
+    wait_for_free_cpus(ray_local)          # both trials run at once: compared at the same step
     result = run_tune(spec)
     assert len(result.trials) == 2
     tries = {t.trial_id: attempts(result.results_url, t.trial_id) for t in result.trials}

@@ -267,7 +267,8 @@ class Worker:
         step = start
         fail_at = self.options.get("fail_at_step")
         # Pacing for demos and chaos tests: stretch each step as if the model were bigger.
-        min_step_s = float(self.options.get("min_step_time_s", 0.0))
+        min_step_s = float(self.options.get(
+            "min_step_time_s", os.environ.get("ORCHESTRATOR_MIN_STEP_TIME_S", 0.0)))
         poll_s = float(self.options.get("control_poll_s", 1.0))  # scheduler requests, rank 0
         next_poll = 0.0
         hold_file = self.options.get("hold_file")
