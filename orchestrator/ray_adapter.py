@@ -83,6 +83,11 @@ class RayAdapter:
         gcs = "auto" if (self.address is None or _is_http(self.address)) else self.address
         try:
             _reachable(gcs)
+            if ray.is_initialized() and gcs != "auto" and \
+                    ray.get_runtime_context().gcs_address != gcs:
+                log.warning("this process was connected to the Ray cluster at %s; reconnecting to %s",
+                            ray.get_runtime_context().gcs_address, gcs)
+                ray.shutdown()
             if not ray.is_initialized():  # a driver already connected (tests) keeps its connection
                 # RAY_ADDRESS may hold a dashboard URL (as for `ray job`); ray.init must not see it.
                 with _env(RAY_ADDRESS=None):
