@@ -4,6 +4,9 @@ PY := $(VENV)/bin/python
 # CPU build of torch; on GPU clusters see README "GPUs" for the CUDA wheel.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# every process (tests' subprocesses, Ray workers) finds this environment's tools first, e.g. the
+# ninja DeepSpeed builds its CPU op with (a second, system ninja would make it rebuild)
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: demo test install bench clean
 

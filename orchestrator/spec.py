@@ -103,6 +103,10 @@ class Dataset(Strict):
     prefetch_batches: int = Field(4, ge=1, le=1024)
     max_prefetch_mb: int = Field(256, ge=1, le=1 << 20)
     cache_dir: str | None = Field(None, description="node-local shard cache (default: tmp)")
+    transport: Literal["auto", "object_store", "mmap"] = Field(
+        "auto", description="how rows reach the trainer: through the Ray object store, or gathered "
+                            "in the trainer from the loader actor's memory-mapped shards on the same "
+                            "node (auto: mmap when the actor is on the trainer's node)")
 
     _check_url = field_validator("url")(classmethod(lambda cls, v: _url(v)))
 

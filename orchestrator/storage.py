@@ -11,12 +11,13 @@ logged: :func:`redact` is the only way options are ever rendered.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import posixpath
 import uuid
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import fsspec
 
@@ -202,11 +203,13 @@ class Storage:
                 yield f"{prefix}/{r}" if prefix else r
 
     # writes ----------------------------------------------------------------------------------
-    def write_bytes(self, rel: str, data: bytes) -> None:
+    def write_bytes(self, rel: str, data: bytes, fsync: bool = True) -> None:
         """Atomic: readers see either the old object or the whole new one, never a prefix.
 
         Local and memory filesystems write a hidden temporary beside the target, then rename;
-        object stores publish a single PUT (or a completed multipart upload) atomically.
+        object stores publish a single PUT (or a completed multipart upload) atomically. ``fsync``
+        (local files) makes the bytes durable before the rename; without it they are published from
+        the page cache, safe against a killed process but not a lost machine (see :meth:`sync`).
         """
         target = self._p(rel)
         parent_dir = posixpath.dirname(target)
@@ -215,8 +218,9 @@ class Storage:
             tmp = os.path.join(parent_dir, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(target)}")
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, target)
             return
         if self.scheme == "memory":
@@ -226,8 +230,68 @@ class Storage:
             return
         self.fs.pipe_file(target, data)
 
-    def write_text(self, rel: str, text: str) -> None:
-        self.write_bytes(rel, text.encode("utf-8"))
+    def write_text(self, rel: str, text: str, fsync: bool = True) -> None:
+        self.write_bytes(rel, text.encode("utf-8"), fsync=fsync)
+
+    @contextlib.contextmanager
+    def open_atomic(self, rel: str) -> Iterator[BinaryIO]:
+        """A binary file to stream into; published atomically when the block exits cleanly.
+
+        Local files go to a hidden temporary renamed into place (no fsync: see :meth:`sync`);
+        object stores upload as the file is written (multipart) and publish on close, and an
+        exception aborts the upload, so nothing partial is ever visible at ``rel``.
+        """
+        target = self._p(rel)
+        if self.scheme == "file":
+            parent_dir = posixpath.dirname(target)
+            os.makedirs(parent_dir, exist_ok=True)
+            tmp = os.path.join(parent_dir, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(target)}")
+            try:
+                with open(tmp, "wb") as f:
+                    yield f
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            return
+        if self.scheme == "memory":
+            buf = io.BytesIO()
+            yield buf
+            self.write_bytes(rel, buf.getvalue())
+            return
+        f = self.fs.open(target, "wb")
+        try:
+            yield f
+        except BaseException:
+            discard = getattr(f, "discard", None)
+            if discard is not None:
+                discard()       # aborts the multipart upload
+                f.closed = True  # so the garbage collector does not try to publish the remains
+            raise
+        f.close()
+
+    def sync(self, rel: str = "") -> None:
+        """Make every file under ``rel`` (and the directory entries) durable on local disk.
+
+        A no-op for object stores and memory, where a completed write is already durable or
+        durability does not apply.
+        """
+        if self.scheme != "file":
+            return
+        base = self._p(rel)
+        for dirpath, _, names in os.walk(base):
+            for n in names:
+                fd = os.open(os.path.join(dirpath, n), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            fd = os.open(dirpath, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def write_from_file(self, rel: str, local_path: str) -> None:
         """Upload a local file atomically (streaming; no full copy in memory for object stores)."""

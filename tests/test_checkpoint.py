@@ -59,13 +59,13 @@ def test_corrupt_shard_falls_back_to_previous_checkpoint_with_warning(url, caplo
     store = CheckpointStore(url)
     _save(store, 10)
     _save(store, 20)
-    path = f"{step_dir(20)}/params-r00001.pt"
+    path = f"{step_dir(20)}/params-r00001.safetensors"
     data = bytearray(store.storage.read_bytes(path))
     data[len(data) // 2] ^= 0xFF
     store.storage.write_bytes(path, bytes(data))
     with caplog.at_level(logging.WARNING):
         assert store.latest_valid() == 10
-    assert "params-r00001.pt is corrupt" in caplog.text and "step-00000020" in caplog.text
+    assert "params-r00001.safetensors is corrupt" in caplog.text and "step-00000020" in caplog.text
 
 
 def test_missing_shard_is_named(tmp_path):
@@ -99,7 +99,7 @@ def test_retention_never_deletes_a_save_in_flight(tmp_path):
     _save(store, 10)
     _save(store, 30, commit=False)   # another rank is still writing step 30
     _save(store, 20)                 # an older step commits meanwhile
-    assert store.storage.exists(f"{step_dir(30)}/params-r00000.pt")
+    assert store.storage.exists(f"{step_dir(30)}/params-r00000.safetensors")
 
 
 def test_rank_assignment_is_balanced_and_deterministic():
@@ -131,4 +131,96 @@ def test_manifest_lists_sizes_and_checksums(tmp_path):
     assert man["world_size"] == 2 and man["step"] == 10
     for name, rec in man["files"].items():
         assert store.storage.size(f"{step_dir(10)}/{name}") == rec["bytes"]
-        assert len(rec["sha256"]) == 64
+        assert len(rec["xxh3_128"]) == 32
+    assert man["format"] == 2
+
+
+def test_shards_are_safetensors_files_any_reader_opens(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    store = CheckpointStore(str(tmp_path))
+    _save(store, 10)
+    flat = safetensors_torch.load_file(str(tmp_path / step_dir(10) / "params-r00000.safetensors"))
+    ours = store.load_tensors(10)
+    assert flat and all(torch.equal(t, ours[k.rsplit("/", 1)[0]][k.rsplit("/", 1)[1]]) for k, t in flat.items())
+
+
+def test_tensor_file_round_trips_every_dtype_and_shape():
+    import io
+
+    from actors.trainer import tensorfile
+    tensors = {"a.weight": {"fp32": torch.randn(3, 4), "exp_avg": torch.zeros(0)},
+               "b": {"bf16": torch.randn(5).bfloat16(), "scalar": torch.tensor(7, dtype=torch.int64),
+                     "mask": torch.tensor([True, False]), "half": torch.randn(2, 2).half()},
+               "c": {"t": torch.arange(12, dtype=torch.float64).reshape(3, 4).t()}}   # non-contiguous
+    buf = io.BytesIO()
+    n, digest = tensorfile.write_tensors(buf, tensors)
+    data = buf.getvalue()
+    assert n == len(data) and digest == tensorfile.checksum(data)
+    back = tensorfile.read_tensors(data)
+    for name, kinds in tensors.items():
+        for kind, t in kinds.items():
+            assert back[name][kind].dtype == t.dtype and torch.equal(back[name][kind], t), (name, kind)
+    with pytest.raises(ValueError, match="not a tensor shard"):
+        tensorfile.read_tensors(b"\x05")
+
+
+def test_background_durability_commits_then_syncs_then_retains(tmp_path, monkeypatch):
+    store = CheckpointStore(str(tmp_path), keep_last=1, background_durability=True)
+    order = []
+    real_sync = store.storage.sync
+    monkeypatch.setattr(store.storage, "sync", lambda rel="": (order.append(("sync", rel)), real_sync(rel)))
+    real_retention = store.apply_retention
+    monkeypatch.setattr(store, "apply_retention", lambda: (order.append(("retain", store.steps())),
+                                                          real_retention())[1])
+    _save(store, 10)
+    _save(store, 20)   # waits for step 10's fsync + retention before publishing its own manifest
+    store.wait_durable()
+    assert store.steps() == [20]
+    assert order == [("sync", step_dir(10)), ("retain", [10]), ("sync", step_dir(20)), ("retain", [10, 20])]
+
+
+def test_background_durability_failure_surfaces_on_the_next_commit(tmp_path, monkeypatch):
+    store = CheckpointStore(str(tmp_path), background_durability=True)
+
+    def broken(rel=""):
+        raise OSError("fsync failed: EIO")
+
+    monkeypatch.setattr(store.storage, "sync", broken)
+    _save(store, 10)
+    with pytest.raises(OSError, match="EIO"):
+        _save(store, 20)
+
+
+def test_failed_streamed_write_leaves_nothing_visible(url):
+    from orchestrator.storage import Storage
+    st = Storage(url)
+    with pytest.raises(RuntimeError, match="mid-write"):
+        with st.open_atomic("d/file.bin") as f:
+            f.write(b"x" * (6 << 20))   # past s3fs's 5 MiB block: a multipart upload has begun
+            raise RuntimeError("killed mid-write")
+    assert not st.exists("d/file.bin") and st.list("d") == []
+    with st.open_atomic("d/file.bin") as f:
+        f.write(b"whole")
+    assert st.read_bytes("d/file.bin") == b"whole"
+
+
+def test_format_1_checkpoints_still_load(tmp_path):
+    """Checkpoints written before the safetensors shards (torch.save + sha256) resume as before."""
+    import hashlib
+    import io
+    store = CheckpointStore(str(tmp_path))
+    d = tmp_path / step_dir(7)
+    d.mkdir()
+    files = {}
+    for name, obj in (("params-r00000.pt", {"w": {"fp32": torch.ones(3)}}), ("rng-r00000.pt", {"seed": 1})):
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        (d / name).write_bytes(buf.getvalue())
+        files[name] = {"bytes": len(buf.getvalue()), "sha256": hashlib.sha256(buf.getvalue()).hexdigest()}
+    (d / "state.json").write_text('{"step": 7}')
+    files["state.json"] = {"bytes": 11, "sha256": hashlib.sha256(b'{"step": 7}').hexdigest()}
+    (d / "MANIFEST.json").write_text(json.dumps({"format": 1, "step": 7, "world_size": 1, "files": files}))
+    assert store.latest_valid() == 7
+    assert torch.equal(store.load_tensors(7)["w"]["fp32"], torch.ones(3))
+    (d / "state.json").write_text('{"step": 8}')   # same size, different bytes: sha256 still checked
+    assert store.latest_valid() is None

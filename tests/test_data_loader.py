@@ -29,6 +29,12 @@ def dataset(tmp_path_factory):
     return str(root / "ds"), data
 
 
+@pytest.fixture(params=["object_store", "mmap"])
+def transport(request):
+    """Every loader test runs over both ways rows reach the trainer (see actors.data.loader)."""
+    return request.param
+
+
 def _loaders(url, world, tmp, state=None, **kw):
     return [DataLoader(url, global_batch_size=kw.pop("g", G), micro_batch_size=MICRO, rank=r,
                        world_size=world, cache_dir=str(tmp), state=state, **kw) for r in range(world)]
@@ -50,9 +56,9 @@ def _close(loaders):
         dl.close()
 
 
-def test_each_global_step_is_the_pure_order_slice_split_equally_over_ranks(ray_local, dataset, tmp_path):
+def test_each_global_step_is_the_pure_order_slice_split_equally_over_ranks(ray_local, dataset, tmp_path, transport):
     url, data = dataset
-    loaders = _loaders(url, 2, tmp_path, shuffle={"seed": 7})
+    loaders = _loaders(url, 2, tmp_path, shuffle={"seed": 7}, transport=transport)
     assert loaders[0].steps_per_epoch == N // G and loaders[0].accumulation == G // (MICRO * 2)
     for s in range(3):
         micro = loaders[1].next_step()
@@ -80,14 +86,14 @@ def test_state_dict_is_small_and_json_able(ray_local, dataset, tmp_path):
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (2, 3), (1, 4)])
-def test_resume_on_another_world_size_visits_every_sample_once(ray_local, dataset, tmp_path, before, after):
+def test_resume_on_another_world_size_visits_every_sample_once(ray_local, dataset, tmp_path, before, after, transport):
     url, _ = dataset
-    first = _loaders(url, before, tmp_path, shuffle={"seed": 3})
+    first = _loaders(url, before, tmp_path, shuffle={"seed": 3}, transport=transport)
     seen = [_step(first) for _ in range(13)]
     state = first[0].state_dict()
     assert all(dl.state_dict() == state for dl in first)
     _close(first)  # the old world is gone, prefetched batches with it
-    second = _loaders(url, after, tmp_path, state=json.loads(json.dumps(state)))
+    second = _loaders(url, after, tmp_path, state=json.loads(json.dumps(state)), transport=transport)
     seen += [_step(second) for _ in range(second[0].steps_per_epoch - 13)]
     assert second[0].state_dict()["epoch"] == 1 and second[0].state_dict()["consumed"] == 0
     _close(second)
@@ -110,11 +116,11 @@ def test_drop_tail_skips_the_remainder_and_the_next_epoch_is_a_fresh_order(ray_l
     dl.close()
 
 
-def test_carry_tail_carries_the_remainder_into_the_next_epoch_across_a_resume(ray_local, tmp_path):
+def test_carry_tail_carries_the_remainder_into_the_next_epoch_across_a_resume(ray_local, tmp_path, transport):
     url = str(tmp_path / "ds")
     write_shards({"v": np.arange(100, dtype=np.float32)}, url, rows_per_shard=40, progress=False)
     kw = dict(global_batch_size=32, micro_batch_size=8, shuffle={"tail": "carry", "seed": 2},
-              cache_dir=str(tmp_path / "c"))
+              cache_dir=str(tmp_path / "c"), transport=transport)
     a = [DataLoader(url, rank=r, world_size=2, **kw) for r in range(2)]
     stream = [_step(a) for _ in range(3)]
     state = a[0].state_dict()  # 96 consumed: the next step straddles epochs 0 and 1
@@ -127,12 +133,12 @@ def test_carry_tail_carries_the_remainder_into_the_next_epoch_across_a_resume(ra
     assert np.array_equal(ids, want)
 
 
-def test_loader_reads_shards_from_s3_through_the_node_cache(ray_local, s3, tmp_path):
+def test_loader_reads_shards_from_s3_through_the_node_cache(ray_local, s3, tmp_path, transport):
     data = classification(n=300, in_dim=4)
     write_shards(data, f"{s3}/ds", rows_per_shard=64, progress=False)
     cache = tmp_path / "cache"
     (dl,) = [DataLoader(f"{s3}/ds", global_batch_size=60, micro_batch_size=30, rank=0, world_size=1,
-                        cache_dir=str(cache))]
+                        cache_dir=str(cache), transport=transport)]
     seen = []
     for _ in range(dl.steps_per_epoch):
         for b in dl.next_step():
@@ -144,25 +150,25 @@ def test_loader_reads_shards_from_s3_through_the_node_cache(ray_local, s3, tmp_p
     dl.close()
 
 
-def test_missing_local_shard_raises_an_error_naming_it(ray_local, tmp_path):
+def test_missing_local_shard_raises_an_error_naming_it(ray_local, tmp_path, transport):
     url = str(tmp_path / "ds")
     write_shards({"v": np.arange(50)}, url, rows_per_shard=10, progress=False)
     os.remove(tmp_path / "ds" / "shards" / "shard-00003.arrow")
     (dl,) = [DataLoader(url, global_batch_size=50, micro_batch_size=50, rank=0, world_size=1,
-                        cache_dir=str(tmp_path / "c"))]
+                        cache_dir=str(tmp_path / "c"), transport=transport)]
     with pytest.raises(ShardError, match=r"shard 3 \(.*shard-00003.arrow\) is missing"):
         dl.next_step()
     dl.close()
 
 
-def test_corrupt_shard_on_s3_raises_a_checksum_error_naming_it(ray_local, s3, tmp_path):
+def test_corrupt_shard_on_s3_raises_a_checksum_error_naming_it(ray_local, s3, tmp_path, transport):
     write_shards({"v": np.arange(50)}, f"{s3}/ds", rows_per_shard=25, progress=False)
     st = Storage(f"{s3}/ds")
     data = bytearray(st.read_bytes("shards/shard-00001.arrow"))
     data[-64] ^= 0xFF
     st.write_bytes("shards/shard-00001.arrow", bytes(data))
     (dl,) = [DataLoader(f"{s3}/ds", global_batch_size=50, micro_batch_size=25, rank=0, world_size=1,
-                        cache_dir=str(tmp_path / "c"))]
+                        cache_dir=str(tmp_path / "c"), transport=transport)]
     with pytest.raises(ShardError, match=r"shard 1 \(s3://.*shard-00001.arrow\) is corrupt: sha256"):
         dl.next_step()
     m = read_manifest(f"{s3}/ds")
@@ -170,7 +176,7 @@ def test_corrupt_shard_on_s3_raises_a_checksum_error_naming_it(ray_local, s3, tm
     dl.close()
 
 
-def test_corrupt_local_shard_raises_a_checksum_error_naming_it(ray_local, tmp_path):
+def test_corrupt_local_shard_raises_a_checksum_error_naming_it(ray_local, tmp_path, transport):
     url = str(tmp_path / "ds")
     write_shards({"v": np.arange(50)}, url, rows_per_shard=25, progress=False)
     p = tmp_path / "ds" / "shards" / "shard-00000.arrow"
@@ -178,18 +184,18 @@ def test_corrupt_local_shard_raises_a_checksum_error_naming_it(ray_local, tmp_pa
     data[-64] ^= 0xFF
     p.write_bytes(bytes(data))
     (dl,) = [DataLoader(url, global_batch_size=50, micro_batch_size=25, rank=0, world_size=1,
-                        cache_dir=str(tmp_path / "c"))]
+                        cache_dir=str(tmp_path / "c"), transport=transport)]
     with pytest.raises(ShardError, match=r"shard 0 \(.*shard-00000.arrow\) is corrupt"):
         dl.next_step()
     dl.close()
 
 
-def test_prefetch_is_bounded_by_batches_and_megabytes(ray_local, tmp_path):
+def test_prefetch_is_bounded_by_batches_and_megabytes(ray_local, tmp_path, transport):
     url = str(tmp_path / "ds")
     write_shards({"x": np.zeros((512, 1024), np.float32)}, url, rows_per_shard=128, progress=False)  # 4 KiB rows
     # 64 rows x 4 KiB (+8 B id) per request: 1 MiB allows 3 in flight, fewer than prefetch_batches=8
     (dl,) = [DataLoader(url, global_batch_size=64, micro_batch_size=32, rank=0, world_size=1,
-                        prefetch_batches=8, max_prefetch_mb=1, cache_dir=str(tmp_path / "c"))]
+                        prefetch_batches=8, max_prefetch_mb=1, cache_dir=str(tmp_path / "c"), transport=transport)]
     assert dl.max_inflight == 3
     for _ in range(dl.steps_per_epoch * 2):
         dl.next_step()
@@ -197,7 +203,7 @@ def test_prefetch_is_bounded_by_batches_and_megabytes(ray_local, tmp_path):
     assert stats["peak_inflight"] == 3 and stats["peak_inflight_bytes"] <= 2**20
     assert stats["measured_request_bytes"] == stats["bytes_per_request"] == 64 * (4096 + 8)
     (dl2,) = [DataLoader(url, global_batch_size=64, micro_batch_size=32, rank=0, world_size=1,
-                         prefetch_batches=2, max_prefetch_mb=256, cache_dir=str(tmp_path / "c"))]
+                         prefetch_batches=2, max_prefetch_mb=256, cache_dir=str(tmp_path / "c"), transport=transport)]
     dl2.next_step()
     assert dl2.prefetch_stats()["peak_inflight"] == 2
     dl.close()
@@ -208,6 +214,7 @@ def test_prefetch_is_bounded_by_batches_and_megabytes(ray_local, tmp_path):
     (dict(global_batch_size=25, micro_batch_size=2, world_size=2), r"global_batch_size \(25\).*micro_batch_size \(2\).*world_size \(2\)"),
     (dict(global_batch_size=24, micro_batch_size=2, world_size=2, shuffle={"mode": "random"}), "shuffle.mode: Input should be"),
     (dict(global_batch_size=24, micro_batch_size=2, world_size=2, prefetch_batches=0), "prefetch_batches"),
+    (dict(global_batch_size=24, micro_batch_size=2, world_size=2, transport="shm"), "transport must be one of"),
     (dict(global_batch_size=24, micro_batch_size=2, world_size=2, state={"epoch": 0}), r"state is missing field\(s\)"),
 ])
 def test_bad_loader_arguments_are_rejected_by_name(ray_local, dataset, kwargs, match):
@@ -227,6 +234,7 @@ def test_loader_actor_uses_no_cpu_and_sits_on_the_callers_node(ray_local, datase
     (dl,) = _loaders(dataset[0], 1, tmp_path, name="affinity-test")
     info = ray.get(dl.actor().info.remote())
     assert info["node_id"] == ray.get_runtime_context().get_node_id()
+    assert dl.transport == "mmap"  # auto: the actor shares the node, so rows skip the object store
     total = ray.cluster_resources()["CPU"]  # a live loader actor holds no CPU the trainers need
     wait_until(lambda: ray.available_resources().get("CPU", 0) == total, 30, what="all CPUs free")
     again = ray.get_actor("reo-data:affinity-test:rank0")
@@ -235,9 +243,9 @@ def test_loader_actor_uses_no_cpu_and_sits_on_the_callers_node(ray_local, datase
 
 
 @pytest.mark.slow
-def test_killing_the_loader_actor_mid_epoch_loses_and_duplicates_nothing(ray_local, dataset, tmp_path):
+def test_killing_the_loader_actor_mid_epoch_loses_and_duplicates_nothing(ray_local, dataset, tmp_path, transport):
     url, data = dataset
-    loaders = _loaders(url, 2, tmp_path, shuffle={"seed": 9})
+    loaders = _loaders(url, 2, tmp_path, shuffle={"seed": 9}, transport=transport)
     seen = [_step(loaders) for _ in range(10)]
     victim = loaders[1].actor()
     old_pid = ray.get(victim.info.remote())["pid"]

@@ -136,3 +136,18 @@ def test_cli_write_from_npz(tmp_path, capsys):
     assert read_manifest(str(tmp_path / "ds")).num_samples == 10
     assert cli.main(["data", "inspect", str(tmp_path / "ds")]) == 0
     assert "x: float32[2]" in capsys.readouterr().out
+
+
+def test_column_view_is_zero_copy_and_handles_slices_and_bools():
+    import pyarrow as pa
+
+    from actors.data.shards import column_view
+    x = np.arange(5 * 3, dtype=np.float32).reshape(5, 3)
+    arr = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 3)
+    v = column_view(arr, "float32", [3])
+    assert np.array_equal(v, x) and not v.flags["OWNDATA"]          # a view over Arrow's buffer
+    assert np.array_equal(column_view(arr.slice(2, 2), "float32", [3]), x[2:4])  # offset honoured
+    chunked = pa.chunked_array([arr.slice(0, 2), arr.slice(2, 3)])
+    assert np.array_equal(column_view(chunked, "float32", [3]), x)
+    b = np.array([True, False, True])
+    assert np.array_equal(column_view(pa.array(b), "bool", []), b)   # bit-packed: copied, still right

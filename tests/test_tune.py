@@ -145,6 +145,19 @@ def test_search_values_that_make_an_invalid_trial_are_refused(tmp_path, no_ray, 
     assert all(w in reason for w in words), reason
 
 
+def test_orchestrator_validate_runs_the_search_checks_alone_and_in_a_pipeline(tmp_path, no_ray, capsys):
+    from orchestrator.cli import main as cli
+    spec = tune_spec(str(tmp_path / "res"), str(tmp_path / "data"))
+    spec["search_space"] = {"deepspeed.micro_batch_size": {"type": "choice", "values": [8, 7]}}
+    assert cli(["validate", write_yaml(tmp_path, spec)]) == 2
+    err = capsys.readouterr().err
+    assert "search_space.deepspeed.micro_batch_size: value 7 makes an invalid trial" in err
+    pipe = tmp_path / "pipe.yaml"
+    pipe.write_text(yaml.safe_dump({"kind": "pipeline", "name": "p", "stages": [{"name": "search", "spec": spec}]}))
+    assert cli(["validate", str(pipe)]) == 2
+    assert "stages.search.spec.search_space.deepspeed.micro_batch_size" in capsys.readouterr().err
+
+
 def test_unreported_metric_is_refused(tmp_path, no_ray):
     from jobs.tune import check_tune_spec
     spec = parse_spec(tune_spec(str(tmp_path), str(tmp_path), **{"scheduler.metric": "accuracy"}))

@@ -31,9 +31,9 @@ def global_batch(step: int):
 
 
 def build(spec, world):
+    from actors.trainer.loop import build_optimizer, deepspeed_config, seed_everything, use_environment_ninja
+    use_environment_ninja()
     import deepspeed
-
-    from actors.trainer.loop import build_optimizer, deepspeed_config, seed_everything
     seed_everything(spec.seed)
     model = spec.model.resolve()(**spec.model.kwargs)
     opt = build_optimizer(spec, [p for p in model.parameters()])

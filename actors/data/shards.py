@@ -127,9 +127,17 @@ def _to_arrow(name: str, a: np.ndarray) -> pa.Array:
 def column_view(arr: pa.Array, dtype: str, shape: list[int]) -> np.ndarray:
     """A numpy view ``[rows, *shape]`` over an Arrow column (zero-copy for numeric types)."""
     if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    flat = arr.flatten() if pa.types.is_fixed_size_list(arr.type) else arr
-    np_flat = flat.to_numpy(zero_copy_only=False)
+        arr = arr.chunk(0) if arr.num_chunks == 1 else arr.combine_chunks()
+    if pa.types.is_fixed_size_list(arr.type) and arr.null_count == 0:
+        # the child values sliced by hand: flatten() + to_numpy() costs ~0.3 s per 32 MiB shard
+        width = arr.type.list_size
+        flat = arr.values.slice(arr.offset * width, len(arr) * width)
+    else:
+        flat = arr.flatten() if pa.types.is_fixed_size_list(arr.type) else arr
+    try:
+        np_flat = flat.to_numpy(zero_copy_only=True)
+    except pa.ArrowInvalid:  # bool (bit-packed) and nullable columns need a copy
+        np_flat = flat.to_numpy(zero_copy_only=False)
     return np_flat.reshape((len(arr), *shape)).astype(dtype, copy=False)
 
 

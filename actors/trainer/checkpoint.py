@@ -3,15 +3,24 @@
 Layout under the spec's checkpoint URL::
 
     step-00000040/
-        params-r00000.pt      this rank's share of full fp32 weights + optimizer moments (by name)
-        params-r00000.json    "done" record of that shard: bytes and sha256
-        rng-r00000.pt         this rank's RNG states (restored only on the same world size)
-        state.json            step, world size, data-loader state, optimizer step, metrics, spec
-        MANIFEST.json         written last, by rank 0, once every shard is done: files, sizes, sha256
+        params-r00000.safetensors   this rank's share of full fp32 weights + optimizer moments
+                                    (``<param>/<kind>`` tensors, safetensors layout: ``tensorfile``)
+        params-r00000.json          "done" record of that shard: bytes and xxh3-128 checksum
+        rng-r00000.pt               this rank's RNG states (restored only on the same world size)
+        state.json                  step, world size, data-loader state, optimizer step, metrics, spec
+        MANIFEST.json               written last, by rank 0, once every shard is done: sizes, checksums
 
 Shards are keyed by parameter name and hold full tensors, so any world size and any ZeRO stage can
 load them (see ``zero_state``). A reader trusts a step directory only if its manifest verifies; a
 corrupt or partial one is skipped with a warning and the previous good checkpoint is used.
+
+Durability: shards are streamed (no in-memory copy) into the page cache and the manifest is
+published as soon as every shard's bytes and checksum are recorded, so a killed process never
+loses a committed checkpoint. On local disk the step directory is then fsynced, and only after
+that are older checkpoints deleted by retention: if the machine itself goes down before the fsync
+finishes, the new checkpoint fails its checksums on the next start and the previous one, still on
+disk, is used. With ``background_durability`` that fsync-then-retention runs in a thread, off the
+training path (Format 1 checkpoints, ``params-*.pt`` with sha256, still load.)
 """
 
 from __future__ import annotations
@@ -28,13 +37,14 @@ from typing import Any, Callable
 
 import torch
 
+from actors.trainer import tensorfile
 from orchestrator.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 STATE = "state.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 
 
@@ -46,8 +56,11 @@ def step_dir(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _digest(data: bytes, rec: dict) -> tuple[str, str]:
+    """(key, hex) of the checksum a record uses: xxh3-128 since format 2, sha256 before."""
+    if "sha256" in rec and tensorfile.CHECKSUM not in rec:
+        return "sha256", hashlib.sha256(data).hexdigest()
+    return tensorfile.CHECKSUM, tensorfile.checksum(data)
 
 
 def _torch_bytes(obj: Any) -> bytes:
@@ -82,26 +95,36 @@ class CheckpointStore:
     """Reads and writes checkpoints under one URL. Safe to use from every rank at once."""
 
     def __init__(self, url: str, storage_options: dict | None = None, keep_last: int = 3,
-                 keep_best: int = 0, best_metric: str = "loss", best_mode: str = "min"):
+                 keep_best: int = 0, best_metric: str = "loss", best_mode: str = "min",
+                 background_durability: bool = False):
         self.storage = Storage(url, storage_options)
         self.url = self.storage.root
         self.keep_last = keep_last
         self.keep_best = keep_best
         self.best_metric = best_metric
         self.best_mode = best_mode
+        self.background_durability = background_durability
+        self._durability = AsyncSaver()  # one fsync + retention in flight at a time, errors kept
 
     # ------------------------------------------------------------------ writing
     def write_shard(self, req: SaveRequest) -> None:
         """Write this rank's files, then its done records (shards before any manifest)."""
         d = step_dir(req.step)
-        for kind, payload in (("params", req.tensors), ("rng", req.rng)):
-            data = _torch_bytes(payload)
-            name = f"{kind}-r{req.rank:05d}.pt"
-            self.storage.write_bytes(f"{d}/{name}", data)
-            self.storage.write_text(f"{d}/{kind}-r{req.rank:05d}.json",
-                                    json.dumps({"file": name, "bytes": len(data), "sha256": _sha256(data)}))
+        name = f"params-r{req.rank:05d}.safetensors"
+        with self.storage.open_atomic(f"{d}/{name}") as f:
+            nbytes, digest = tensorfile.write_tensors(f, req.tensors, {"step": str(req.step),
+                                                                         "rank": str(req.rank)})
+        self._done(d, "params", req.rank, name, nbytes, digest)
+        rng = _torch_bytes(req.rng)
+        name = f"rng-r{req.rank:05d}.pt"
+        self.storage.write_bytes(f"{d}/{name}", rng, fsync=False)
+        self._done(d, "rng", req.rank, name, len(rng), tensorfile.checksum(rng))
         if req.rank == 0 and req.state is not None:
-            self.storage.write_text(f"{d}/{STATE}", json.dumps(req.state, sort_keys=True))
+            self.storage.write_text(f"{d}/{STATE}", json.dumps(req.state, sort_keys=True), fsync=False)
+
+    def _done(self, d: str, kind: str, rank: int, name: str, nbytes: int, digest: str) -> None:
+        self.storage.write_text(f"{d}/{kind}-r{rank:05d}.json", json.dumps(
+            {"file": name, "bytes": nbytes, tensorfile.CHECKSUM: digest}), fsync=False)
 
     def commit(self, step: int, world_size: int, metrics: dict[str, float] | None = None,
                timeout_s: float = 600.0, poll_s: float = 0.05) -> str:
@@ -123,14 +146,27 @@ class CheckpointStore:
         files = {}
         for e in expected:
             rec = json.loads(self.storage.read_text(f"{d}/{e}"))
-            files[rec["file"]] = {"bytes": rec["bytes"], "sha256": rec["sha256"]}
+            files[rec["file"]] = {k: v for k, v in rec.items() if k != "file"}
         state_bytes = self.storage.read_bytes(f"{d}/{STATE}")
-        files[STATE] = {"bytes": len(state_bytes), "sha256": _sha256(state_bytes)}
+        files[STATE] = {"bytes": len(state_bytes), tensorfile.CHECKSUM: tensorfile.checksum(state_bytes)}
         manifest = {"format": FORMAT_VERSION, "step": step, "world_size": world_size,
                     "files": files, "metrics": metrics or {}, "committed_at": time.time()}
-        self.storage.write_text(f"{d}/{MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True))
-        self.apply_retention()
+        self.wait_durable()  # the previous step's fsync + retention finish first, in order
+        self.storage.write_text(f"{d}/{MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True),
+                                fsync=False)
+        self._durability.submit(lambda: self._make_durable(d))
+        if not self.background_durability:
+            self.wait_durable()
         return self.storage.url(d)
+
+    def _make_durable(self, d: str) -> None:
+        """fsync the committed step, then (only then) let retention delete older ones."""
+        self.storage.sync(d)
+        self.apply_retention()
+
+    def wait_durable(self) -> None:
+        """Block until the last commit is on disk and retention has run; re-raise its failure."""
+        self._durability.wait()
 
     # ------------------------------------------------------------------ reading
     def steps(self) -> list[int]:
@@ -149,19 +185,20 @@ class CheckpointStore:
             raise CheckpointError(f"{self.storage.url(step_dir(step))}: unreadable manifest: {e}") from None
 
     def verify(self, step: int, deep: bool = True) -> dict:
-        """Check every file's size (and sha256 if ``deep``). Returns the manifest or raises."""
+        """Check every file's size (and checksum if ``deep``). Returns the manifest or raises."""
         man = self.read_manifest(step)
         d = step_dir(step)
         for name, rec in man["files"].items():
             try:
                 if deep:
                     data = self.storage.read_bytes(f"{d}/{name}")
-                    size, digest = len(data), _sha256(data)
+                    size, (key, digest) = len(data), _digest(data, rec)
                 else:
-                    size, digest = self.storage.size(f"{d}/{name}"), rec["sha256"]
+                    size, key = self.storage.size(f"{d}/{name}"), "bytes"
+                    digest = rec[key]
             except StorageError:
                 raise CheckpointError(f"{self.storage.url(d)}: shard {name} is missing") from None
-            if size != rec["bytes"] or digest != rec["sha256"]:
+            if size != rec["bytes"] or digest != rec.get(key):
                 raise CheckpointError(f"{self.storage.url(d)}: shard {name} is corrupt "
                                       f"(size {size} vs {rec['bytes']}, checksum mismatch)")
         return man
@@ -182,10 +219,16 @@ class CheckpointStore:
     def load_tensors(self, step: int) -> dict[str, dict[str, torch.Tensor]]:
         """All parameters' full tensors, merged from every writer rank's shard."""
         man = self.read_manifest(step)
+        d = step_dir(step)
         out: dict[str, dict[str, torch.Tensor]] = {}
         for r in range(man["world_size"]):
-            data = self.storage.read_bytes(f"{step_dir(step)}/params-r{r:05d}.pt")
-            out.update(torch.load(io.BytesIO(data), weights_only=True, map_location="cpu"))
+            new = f"params-r{r:05d}.safetensors"
+            if new in man["files"]:
+                out.update(tensorfile.read_tensors(self.storage.read_bytes(f"{d}/{new}"),
+                                                   self.storage.url(f"{d}/{new}")))
+            else:  # format 1
+                data = self.storage.read_bytes(f"{d}/params-r{r:05d}.pt")
+                out.update(torch.load(io.BytesIO(data), weights_only=True, map_location="cpu"))
         return out
 
     def load_rng(self, step: int, rank: int) -> dict | None:
@@ -262,7 +305,8 @@ class CheckpointStore:
 
 
 class AsyncSaver:
-    """Runs checkpoint writes in one background thread so training continues during the upload.
+    """Runs checkpoint writes (or a commit's fsync + retention) in one background thread, so
+    training continues meanwhile.
 
     The tensors handed over are already CPU copies, so the engine may keep stepping. At most one save
     is in flight; a new one waits for the previous (bounded memory).

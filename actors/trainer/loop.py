@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from typing import Any
@@ -105,6 +106,21 @@ def set_rng_state(st: dict[str, Any]) -> None:
     random.setstate(st["python"])
 
 
+def use_environment_ninja() -> None:
+    """Put this Python environment's ``bin`` first on PATH when it holds a ``ninja``.
+
+    DeepSpeed JIT-builds its CPU communication op with whichever ``ninja`` PATH finds first. With a
+    system ninja (1.11) and the pip one DeepSpeed installs (1.13) both present, they disagree on the
+    build log's command hashes, so every process that finds the other one rebuilds the op (about a
+    minute on 2 cores) - a Ray worker, whose PATH often lacks the venv, against a launcher or test
+    process whose PATH has it. Pinning the environment's own ninja makes the cache stick.
+    """
+    bindir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.access(os.path.join(bindir, "ninja"), os.X_OK) and path.split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = bindir + os.pathsep + path
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -143,7 +159,8 @@ class Worker:
         st_opts = spec.storage.as_options()
         c = spec.checkpoint
         self.ckpt = CheckpointStore(c.url, st_opts, keep_last=c.keep_last, keep_best=c.keep_best,
-                                    best_metric=c.best_metric, best_mode=c.best_mode)
+                                    best_metric=c.best_metric, best_mode=c.best_mode,
+                                    background_durability=True)
         self.saver = AsyncSaver()
         # The scheduler asks for a checkpoint (before preempting or resizing) through storage.
         self.control = JobControl(c.url, st_opts)
@@ -152,6 +169,7 @@ class Worker:
 
     # ------------------------------------------------------------------ components
     def build(self) -> None:
+        use_environment_ninja()
         import deepspeed
         spec = self.spec
         seed_everything(spec.seed)  # identical initial weights on every rank and every attempt
@@ -171,7 +189,7 @@ class Worker:
             micro_batch_size=spec.deepspeed.micro_batch_size, rank=self.rank, world_size=self.world,
             shuffle=d.shuffle, storage_options=spec.storage.as_options(),
             prefetch_batches=d.prefetch_batches, max_prefetch_mb=d.max_prefetch_mb,
-            cache_dir=d.cache_dir, name=f"{spec.name}-r{self.rank}")
+            cache_dir=d.cache_dir, name=f"{spec.name}-r{self.rank}", transport=d.transport)
         self.max_steps = total_steps(spec, self.loader.steps_per_epoch)
 
     # ------------------------------------------------------------------ restore
@@ -328,6 +346,7 @@ class Worker:
                     not getattr(self, "resumed_from", None):
                 os._exit(1)  # test hook: a worker process dies mid-run
         self.saver.wait()
+        self.ckpt.wait_durable()
         self.loader.close()
         if self.rank == 0:
             self.report({"step": step, "loss": self.history[-1]["loss"] if self.history else float("nan"),

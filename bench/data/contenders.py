@@ -42,7 +42,7 @@ def _raw_batches(m, st, batch: int):
             yield {k: torch.from_numpy(v[lo:lo + batch]) for k, v in cols.items()}
 
 
-def _ours(url: str, storage_options, batch: int, mode: str, workdir: str, seed: int):
+def _ours(url: str, storage_options, batch: int, mode: str, workdir: str, seed: int, transport: str = "auto"):
     import ray
 
     from actors.data import DataLoader
@@ -51,7 +51,8 @@ def _ours(url: str, storage_options, batch: int, mode: str, workdir: str, seed: 
     cache = os.path.join(workdir, "cache", str(os.getpid()))
     dl = DataLoader(url, global_batch_size=batch, micro_batch_size=batch, rank=0, world_size=1,
                     shuffle={"mode": mode, "seed": seed, "window": 16384}, storage_options=storage_options,
-                    cache_dir=cache, prefetch_batches=8, max_prefetch_mb=256)
+                    cache_dir=cache, prefetch_batches=8, max_prefetch_mb=256, transport=transport)
+    print(f"  transport: {dl.transport}", flush=True)
     return (dl.next_step()[0] for _ in range(dl.steps_per_epoch))
 
 
@@ -150,7 +151,7 @@ def measure(batches, rows_per_shard: int, batch: int) -> dict:
         for b in batches:
             if ttfb is None:
                 ttfb = time.perf_counter() - t0
-            i = np.asarray(b["id"]).reshape(-1)
+            i = np.array(b["id"]).reshape(-1)  # a copy: a view would pin the loader's whole buffer
             ids.append(i)
             x = b["x"]
             touched += int(x[:, 0].sum()) if hasattr(x, "shape") else sum(v[0] for v in x)
@@ -189,6 +190,8 @@ def main(argv=None) -> int:
         "raw-local": lambda: _raw(os.path.join(w, "ours"), None, a.batch),
         "raw-s3": lambda: _raw(a.s3_url, s3_opts, a.batch),
         "ours-global-local": lambda: _ours(os.path.join(w, "ours"), None, a.batch, "global", w, a.seed),
+        "ours-global-objstore-local": lambda: _ours(os.path.join(w, "ours"), None, a.batch, "global", w, a.seed,
+                                                    transport="object_store"),
         "ours-global-s3": lambda: _ours(a.s3_url, s3_opts, a.batch, "global", w, a.seed),
         "ours-local-local": lambda: _ours(os.path.join(w, "ours"), None, a.batch, "local", w, a.seed),
         "ray-data-global-local": lambda: _ray_data(os.path.join(w, "parquet"), a.batch, "global", a.seed),

@@ -17,6 +17,7 @@ def register(sub) -> None:
 def run(args) -> int:
     try:
         spec = specmod.load_spec(args.spec)
+        _check_searches(spec, args.spec)
     except specmod.SpecError as e:
         print(str(e), file=sys.stderr)
         return 2
@@ -26,3 +27,19 @@ def run(args) -> int:
         for line in specmod.describe(spec):
             print(line)
     return 0
+
+
+def _check_searches(spec, source: str) -> None:
+    """Tune searches (alone or as pipeline stages): every value the search can produce must make a
+    valid trial spec, as ``jobs.tune`` checks before it takes any Ray resource."""
+    from jobs.tune import check_tune_spec  # jobs imports nothing of Ray at module level
+    tunes = [("", spec)] if spec.kind == "tune" else \
+        [(f"stages.{st.name}.spec.", st.spec) for st in getattr(spec, "stages", []) if st.spec.kind == "tune"]
+    errors = []
+    for prefix, t in tunes:
+        try:
+            check_tune_spec(t)
+        except specmod.SpecError as e:
+            errors += [(prefix + path, reason) for path, reason in e.errors]
+    if errors:
+        raise specmod.SpecError(errors, source)
