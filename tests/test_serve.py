@@ -390,3 +390,39 @@ def test_canary_rolls_back_a_failing_checkpoint_and_clients_see_no_errors(app, c
     assert load.failures() == []  # a failed canary forward is answered by the stable model
     assert {v for _, v, _ in load.results} == {old}
     assert served(spec)["stable"] == old and served(spec)["canary"] is None
+
+
+def test_batcher_fills_the_next_batch_with_what_arrived_during_a_forward():
+    """Unit: with a forward in progress, new requests wait for it and then go out together."""
+    import asyncio
+
+    from actors.serve.deployment import _Batcher, _Item, _Reply
+
+    sizes: list[int] = []
+
+    async def run(items):
+        await asyncio.sleep(0.05)  # a forward
+        return [_Reply(outputs=it.x * 2, version="v") for it in items]
+
+    async def main():
+        b = _Batcher(run, sizes.append)
+        b.max_batch_size, b.wait_s = 8, 0.001
+        first = asyncio.ensure_future(b.submit(_Item(np.ones((1, 2)), "stable", 0.0)))
+        await asyncio.sleep(0.01)                       # the first batch (1 example) is running
+        rest = [asyncio.ensure_future(b.submit(_Item(np.full((1, 2), i), "stable", 0.0))) for i in range(11)]
+        gone = asyncio.ensure_future(b.submit(_Item(np.zeros((1, 2)), "stable", 0.0)))
+        await asyncio.sleep(0)
+        gone.cancel()                                   # a client that disconnects while queued
+        replies = await asyncio.gather(first, *rest)
+        assert [r.outputs[0, 0] for r in replies[1:]] == [2 * i for i in range(11)]
+
+        async def broken(items):
+            raise RuntimeError("forward exploded")
+        b._run = broken
+        with pytest.raises(RuntimeError, match="exploded"):
+            await b.submit(_Item(np.ones((1, 2)), "stable", 0.0))
+        b._run = run                                    # and the loop still serves afterwards
+        assert (await b.submit(_Item(np.ones((1, 2)), "stable", 0.0))).outputs[0, 0] == 2
+
+    asyncio.run(main())
+    assert sizes[:3] == [1, 8, 3], sizes                # 11 arrived mid-forward: 8 (the cap) + 3

@@ -85,6 +85,76 @@ def _examples(items: list[_Item]) -> int:
     return sum(len(i.x) for i in items)
 
 
+class _Batcher:
+    """Dynamic batching that forms a batch only when the forward thread is free.
+
+    ``@serve.batch`` closes a batch ``batch_wait_timeout_s`` after its first request even while the
+    previous batch is still running, so under load every batch held only what arrived in that
+    window (4.4 examples on average against 32 allowed, with a 200 M-parameter model). Here one
+    loop takes whatever queued up, up to ``max_batch_size`` examples; if that is less, it waits up
+    to ``batch_wait_timeout_s`` for more; then it runs the batch and only then forms the next one,
+    so everything that arrives during a forward rides in the next batch and batches grow with load.
+    """
+
+    def __init__(self, run, record):
+        self._run, self._record = run, record
+        self.max_batch_size, self.wait_s = 32, 0.005
+        self._pending: list[tuple[_Item, asyncio.Future]] = []
+        self._arrived: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    async def submit(self, item: _Item) -> _Reply:
+        if self._task is None or self._task.done():
+            self._arrived = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((item, fut))
+        self._arrived.set()
+        return await fut
+
+    def _take(self) -> list[tuple[_Item, asyncio.Future]]:
+        batch, n = [], 0
+        while self._pending and (not batch or n + len(self._pending[0][0].x) <= self.max_batch_size):
+            entry = self._pending.pop(0)
+            if entry[1].cancelled():  # the client went away while it waited
+                continue
+            batch.append(entry)
+            n += len(entry[0].x)
+        return batch
+
+    def _queued_examples(self) -> int:
+        return sum(len(it.x) for it, _ in self._pending)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                self._arrived.clear()
+                await self._arrived.wait()
+            deadline = loop.time() + self.wait_s
+            while self._queued_examples() < self.max_batch_size and loop.time() < deadline:
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
+                except asyncio.TimeoutError:
+                    break
+            batch = self._take()
+            if not batch:
+                continue
+            items = [it for it, _ in batch]
+            self._record(_examples(items))
+            try:
+                replies = await self._run(items)
+            except Exception as e:  # noqa: BLE001 - answer every waiter, keep the loop alive
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for (_, fut), reply in zip(batch, replies):
+                if not fut.done():
+                    fut.set_result(reply)
+
+
 @serve.deployment(health_check_period_s=5, health_check_timeout_s=30,
                   graceful_shutdown_timeout_s=20)
 class ModelServer:
@@ -107,6 +177,7 @@ class ModelServer:
         self._max_batch_size = 1
         # One thread runs every forward: batches stay serial and the event loop keeps parsing.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="forward")
+        self._batcher = _Batcher(self._run, self._count_batch)
         self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     # configuration -------------------------------------------------------------------------
@@ -136,8 +207,8 @@ class ModelServer:
                                    int(cfg["max_request_examples"]))
         self._key_digest = cfg.get("api_key_sha256")
         self._max_batch_size = int(cfg["max_batch_size"])
-        self._predict_batch.set_max_batch_size(self._max_batch_size)
-        self._predict_batch.set_batch_wait_timeout_s(float(cfg["batch_wait_timeout_s"]))
+        self._batcher.max_batch_size = self._max_batch_size
+        self._batcher.wait_s = float(cfg["batch_wait_timeout_s"])
         epoch = cfg.get("canary_epoch") if "canary" in arms else None
         if epoch != self._epoch:
             self._samples = {}
@@ -167,7 +238,7 @@ class ModelServer:
             if len(x) > self._max_batch_size:  # already a full batch: skip the queue
                 reply = (await self._run([item]))[0]
             else:
-                reply = await self._predict_batch(item)
+                reply = await self._batcher.submit(item)
             if reply.error is not None:
                 raise reply.error
             return JSONResponse({"outputs": reply.outputs.tolist(), "model_version": reply.version})
@@ -177,10 +248,8 @@ class ModelServer:
             logger.exception("prediction failed")
             return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_examples)
-    async def _predict_batch(self, items: list[_Item]) -> list[_Reply]:
-        self._batch_sizes[_examples(items)] += 1
-        return await self._run(items)
+    def _count_batch(self, examples: int) -> None:
+        self._batch_sizes[examples] += 1
 
     # forward -------------------------------------------------------------------------------
     async def _run(self, items: list[_Item]) -> list[_Reply]:

@@ -122,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
     from starlette.requests import Request
 
-    @serve.deployment(ray_actor_options={"num_cpus": args.threads})
+    # As many requests in flight as ours allows (Serve's default of 5 makes the router back off
+    # and retry under this load, which measured 5 req/s: a configuration penalty, not batching's gain)
+    @serve.deployment(ray_actor_options={"num_cpus": args.threads},
+                      max_ongoing_requests=max(2 * args.max_batch_size, args.concurrency))
     class Plain:
         def __init__(self, url: str, threads: int):
             torch.set_num_threads(threads)
@@ -151,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
                 target = f"http://127.0.0.1:{port}/plain"
             lat, ok, err = asyncio.run(_http_load(target, body, args.concurrency, args.warmup, args.duration))
             report["results"][name] = _summary(lat, ok, err, args.duration, args.examples)
+            if name == "deployment":  # how full the batches were (warm-up and load together)
+                sizes = serve.get_deployment_handle("model", app_name=spec.name).info.remote().result()["batch_sizes"]
+                n = sum(sizes.values())
+                report["results"][name]["mean_batch_examples"] = round(
+                    sum(int(k) * v for k, v in sizes.items()) / n, 2) if n else 0.0
             print(name, report["results"][name], file=sys.stderr, flush=True)
     finally:
         serve.shutdown()
