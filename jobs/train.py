@@ -32,22 +32,35 @@ def connect_ray(address: str | None = None):
     return ray
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n")[0])
-    p.add_argument("spec", help="train spec YAML (path or URL)")
+def parse_job_cli(argv: list[str] | None, module: str, doc: str, spec_type: type,
+                  set_example: str, option_help: str):
+    """The command line every job entrypoint shares: ``SPEC [--set F=V] [--address A] [--option K=V]``.
+
+    Returns ``(args, spec, options)``; raises SpecError (naming the field) for a bad spec, bad
+    assignments, or a spec of another kind, before Ray is touched.
+    """
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n")[0])
+    p.add_argument("spec", help=f"{spec_type.model_fields['kind'].default} spec YAML (path or URL)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a spec field, e.g. --set max_steps=20 (value parsed as YAML)")
+                   help=f"override a spec field, e.g. --set {set_example} (value parsed as YAML)")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a train-loop option, e.g. --option min_step_time_s=0.05 (pacing for demos "
-                        "and tests; value parsed as YAML)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help=option_help)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    spec = load_spec(args.spec, parse_assignments(args.set, "--set", args.spec))
+    options = parse_assignments(args.option, "--option", args.spec)
+    kind = spec_type.model_fields["kind"].default
+    if not isinstance(spec, spec_type):
+        raise SpecError([("kind", f"{module} runs {kind} specs, got {spec.kind!r}")], args.spec)
+    return args, spec, options
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        spec = load_spec(args.spec, parse_assignments(args.set, "--set", args.spec))
-        options = parse_assignments(args.option, "--option", args.spec)
-        if not isinstance(spec, TrainSpec):
-            raise SpecError([("kind", f"jobs.train runs train specs, got {spec.kind!r}")], args.spec)
+        args, spec, options = parse_job_cli(
+            argv, "jobs.train", __doc__, TrainSpec, "max_steps=20",
+            "a train-loop option, e.g. --option min_step_time_s=0.05 (pacing for demos and tests; "
+            "value parsed as YAML)")
     except SpecError as e:
         print(e, file=sys.stderr)
         return 2

@@ -26,7 +26,6 @@ Layout under ``results_url``::
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
@@ -38,8 +37,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from orchestrator.spec import (Domain, SpecError, TuneSpec, feasible_worker_counts, load_spec,
-                               parse_assignments, with_overrides)
+from orchestrator.spec import (Domain, SpecError, TuneSpec, feasible_worker_counts,
+                               with_overrides)
 from orchestrator.storage import Storage
 
 log = logging.getLogger("jobs.tune")
@@ -414,21 +413,12 @@ def run_tune(spec: TuneSpec, options: dict[str, Any] | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.tune", description=__doc__.split("\n")[0])
-    p.add_argument("spec", help="tune spec YAML (path or URL)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a spec field, e.g. --set num_samples=8 (value parsed as YAML)")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a train-loop option for every trial, e.g. --option min_step_time_s=0.05 "
-                        "(pacing for demos and tests; value parsed as YAML)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from jobs.train import parse_job_cli
     try:
-        spec = load_spec(args.spec, parse_assignments(args.set, "--set", args.spec))
-        options = parse_assignments(args.option, "--option", args.spec)
-        if not isinstance(spec, TuneSpec):
-            raise SpecError([("kind", f"jobs.tune runs tune specs, got {spec.kind!r}")], args.spec)
+        args, spec, options = parse_job_cli(
+            argv, "jobs.tune", __doc__, TuneSpec, "num_samples=8",
+            "a train-loop option for every trial, e.g. --option min_step_time_s=0.05 (pacing for "
+            "demos and tests; value parsed as YAML)")
         result = run_tune(spec, options, address=args.address)
     except SpecError as e:
         print(e, file=sys.stderr)

@@ -44,17 +44,13 @@ def _client_env(env: dict[str, str]):
     """Point this process (and its children) at the cluster, restoring everything afterwards.
     Ray caches RAY_AUTH_MODE per process, so it is re-read the way ``ray.init`` does on change."""
     from ray._raylet import Config
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    Config.initialize("")
+
+    from orchestrator.ray_adapter import _env
     try:
-        yield
+        with _env(**env):
+            Config.initialize("")
+            yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         Config.initialize("")
 
 

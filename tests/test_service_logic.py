@@ -118,6 +118,15 @@ def run_ray_jobs(ray):
             ray.set(sid, "RUNNING")
 
 
+def running(scheduler, ray):
+    """A scheduler that has admitted the queued jobs, seen Ray start them, and noted it."""
+    s = scheduler()
+    s.tick()
+    run_ray_jobs(ray)
+    s.tick()
+    return s
+
+
 # ---------------------------------------------------------------------------------------------
 def test_a_scheduler_killed_between_admission_and_submission_submits_exactly_once(world, tmp_path):
     clock, store, ray, scheduler = world
@@ -182,10 +191,7 @@ def test_failed_job_waits_out_its_backoff_before_it_is_admitted_again(world, tmp
 def test_a_lost_ray_job_is_retried_and_its_old_attempt_stopped_if_it_reappears(world, tmp_path):
     clock, store, ray, scheduler = world
     jid = store.submit(train_spec(tmp_path, "a", retries=1))
-    s = scheduler()
-    s.tick()
-    run_ray_jobs(ray)
-    s.tick()
+    s = running(scheduler, ray)
     old = ray.jobs.pop(f"orch-{jid}-a0")         # e.g. the head node restarted
     s.tick()
     assert store.get(jid).state == "queued" and "Ray has no job" in store.get(jid).reason
@@ -229,10 +235,7 @@ def test_a_gang_ray_cannot_place_in_time_is_requeued(world, tmp_path):
 def test_shrink_asks_for_a_checkpoint_then_caps_the_elastic_job(world, tmp_path):
     clock, store, ray, scheduler = world
     low = store.submit(train_spec(tmp_path, "low", lo=1, hi=4, priority="low"))
-    s = scheduler()
-    s.tick()
-    run_ray_jobs(ray)
-    s.tick()
+    s = running(scheduler, ray)
     assert store.get(low).workers == 4
     high = store.submit(train_spec(tmp_path, "high", lo=2, hi=2, priority="high"))
     s.tick()
@@ -251,10 +254,7 @@ def test_shrink_asks_for_a_checkpoint_then_caps_the_elastic_job(world, tmp_path)
 def test_preempted_train_job_is_stopped_only_after_it_checkpoints_or_times_out(world, tmp_path):
     clock, store, ray, scheduler = world
     low = store.submit(train_spec(tmp_path, "low", lo=4, hi=4, priority="low"))
-    s = scheduler()
-    s.tick()
-    run_ray_jobs(ray)
-    s.tick()
+    s = running(scheduler, ray)
     store.submit(train_spec(tmp_path, "high", lo=2, hi=2, priority="high"))
     s.tick()
     assert store.get(low).state == "preempted" and ray.stops == []
@@ -389,10 +389,7 @@ def test_cancelling_a_pipeline_cancels_its_stages_and_stops_the_running_one(worl
         {"name": "a", "spec": train_spec(tmp_path, "a").model_dump(mode="json")},
         {"name": "b", "depends_on": ["a"], "spec": train_spec(tmp_path, "b").model_dump(mode="json")}]})
     pid = store.submit(pipe)
-    s = scheduler()
-    s.tick()
-    run_ray_jobs(ray)
-    s.tick()
+    s = running(scheduler, ray)
     store.cancel(pid)
     s.tick()
     assert all(j.status == "STOPPED" for j in ray.jobs.values())

@@ -114,3 +114,24 @@ def test_memory_plan_matches_optimizer_state_held_per_worker(runs, stage):
     rec = runs["save2"][stage]
     # DeepSpeed pads partitions for alignment: allow a few hundred bytes on this tiny model
     assert abs(rec["opt_bytes"] - rec["planned_opt_bytes"]) <= max(512, 0.02 * rec["planned_opt_bytes"]), rec
+
+
+def test_deepspeed_builds_its_op_with_this_environments_ninja(monkeypatch, tmp_path):
+    """A system ninja earlier on PATH would make DeepSpeed's op cache flip between two ninja
+    versions (a rebuild every time); the trainer pins the one beside its own Python."""
+    import shutil
+
+    from actors.trainer.loop import use_environment_ninja
+    bindir = os.path.dirname(sys.executable)
+    if not os.access(os.path.join(bindir, "ninja"), os.X_OK):
+        pytest.skip("this environment has no ninja of its own (DeepSpeed installs one)")
+    other = tmp_path / "bin"
+    other.mkdir()
+    (other / "ninja").write_text("#!/bin/sh\necho 1.11.1\n")
+    (other / "ninja").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{other}{os.pathsep}/usr/bin{os.pathsep}{bindir}")
+    assert shutil.which("ninja") == str(other / "ninja")
+    use_environment_ninja()
+    assert shutil.which("ninja") == os.path.join(bindir, "ninja")
+    use_environment_ninja()  # idempotent: not prepended twice
+    assert os.environ["PATH"].split(os.pathsep).count(bindir) == 2

@@ -64,10 +64,10 @@ class ShardStore:
     """Opens shards on demand (download + verify + memory-map) and gathers rows by sample id."""
 
     def __init__(self, url: str, storage_options: dict | None, cache_dir: str | None,
-                 fetch_threads: int = 8):
+                 fetch_threads: int = 8, manifest: Manifest | None = None):
         self.url = url
         self.storage = Storage(url, storage_options)
-        self.manifest: Manifest = read_manifest(url, storage_options)
+        self.manifest: Manifest = manifest or read_manifest(url, storage_options)
         self.cache_dir = cache_dir or default_cache_dir()
         self.readers: dict[int, ShardReader] = {}
         self._lock = threading.Lock()
@@ -270,7 +270,8 @@ class DataLoader:
         self._local: ShardStore | None = None
         self._gather_pool: ThreadPoolExecutor | None = None
         if self.transport == "mmap":
-            self._local = ShardStore(url, storage_options, cache_dir, fetch_threads=1)
+            self._local = ShardStore(url, storage_options, cache_dir, fetch_threads=1,
+                                     manifest=self.manifest)
             self._gather_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reo-data-gather")
 
     def _resolve_transport(self, transport: str) -> str:

@@ -22,7 +22,7 @@ import math
 import os
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -99,7 +99,7 @@ class _Batcher:
     def __init__(self, run, record):
         self._run, self._record = run, record
         self.max_batch_size, self.wait_s = 32, 0.005
-        self._pending: list[tuple[_Item, asyncio.Future]] = []
+        self._pending: deque[tuple[_Item, asyncio.Future]] = deque()
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
@@ -115,7 +115,7 @@ class _Batcher:
     def _take(self) -> list[tuple[_Item, asyncio.Future]]:
         batch, n = [], 0
         while self._pending and (not batch or n + len(self._pending[0][0].x) <= self.max_batch_size):
-            entry = self._pending.pop(0)
+            entry = self._pending.popleft()
             if entry[1].cancelled():  # the client went away while it waited
                 continue
             batch.append(entry)

@@ -193,12 +193,12 @@ class CheckpointStore:
                 if deep:
                     data = self.storage.read_bytes(f"{d}/{name}")
                     size, (key, digest) = len(data), _digest(data, rec)
+                    intact = digest == rec.get(key)
                 else:
-                    size, key = self.storage.size(f"{d}/{name}"), "bytes"
-                    digest = rec[key]
+                    size, intact = self.storage.size(f"{d}/{name}"), True
             except StorageError:
                 raise CheckpointError(f"{self.storage.url(d)}: shard {name} is missing") from None
-            if size != rec["bytes"] or digest != rec.get(key):
+            if size != rec["bytes"] or not intact:
                 raise CheckpointError(f"{self.storage.url(d)}: shard {name} is corrupt "
                                       f"(size {size} vs {rec['bytes']}, checksum mismatch)")
         return man

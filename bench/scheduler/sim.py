@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from orchestrator.policy import (PRIORITY, Admit, Capacity, ClusterState, Grow, JobView, Node,
-                                 PolicyConfig, Preempt, Reject, Requeue, RequestResources, Shrink,
-                                 decide)
+                                 PolicyConfig, Preempt, Reject, Requeue, RequestResources, Shrink)
 
 CLASSES = ("low", "normal", "high", "critical")
 

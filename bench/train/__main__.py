@@ -44,10 +44,10 @@ def log(msg: str) -> None:
     print(f"[{time.time() - T0:6.1f}s load {os.getloadavg()[0]:5.2f}] {msg}", file=sys.stderr, flush=True)
 
 
-class LoadSampler:
-    """Samples the 1-minute load average every few seconds in a background thread."""
+class _Sampler:
+    """Appends ``self._sample()`` to ``self.samples`` every ``every_s`` in a background thread."""
 
-    def __init__(self, every_s: float = 5.0):
+    def __init__(self, every_s: float):
         self.samples: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
@@ -55,17 +55,33 @@ class LoadSampler:
 
     def _run(self, every_s: float) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.time() - T0, os.getloadavg()[0]))
+            self.samples.append(self._sample())
             self._stop.wait(every_s)
 
-    def stop(self) -> dict:
+    def _sample(self) -> tuple[float, float]:
+        raise NotImplementedError
+
+    def stop(self):
         self._stop.set()
         self._thread.join()
-        v = [s[1] for s in self.samples]
+        return self.samples
+
+
+class LoadSampler(_Sampler):
+    """Samples the 1-minute load average every few seconds."""
+
+    def __init__(self, every_s: float = 5.0):
+        super().__init__(every_s)
+
+    def _sample(self) -> tuple[float, float]:
+        return time.time() - T0, os.getloadavg()[0]
+
+    def stop(self) -> dict:
+        v = [s[1] for s in super().stop()]
         return {"min": min(v), "mean": statistics.fmean(v), "max": max(v), "samples": self.samples}
 
 
-class CpuSampler:
+class CpuSampler(_Sampler):
     """CPU seconds (user + system) used by every descendant of this process, sampled over time.
 
     Wall-clock step time on a shared machine mostly measures the other tenants; CPU time per step
@@ -78,27 +94,17 @@ class CpuSampler:
         import psutil
         self._me = psutil.Process()
         self._last: dict[int, float] = {}
-        self.samples: list[tuple[float, float]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
-        self._thread.start()
+        super().__init__(every_s)
 
-    def _run(self, every_s: float) -> None:
+    def _sample(self) -> tuple[float, float]:
         import psutil
-        while not self._stop.is_set():
-            for p in self._me.children(recursive=True):
-                try:
-                    c = p.cpu_times()
-                    self._last[p.pid] = c.user + c.system
-                except psutil.Error:
-                    pass
-            self.samples.append((time.time(), sum(self._last.values())))
-            self._stop.wait(every_s)
-
-    def stop(self) -> list[tuple[float, float]]:
-        self._stop.set()
-        self._thread.join()
-        return self.samples
+        for p in self._me.children(recursive=True):
+            try:
+                c = p.cpu_times()
+                self._last[p.pid] = c.user + c.system
+            except psutil.Error:
+                pass
+        return time.time(), sum(self._last.values())
 
 
 def cpu_between(samples: list[tuple[float, float]], t0: float, t1: float) -> float:

@@ -106,7 +106,7 @@ def main() -> None:
         if not files:  # the bytes ours left on storage, read back once
             d = step_dir(step)
             files = {n: store.storage.read_bytes(f"{d}/{n}") for n in store.storage.list(d)}
-            print(f"[save] files: " + ", ".join(f"{n} {len(b)} B" for n, b in files.items()), flush=True)
+            print("[save] files: " + ", ".join(f"{n} {len(b)} B" for n, b in files.items()), flush=True)
         t = time.perf_counter()
         write_plain("fsspec", rep, sync=False)
         times["fsspec"].append(time.perf_counter() - t)
