@@ -107,6 +107,8 @@ class Dataset(Strict):
         "auto", description="how rows reach the trainer: through the Ray object store, or gathered "
                             "in the trainer from the loader actor's memory-mapped shards on the same "
                             "node (auto: mmap when the actor is on the trainer's node)")
+    gather_threads: int = Field(2, ge=1, le=64, description="mmap transport: threads in the trainer "
+                                                             "copying prefetched batches out of the shards")
 
     _check_url = field_validator("url")(classmethod(lambda cls, v: _url(v)))
 

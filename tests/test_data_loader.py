@@ -215,6 +215,7 @@ def test_prefetch_is_bounded_by_batches_and_megabytes(ray_local, tmp_path, trans
     (dict(global_batch_size=24, micro_batch_size=2, world_size=2, shuffle={"mode": "random"}), "shuffle.mode: Input should be"),
     (dict(global_batch_size=24, micro_batch_size=2, world_size=2, prefetch_batches=0), "prefetch_batches"),
     (dict(global_batch_size=24, micro_batch_size=2, world_size=2, transport="shm"), "transport must be one of"),
+    (dict(global_batch_size=24, micro_batch_size=2, world_size=2, gather_threads=0), "gather_threads"),
     (dict(global_batch_size=24, micro_batch_size=2, world_size=2, state={"epoch": 0}), r"state is missing field\(s\)"),
 ])
 def test_bad_loader_arguments_are_rejected_by_name(ray_local, dataset, kwargs, match):

@@ -13,12 +13,18 @@ runs ahead of the client, so the object store holds at most that much of this lo
 
 Transport (``transport=``): ``object_store`` sends every batch's rows from the actor through the Ray
 object store (the actor may be on another node). ``mmap``, for an actor on the trainer's own node,
-sends only the request: the actor opens, downloads and verifies the step's shards ahead of time into
-the node cache, and the client gathers the rows itself from the same memory-mapped, already
-verified files in a background thread, so the bytes are copied once (page cache to batch) instead
-of three times (gather, object store, deserialise). ``auto`` (the default) picks ``mmap`` when the
-actor landed on the trainer's node and ``object_store`` otherwise. Order, resume, prefetch bounds and
-errors are the same in both.
+moves no rows between processes: the client computes its sample ids itself (the order is a pure
+function, computed 64 steps at a time), asks the actor to download and verify any shard it has not
+opened yet into the node cache, maps the same verified files, and ``gather_threads`` background
+threads copy each prefetched batch out of them, so the bytes are copied once (page cache to batch)
+instead of three times (gather, object store, deserialise). ``auto`` (the default) picks ``mmap``
+when the actor landed on the trainer's node and ``object_store`` otherwise. Order, resume, prefetch
+bounds and errors are the same in both.
+
+Shards are mapped side by side in one address range (``actors.data.region``), so a column's rows
+across all shards form one strided array and a batch is one fancy-indexing copy; while the dataset
+fits in half of the node's available memory, each shard's pages are mapped when it opens
+(``MAP_POPULATE``) rather than faulted in one row at a time.
 
 Remote shards (S3, ...) are downloaded whole into a node-local cache (content-addressed by
 sha256, verified while downloading) and memory-mapped; local shards are memory-mapped in place
@@ -29,6 +35,8 @@ from __future__ import annotations
 
 import collections
 import fcntl
+import logging
+import mmap
 import os
 import tempfile
 import threading
@@ -41,13 +49,15 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from actors.data import plan
+from actors.data import plan, region
 from actors.data.shards import (Manifest, ShardError, ShardReader, read_manifest, sha256_of_path,
                                 sha256_of_stream)
 from actors.data.shuffle import EpochOrder
 from orchestrator.storage import Storage, StorageError
 
+log = logging.getLogger(__name__)
 STATE_VERSION = 1
+_IDS_AHEAD, _IDS_AHEAD_ELEMENTS = 64, 1 << 16
 TRANSPORTS = ("auto", "object_store", "mmap")
 _STATE_KEYS = ("seed", "epoch", "consumed", "mode", "window", "tail", "num_samples",
                "rows_per_shard", "global_batch_size")
@@ -72,16 +82,46 @@ class ShardStore:
         self.readers: dict[int, ShardReader] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=fetch_threads)
+        # a global shuffle reads every page of every shard each epoch: map each shard's pages when
+        # it opens (MAP_POPULATE: first-epoch gathers 1.7x faster than one page fault per row)
+        # unless the dataset would crowd this node's memory
+        self._populate = bool(region.POPULATE) and self.manifest.total_bytes <= _available_bytes() // 2
+        self._region: region.ShardRegion | None = None
+        if region.available():
+            try:
+                self._region = region.ShardRegion([sh.bytes for sh in self.manifest.shards])
+            except OSError as e:
+                log.warning("shard region unavailable (%s); gathering shard by shard", e)
+        self._views: dict[str, tuple[np.ndarray, int]] = {}  # column -> (rows over the region, start)
+        self._rowbase = {k: np.full(self.manifest.num_shards, -1, dtype=np.int64) for k in self.manifest.schema}
 
     # opening ---------------------------------------------------------------------------------
     def _where(self, i: int) -> str:
         return f"{i} ({self.storage.url(self.manifest.shards[i].name)})"
 
+    def _file(self, i: int) -> str:
+        """The shard's verified file on this node (downloaded into the cache if remote)."""
+        local = self.storage.local_path(self.manifest.shards[i].name)
+        return self._verified_local(i, local) if local else self._cached(i)
+
     def _open(self, i: int) -> ShardReader:
-        info = self.manifest.shards[i]
-        local = self.storage.local_path(info.name)
-        path = self._verified_local(i, local) if local else self._cached(i)
-        return ShardReader(pa.memory_map(path, "r"), info, self.manifest.schema, self._where(i))
+        path = self._file(i)
+        buf = self._region.map(i, path, self._populate) if self._region else _map(path, self._populate)
+        return ShardReader(buf, self.manifest.shards[i], self.manifest.schema, self._where(i))
+
+    def _index(self, i: int, reader: ShardReader) -> None:
+        """Record where shard ``i``'s rows sit in the region, per column, when they line up with
+        the column's strided view (same offset modulo the row size as the first shard's)."""
+        for k, v in reader.columns.items():
+            off = v.ctypes.data - self._region.base
+            row_bytes = v.nbytes // max(1, len(v))
+            if not (v.flags.c_contiguous and len(v) and 0 <= off < self._region.size):
+                continue  # a copied column (bool, nullable): gathered shard by shard
+            if k not in self._views:
+                self._views[k] = self._region.rows(off, row_bytes)
+            start = self._views[k][1]
+            if (off - start) % row_bytes == 0:
+                self._rowbase[k][i] = (off - start) // row_bytes
 
     def _verified_local(self, i: int, path: str) -> str:
         info = self.manifest.shards[i]
@@ -130,26 +170,61 @@ class ShardStore:
             os.replace(tmp, path)
         return path
 
+    def fetch(self, shards) -> None:
+        """Download (if remote) and verify these shards on this node without opening them."""
+        todo = [int(s) for s in shards]
+        if len(todo) > 1:
+            list(self._pool.map(self._file, todo))
+        elif todo:
+            self._file(todo[0])
+
     def ensure(self, shards: np.ndarray) -> None:
         missing = [int(s) for s in shards if int(s) not in self.readers]
         if not missing:
             return
         opened = list(self._pool.map(self._open, missing)) if len(missing) > 1 else [self._open(missing[0])]
         with self._lock:
-            self.readers.update(zip(missing, opened))
+            for i, reader in zip(missing, opened):
+                if self._region is not None:
+                    self._index(i, reader)
+                self.readers[i] = reader
 
     # gathering -------------------------------------------------------------------------------
     def gather(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         """The rows of ``ids`` in that order, as ``{column: array[len(ids), *shape]}``."""
         rps = self.manifest.rows_per_shard
         shard = ids // rps
+        self.ensure(np.unique(shard))
+        row = ids - shard * rps
+        out, rest = {}, []
+        for k, c in self.manifest.schema.items():
+            base = self._rowbase[k][shard]
+            good = base >= 0
+            if k not in self._views or not good.any():
+                rest.append(k)
+                continue
+            # one copy straight from the region; rows of shards laid out off the column's stride
+            # (typically the short last shard) are read from a placeholder row, then patched
+            idx = base + row
+            bad = np.flatnonzero(~good)
+            if len(bad):
+                idx[bad] = idx[np.argmax(good)]
+            out[k] = self._views[k][0][idx].view(c["dtype"]).reshape(len(ids), *c["shape"])
+            if len(bad):
+                out[k][bad] = self._gather_by_shard(ids[bad], shard[bad], [k])[k]
+        if rest:
+            out.update(self._gather_by_shard(ids, shard, rest))
+        return out
+
+    def _gather_by_shard(self, ids: np.ndarray, shard: np.ndarray, columns: list[str]) -> dict[str, np.ndarray]:
+        rps = self.manifest.rows_per_shard
         order = np.argsort(shard, kind="stable")
         sorted_shard = shard[order]
         cuts = np.flatnonzero(np.diff(sorted_shard)) + 1
         bounds = np.concatenate([[0], cuts, [len(ids)]])
         uniq = sorted_shard[bounds[:-1]] if len(ids) else np.zeros(0, np.int64)
-        self.ensure(uniq)
-        out = {k: np.empty((len(ids), *c["shape"]), dtype=c["dtype"]) for k, c in self.manifest.schema.items()}
+        schema = self.manifest.schema
+        out = {k: np.empty((len(ids), *schema[k]["shape"]), dtype=schema[k]["dtype"]) for k in columns}
         for s, a, b in zip(uniq, bounds[:-1], bounds[1:]):
             dst = order[a:b]
             rows = ids[dst] - int(s) * rps
@@ -157,6 +232,24 @@ class ShardStore:
             for k, o in out.items():
                 o[dst] = cols[k][rows]
         return out
+
+
+def _available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _map(path: str, populate: bool) -> pa.Buffer:
+    """A read-only shared mapping of ``path`` (where shard regions are unavailable)."""
+    with open(path, "rb") as f:
+        flags = mmap.MAP_SHARED | (region.POPULATE if populate else 0)
+        return pa.py_buffer(mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ))
 
 
 def _remove(path: str) -> None:
@@ -185,15 +278,10 @@ class ShardServer:
             o = self._orders[order] = EpochOrder(*order)
         return self.store.gather(plan.segment_ids(o, segments))
 
-    def prepare(self, order: tuple, segments: list[tuple[int, int, int]]) -> np.ndarray:
-        """Open (download, verify, map) the shards of those positions on this node and return
-        their sample ids (a few KiB); the rows themselves do not move."""
-        o = self._orders.get(order)
-        if o is None:
-            o = self._orders[order] = EpochOrder(*order)
-        ids = plan.segment_ids(o, segments)
-        self.store.ensure(np.unique(ids // self.store.manifest.rows_per_shard))
-        return ids
+    def prepare(self, shards: list[int]) -> None:
+        """Download (if remote) and verify these shards into this node's cache; the client then
+        maps the same files itself (mmap transport)."""
+        self.store.fetch(shards)
 
     def gather(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         return self.store.gather(np.asarray(ids, dtype=np.int64))
@@ -238,7 +326,8 @@ class DataLoader:
     def __init__(self, url: str, *, global_batch_size: int, micro_batch_size: int, rank: int,
                  world_size: int, shuffle=None, storage_options: dict | None = None,
                  prefetch_batches: int = 4, max_prefetch_mb: int = 256, cache_dir: str | None = None,
-                 name: str | None = None, state: dict | None = None, transport: str = "auto"):
+                 name: str | None = None, state: dict | None = None, transport: str = "auto",
+                 gather_threads: int = 2):
         cfg = _shuffle_config(shuffle)
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
@@ -246,6 +335,8 @@ class DataLoader:
             raise ValueError(f"prefetch_batches must be an integer >= 1, got {prefetch_batches!r}")
         if not isinstance(max_prefetch_mb, (int, float)) or max_prefetch_mb <= 0:
             raise ValueError(f"max_prefetch_mb must be > 0, got {max_prefetch_mb!r}")
+        if not isinstance(gather_threads, int) or gather_threads < 1:
+            raise ValueError(f"gather_threads must be an integer >= 1, got {gather_threads!r}")
         self.url = url
         self.manifest = read_manifest(url, storage_options)
         self.num_samples = self.manifest.num_samples
@@ -269,10 +360,14 @@ class DataLoader:
         self.transport = self._resolve_transport(transport)
         self._local: ShardStore | None = None
         self._gather_pool: ThreadPoolExecutor | None = None
+        self._ids: dict[tuple, np.ndarray] = {}  # mmap: sample ids of upcoming requests
+        self._ids_lock = threading.Lock()
+        self._open_lock = threading.Lock()
         if self.transport == "mmap":
             self._local = ShardStore(url, storage_options, cache_dir, fetch_threads=1,
                                      manifest=self.manifest)
-            self._gather_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reo-data-gather")
+            self._gather_pool = ThreadPoolExecutor(max_workers=gather_threads,
+                                                   thread_name_prefix="reo-data-gather")
 
     def _resolve_transport(self, transport: str) -> str:
         if transport != "auto":
@@ -307,12 +402,10 @@ class DataLoader:
         n, g = self.num_samples, self.global_batch_size
         while len(self._inflight) < self.max_inflight:
             c = self._next_request
-            segs = plan.rank_segments(c, n, g, self.tail, self.rank, self.world_size)
             if self.transport == "mmap":
-                ready = self._actor.prepare.remote(self._order_key(), segs)
-                ref = self._gather_pool.submit(self._gather_here, ready)
-                ref.ready = ready  # cancelled with it by close()
+                ref = self._gather_pool.submit(self._gather_here, self.order, c)
             else:
+                segs = plan.rank_segments(c, n, g, self.tail, self.rank, self.world_size)
                 ref = self._actor.batch.remote(self._order_key(), segs)
             self._inflight.append((c, ref))
             self._next_request = plan.advance(c, n, g, self.tail)
@@ -337,8 +430,34 @@ class DataLoader:
             tensors = {k: torch.from_numpy(v) for k, v in rows.items()}
         return [{k: t[i * m:(i + 1) * m] for k, t in tensors.items()} for i in range(self.accumulation)]
 
-    def _gather_here(self, ready) -> dict[str, np.ndarray]:
-        ids = ray.get(ready)  # the actor has the shards on this node, downloaded and verified
+    def _ids_of(self, order: EpochOrder, c: plan.Cursor) -> np.ndarray:
+        """This rank's sample ids of the step at ``c``. The order is a pure function, so they are
+        computed here, ``_IDS_AHEAD`` steps at a time in one vectorised pass (a 1024-sample step
+        alone costs 0.7 ms of numpy call overhead, 0.1 ms as one of 64)."""
+        with self._ids_lock:
+            ids = self._ids.pop((order, c), None)
+            if ids is not None:
+                return ids
+            n, g, per_rank = self.num_samples, self.global_batch_size, self.global_batch_size // self.world_size
+            cursors, segs = [], []
+            for _ in range(max(1, min(_IDS_AHEAD, _IDS_AHEAD_ELEMENTS // per_rank))):
+                cursors.append(c)
+                segs += plan.rank_segments(c, n, g, self.tail, self.rank, self.world_size)
+                c = plan.advance(c, n, g, self.tail)
+            block = plan.segment_ids(order, segs).reshape(len(cursors), per_rank)
+            if len(self._ids) > 4 * _IDS_AHEAD:  # requests dropped by a load_state_dict
+                self._ids.clear()
+            self._ids.update(((order, k), b) for k, b in zip(cursors[1:], block[1:]))
+            return block[0]
+
+    def _gather_here(self, order: EpochOrder, c: plan.Cursor) -> dict[str, np.ndarray]:
+        ids = self._ids_of(order, c)
+        rps = self.manifest.rows_per_shard
+        with self._open_lock:
+            need = [int(s) for s in np.unique(ids // rps) if int(s) not in self._local.readers]
+            if need:  # the actor downloads and verifies them on this node; then they are mapped here
+                ray.get(self._actor.prepare.remote(need))
+                self._local.ensure(np.asarray(need))
         return self._local.gather(ids)
 
     def __iter__(self):
@@ -399,7 +518,6 @@ class DataLoader:
                 ray.cancel(ref)
             else:
                 ref.cancel()
-                ray.cancel(ref.ready)
         self._inflight.clear()
         if getattr(self, "_gather_pool", None) is not None:
             self._gather_pool.shutdown(wait=True, cancel_futures=True)

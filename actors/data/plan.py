@@ -98,5 +98,14 @@ def rank_segments(c: Cursor, n: int, g: int, tail: str, rank: int, world: int
 
 
 def segment_ids(order: EpochOrder, segments: list[tuple[int, int, int]]) -> np.ndarray:
-    parts = [order.ids(e, np.arange(a, b, dtype=np.int64)) for e, a, b in segments]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    """The sample ids at these ``(epoch, start, end)`` ranges, concatenated: one ``order.ids`` call
+    per epoch however many ranges there are."""
+    if not segments:
+        return np.zeros(0, dtype=np.int64)
+    offs = np.cumsum([0] + [b - a for _, a, b in segments])
+    out = np.empty(int(offs[-1]), dtype=np.int64)
+    for epoch in {e for e, _, _ in segments}:
+        mine = [i for i, (e, _, _) in enumerate(segments) if e == epoch]
+        positions = np.concatenate([np.arange(segments[i][1], segments[i][2], dtype=np.int64) for i in mine])
+        out[np.concatenate([np.arange(offs[i], offs[i + 1]) for i in mine])] = order.ids(epoch, positions)
+    return out

@@ -189,7 +189,8 @@ class Worker:
             micro_batch_size=spec.deepspeed.micro_batch_size, rank=self.rank, world_size=self.world,
             shuffle=d.shuffle, storage_options=spec.storage.as_options(),
             prefetch_batches=d.prefetch_batches, max_prefetch_mb=d.max_prefetch_mb,
-            cache_dir=d.cache_dir, name=f"{spec.name}-r{self.rank}", transport=d.transport)
+            cache_dir=d.cache_dir, name=f"{spec.name}-r{self.rank}", transport=d.transport,
+            gather_threads=d.gather_threads)
         self.max_steps = total_steps(spec, self.loader.steps_per_epoch)
 
     # ------------------------------------------------------------------ restore

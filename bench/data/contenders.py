@@ -146,7 +146,7 @@ def measure(batches, rows_per_shard: int, batch: int) -> dict:
     from actors.data import score_order
     ids, touched = [], 0
     ttfb = None
-    with PeakMemory() as mem:
+    with PeakMemory(interval=0.25) as mem:
         t0 = time.perf_counter()
         for b in batches:
             if ttfb is None:
