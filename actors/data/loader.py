@@ -364,7 +364,7 @@ class DataLoader:
         self._ids_lock = threading.Lock()
         self._open_lock = threading.Lock()
         if self.transport == "mmap":
-            self._local = ShardStore(url, storage_options, cache_dir, fetch_threads=1,
+            self._local = ShardStore(url, storage_options, cache_dir, fetch_threads=4,
                                      manifest=self.manifest)
             self._gather_pool = ThreadPoolExecutor(max_workers=gather_threads,
                                                    thread_name_prefix="reo-data-gather")

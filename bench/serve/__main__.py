@@ -1,8 +1,10 @@
-"""Serve benchmark: one concurrent loopback load against three targets, in one run.
+"""Serve benchmark: one concurrent loopback load against four targets, in one run.
 
 * ``deployment`` - this project's deployment (``jobs.serve.deploy``: validation, dynamic batching)
 * ``plain``      - a plain unbatched Ray Serve deployment of the same checkpoint
 * ``limit``      - the model's own batched forward in this process, no HTTP (the ceiling)
+* ``serve_noop`` - a Ray Serve deployment that parses each request and answers without a model:
+  what Serve's proxy and replica path alone carry under this load (the ceiling of any deployment)
 
 The load is ``--concurrency`` closed-loop aiohttp clients, each posting one request
 (``--examples`` examples) and waiting for the reply, for ``--duration`` seconds per target after a
@@ -136,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
             with torch.inference_mode():
                 return {"outputs": self.model(x).tolist()}
 
+    @serve.deployment(ray_actor_options={"num_cpus": args.threads},
+                      max_ongoing_requests=max(2 * args.max_batch_size, args.concurrency))
+    class Noop:
+        """Parses the request and answers without a model: what Serve itself can carry here."""
+
+        async def __call__(self, request: Request):
+            return {"outputs": [[0.0] * 16 for _ in (await request.json())["inputs"]]}
+
     with socket.socket() as sock:  # a free loopback port
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -147,11 +157,15 @@ def main(argv: list[str] | None = None) -> int:
         "batching": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s}})
     try:
         url = deploy(spec)
-        for name, target in (("deployment", url), ("plain", None)):
-            if target is None:
+        for name, target in (("deployment", url), ("plain", None), ("serve_noop", None)):
+            if name == "plain":
                 serve.delete(spec.name)
                 serve.run(Plain.bind(ckpt, args.threads), name="bench-plain", route_prefix="/plain")
                 target = f"http://127.0.0.1:{port}/plain"
+            elif name == "serve_noop":
+                serve.delete("bench-plain")
+                serve.run(Noop.bind(), name="bench-noop", route_prefix="/noop")
+                target = f"http://127.0.0.1:{port}/noop"
             lat, ok, err = asyncio.run(_http_load(target, body, args.concurrency, args.warmup, args.duration))
             report["results"][name] = _summary(lat, ok, err, args.duration, args.examples)
             if name == "deployment":  # how full the batches were (warm-up and load together)
@@ -166,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     r = report["results"]
     report["ratios"] = {
         "deployment_vs_limit": round(r["deployment"]["requests_per_s"] / r["limit"]["requests_per_s"], 3),
-        "deployment_vs_plain": round(r["deployment"]["requests_per_s"] / max(r["plain"]["requests_per_s"], 1e-9), 2)}
+        "deployment_vs_plain": round(r["deployment"]["requests_per_s"] / max(r["plain"]["requests_per_s"], 1e-9), 2),
+        "deployment_vs_serve_noop": round(r["deployment"]["requests_per_s"] / r["serve_noop"]["requests_per_s"], 3),
+        "serve_noop_vs_limit": round(r["serve_noop"]["requests_per_s"] / r["limit"]["requests_per_s"], 3)}
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
