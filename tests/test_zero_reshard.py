@@ -135,3 +135,41 @@ def test_deepspeed_builds_its_op_with_this_environments_ninja(monkeypatch, tmp_p
     assert shutil.which("ninja") == os.path.join(bindir, "ninja")
     use_environment_ninja()  # idempotent: not prepended twice
     assert os.environ["PATH"].split(os.pathsep).count(bindir) == 2
+
+
+_ENGINE_SCRIPT = """
+import json, os, sys
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import torch, torch.distributed as dist
+from actors.trainer.loop import defer_deepspeed_compile, use_environment_ninja
+dist.init_process_group("gloo", rank=0, world_size=1)
+use_environment_ninja()
+import deepspeed
+if sys.argv[1] == "defer":
+    defer_deepspeed_compile()
+model = torch.nn.Linear(4, 2)
+engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config={
+    "train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": int(sys.argv[3])}}, dist_init_required=False)
+for _ in range(2):
+    loss = engine(torch.ones(2, 4)).sum()
+    engine.backward(loss)
+    engine.step()
+inductor = "torch._inductor.compile_fx" in sys.modules  # what torch.compile() loads
+from deepspeed.runtime import compiler
+twice = compiler.compile()(lambda x: x * 2)  # deferred kernels still compile and run when called
+print(json.dumps({"inductor": inductor, "zero": engine.zero_optimization_stage(),
+                  "kernel": twice(torch.ones(3)).tolist()}))
+"""
+
+
+@pytest.mark.parametrize("mode, stage", [("defer", 1), ("defer", 3), ("default", 1)])
+def test_engine_build_and_steps_do_not_load_torch_inductor_for_deepspeeds_muon(mode, stage):
+    """DeepSpeed imports its Muon kernels (wrapped in torch.compile at import: 1.5-3 s of every
+    worker restart) while building and stepping any ZeRO engine; the trainer defers that compile
+    to the first call, so AdamW never pays it, and deferred kernels still run."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _ENGINE_SCRIPT, mode, str(free_port()), str(stage)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"inductor": mode == "default", "zero": stage, "kernel": [2.0, 2.0, 2.0]}

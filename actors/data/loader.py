@@ -357,17 +357,29 @@ class DataLoader:
         if state is not None:
             self.load_state_dict(state)
         self._actor = self._make_actor(storage_options, cache_dir, name)
-        self.transport = self._resolve_transport(transport)
+        # the actor's process starts in the background; the first request settles the transport,
+        # so a trainer builds its engine meanwhile (a restart does not wait for it twice)
+        self._want_transport = transport
+        self._transport: str | None = None
+        self._open_args = (url, storage_options, cache_dir, gather_threads)
         self._local: ShardStore | None = None
         self._gather_pool: ThreadPoolExecutor | None = None
         self._ids: dict[tuple, np.ndarray] = {}  # mmap: sample ids of upcoming requests
         self._ids_lock = threading.Lock()
         self._open_lock = threading.Lock()
-        if self.transport == "mmap":
-            self._local = ShardStore(url, storage_options, cache_dir, fetch_threads=4,
-                                     manifest=self.manifest)
-            self._gather_pool = ThreadPoolExecutor(max_workers=gather_threads,
-                                                   thread_name_prefix="reo-data-gather")
+
+    @property
+    def transport(self) -> str:
+        """``mmap`` or ``object_store`` (``auto`` resolved: waits for the loader actor once)."""
+        if self._transport is None:
+            self._transport = self._resolve_transport(self._want_transport)
+            if self._transport == "mmap":
+                url, storage_options, cache_dir, gather_threads = self._open_args
+                self._local = ShardStore(url, storage_options, cache_dir, fetch_threads=4,
+                                         manifest=self.manifest)
+                self._gather_pool = ThreadPoolExecutor(max_workers=gather_threads,
+                                                       thread_name_prefix="reo-data-gather")
+        return self._transport
 
     def _resolve_transport(self, transport: str) -> str:
         if transport != "auto":

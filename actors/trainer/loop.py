@@ -9,6 +9,7 @@ ever used after its manifest verifies.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -121,6 +122,36 @@ def use_environment_ninja() -> None:
         os.environ["PATH"] = bindir + os.pathsep + path
 
 
+def defer_deepspeed_compile() -> None:
+    """Make DeepSpeed's ``@compiler.compile()`` kernels compile on first call, not at import.
+
+    ``deepspeed.initialize`` and every ZeRO step import DeepSpeed's Muon optimizer module, whose
+    kernels are wrapped in ``torch.compile`` at import time; that loads TorchInductor's compiler
+    (``torch._inductor.compile_fx``): 1.5 s of every worker (re)start on an idle 2-core machine, 2-3 s with two
+    workers starting at once, for kernels that only Muon runs (a spec cannot name Muon). The
+    kernels still compile, the first time something calls them.
+    """
+    from deepspeed.runtime import compiler
+    if getattr(compiler.compile, "deferred", False):
+        return
+
+    def compile():
+        def decorate(fn):
+            compiled = None
+
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                nonlocal compiled
+                if compiled is None:
+                    compiled = torch.compile(fn)
+                return compiled(*args, **kwargs)
+            return call
+        return decorate
+
+    compile.deferred = True
+    compiler.compile = compile
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -169,19 +200,9 @@ class Worker:
 
     # ------------------------------------------------------------------ components
     def build(self) -> None:
-        use_environment_ninja()
-        import deepspeed
         spec = self.spec
-        seed_everything(spec.seed)  # identical initial weights on every rank and every attempt
-        model = spec.model.resolve()(**spec.model.kwargs)
-        self.accum = gradient_accumulation(spec.deepspeed.global_batch_size,
-                                           spec.deepspeed.micro_batch_size, self.world)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(spec, params)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(spec, self.world),
-            dist_init_required=False)
-        self.state_keys = zero_state.optimizer_state_keys(spec.optimizer.name)
+        t_start = time.time()
+        # the loader first: its actor process starts while DeepSpeed loads and builds the engine
         from actors.data import DataLoader
         d = spec.dataset
         self.loader = DataLoader(
@@ -191,6 +212,23 @@ class Worker:
             prefetch_batches=d.prefetch_batches, max_prefetch_mb=d.max_prefetch_mb,
             cache_dir=d.cache_dir, name=f"{spec.name}-r{self.rank}", transport=d.transport,
             gather_threads=d.gather_threads)
+        t0 = time.time()
+        use_environment_ninja()
+        import deepspeed
+        defer_deepspeed_compile()
+        t1 = time.time()
+        seed_everything(spec.seed)  # identical initial weights on every rank and every attempt
+        model = spec.model.resolve()(**spec.model.kwargs)
+        self.accum = gradient_accumulation(spec.deepspeed.global_batch_size,
+                                           spec.deepspeed.micro_batch_size, self.world)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(spec, params)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(spec, self.world),
+            dist_init_required=False)
+        self.build_times = {"loader": t0 - t_start, "import_deepspeed": t1 - t0,
+                            "model_and_engine": time.time() - t1}
+        self.state_keys = zero_state.optimizer_state_keys(spec.optimizer.name)
         self.max_steps = total_steps(spec, self.loader.steps_per_epoch)
 
     # ------------------------------------------------------------------ restore
@@ -274,8 +312,11 @@ class Worker:
     # ------------------------------------------------------------------ loop
     def run(self) -> dict[str, Any]:
         spec = self.spec
+        t_enter = time.time()
         self.build()
+        t_built = time.time()
         start = self.restore()
+        t_restored = time.time()
         if self.rank == 0:
             log.warning("[%s] training steps %d..%d on %d workers (micro %d x accumulation %d x "
                         "workers %d = global %d), ZeRO-%d %s", spec.name, start, self.max_steps,
@@ -321,6 +362,15 @@ class Worker:
             dist.all_reduce(loss_sum)
             requested = bool(loss_sum[3] > 0)
             step += 1
+            if step == start + 1 and self.rank == 0:  # where a (re)start's time went
+                import psutil
+                born = psutil.Process().create_time()
+                log.warning("[%s] first step %d done %.1fs after this worker process started: %.1fs "
+                            "to the train function (Ray worker, imports, process group), %.1fs engine "
+                            "and loader build (%s), %.1fs restore, %.1fs first step", spec.name, step,
+                            time.time() - born, t_enter - born, t_built - t_enter,
+                            ", ".join(f"{k} {v:.1f}s" for k, v in self.build_times.items()),
+                            t_restored - t_built, time.time() - t_restored)
             n_last += spec.deepspeed.global_batch_size
             g_loss = float(loss_sum[0]) / (self.accum * self.world)
             self.history.append({"step": step, "loss": g_loss, "world_size": self.world,
