@@ -6,7 +6,11 @@ running until interrupted (``--detach`` returns at once and leaves it running).
 
 Python callers (Tune, the pipeline) use :func:`deploy` and :func:`rollout`:
 
-* ``deploy(spec, checkpoint_url=None) -> endpoint URL``
+* ``deploy(spec, checkpoint_url=None) -> endpoint URL`` (Serve's HTTP proxy)
+* ``replica_endpoints(spec) -> [URL, ...]``: with Serve's direct ingress enabled on the cluster
+  (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` in the environment of ``ray start``, or of this process
+  when it starts a local Ray), each replica also answers HTTP itself, without the proxy hop: the
+  faster path for a load balancer in front of the replicas (measured in ``bench.serve``)
 * ``rollout(spec, new_checkpoint_url, canary=None) -> RolloutResult``: a rolling in-place update,
   or, with a :class:`~orchestrator.spec.Canary` config (or the spec's), a canary that is promoted or
   rolled back by :func:`actors.serve.canary.canary_decision`.
@@ -84,6 +88,25 @@ def deploy(spec: ServeSpec, checkpoint_url: str | None = None, *, host: str = "1
     serve.start(http_options={"host": host, "port": spec.http_port})
     _apply(spec, config)
     return f"http://{host}:{spec.http_port}{spec.route_prefix}"
+
+
+def replica_endpoints(app: ServeSpec | str, timeout_s: float = 30.0) -> list[str]:
+    """URLs at which the replicas of a spec's (or a named) application answer HTTP directly
+    (Serve's direct ingress), one per running replica; empty without direct ingress."""
+    from ray.serve.context import _get_global_client
+    name = app if isinstance(app, str) else app.name
+    client = _get_global_client()
+    bind = client.http_config.host
+    deadline = time.monotonic() + timeout_s
+    while True:
+        groups = ray.get(client._controller.get_target_groups.remote(app_name=name))
+        # without direct ingress there is only the proxy's catch-all group (no app name)
+        mine = [g for g in groups if g.app_name == name and g.protocol == "HTTP"]
+        urls = [f"http://{t.ip if bind in ('0.0.0.0', '::') else bind}:{t.port}{g.route_prefix}"
+                for g in mine for t in g.targets if t.name.startswith("SERVE_REPLICA::")]
+        if urls or not mine or time.monotonic() > deadline:
+            return sorted(urls)
+        time.sleep(0.2)  # direct ingress on, no replica running yet: the group points at the proxy
 
 
 def served(spec: ServeSpec) -> dict[str, Any]:
@@ -172,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     print(f"serving {args.checkpoint or spec.checkpoint_url} at {endpoint}", flush=True)
+    for url in replica_endpoints(spec):
+        print(f"  replica (direct ingress): {url}", flush=True)
     if args.detach:
         return 0
     try:

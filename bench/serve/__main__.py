@@ -6,6 +6,10 @@
 * ``serve_noop`` - a Ray Serve deployment that parses each request and answers without a model:
   what Serve's proxy and replica path alone carry under this load (the ceiling of any deployment)
 
+Serve runs with direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``; ``--proxy-only`` turns it
+off), so each Serve target is measured twice: through Serve's HTTP proxy, and straight to its
+replica's own HTTP port (``*_direct``), as a load balancer in front of the replicas would reach it.
+
 The load is ``--concurrency`` closed-loop aiohttp clients, each posting one request
 (``--examples`` examples) and waiting for the reply, for ``--duration`` seconds per target after a
 warm-up. Every target uses ``--threads`` torch threads. ``limit`` runs forwards of
@@ -96,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-s", type=float, default=0.01)
     p.add_argument("--threads", type=int, default=1, help="torch threads (and CPUs) per replica")
+    p.add_argument("--proxy-only", action="store_true",
+                   help="run Serve without direct ingress (only the proxy path is measured)")
     p.add_argument("--out", help="write the JSON report here too")
     args = p.parse_args(argv)
 
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from actors.serve.checkpoint import load_served_model, save_served_model
     from jobs.examples.models import mlp
-    from jobs.serve import deploy
+    from jobs.serve import deploy, replica_endpoints
     from orchestrator.spec import parse_spec
 
     kwargs = {"in_dim": args.in_dim, "hidden": args.hidden, "depth": args.depth, "num_classes": 16}
@@ -121,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                                         args.warmup, args.duration, args.examples)
     print("limit", report["results"]["limit"], file=sys.stderr, flush=True)
 
+    if not args.proxy_only:  # replicas also answer HTTP themselves; the proxy stays up
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
     from starlette.requests import Request
 
@@ -157,32 +165,40 @@ def main(argv: list[str] | None = None) -> int:
         "batching": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s}})
     try:
         url = deploy(spec)
-        for name, target in (("deployment", url), ("plain", None), ("serve_noop", None)):
+        for name, app in (("deployment", spec.name), ("plain", "bench-plain"), ("serve_noop", "bench-noop")):
             if name == "plain":
                 serve.delete(spec.name)
-                serve.run(Plain.bind(ckpt, args.threads), name="bench-plain", route_prefix="/plain")
-                target = f"http://127.0.0.1:{port}/plain"
+                serve.run(Plain.bind(ckpt, args.threads), name=app, route_prefix="/plain")
+                url = f"http://127.0.0.1:{port}/plain"
             elif name == "serve_noop":
                 serve.delete("bench-plain")
-                serve.run(Noop.bind(), name="bench-noop", route_prefix="/noop")
-                target = f"http://127.0.0.1:{port}/noop"
-            lat, ok, err = asyncio.run(_http_load(target, body, args.concurrency, args.warmup, args.duration))
-            report["results"][name] = _summary(lat, ok, err, args.duration, args.examples)
+                serve.run(Noop.bind(), name=app, route_prefix="/noop")
+                url = f"http://127.0.0.1:{port}/noop"
+            paths = [(name, url)] + [(f"{name}_direct", u) for u in replica_endpoints(app)[:1]]
+            for key, target in paths:  # through Serve's proxy, then straight to the replica
+                lat, ok, err = asyncio.run(_http_load(target, body, args.concurrency, args.warmup, args.duration))
+                report["results"][key] = _summary(lat, ok, err, args.duration, args.examples)
+                print(key, report["results"][key], file=sys.stderr, flush=True)
             if name == "deployment":  # how full the batches were (warm-up and load together)
                 sizes = serve.get_deployment_handle("model", app_name=spec.name).info.remote().result()["batch_sizes"]
                 n = sum(sizes.values())
                 report["results"][name]["mean_batch_examples"] = round(
                     sum(int(k) * v for k, v in sizes.items()) / n, 2) if n else 0.0
-            print(name, report["results"][name], file=sys.stderr, flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
     r = report["results"]
+    rps = {k: v["requests_per_s"] for k, v in r.items()}
     report["ratios"] = {
-        "deployment_vs_limit": round(r["deployment"]["requests_per_s"] / r["limit"]["requests_per_s"], 3),
-        "deployment_vs_plain": round(r["deployment"]["requests_per_s"] / max(r["plain"]["requests_per_s"], 1e-9), 2),
-        "deployment_vs_serve_noop": round(r["deployment"]["requests_per_s"] / r["serve_noop"]["requests_per_s"], 3),
-        "serve_noop_vs_limit": round(r["serve_noop"]["requests_per_s"] / r["limit"]["requests_per_s"], 3)}
+        "deployment_vs_limit": round(rps["deployment"] / rps["limit"], 3),
+        "deployment_vs_plain": round(rps["deployment"] / max(rps["plain"], 1e-9), 2),
+        "deployment_vs_serve_noop": round(rps["deployment"] / rps["serve_noop"], 3),
+        "serve_noop_vs_limit": round(rps["serve_noop"] / rps["limit"], 3)}
+    if "deployment_direct" in rps:
+        report["ratios"].update({
+            "deployment_direct_vs_limit": round(rps["deployment_direct"] / rps["limit"], 3),
+            "deployment_direct_vs_plain_direct": round(rps["deployment_direct"] / max(rps["plain_direct"], 1e-9), 2),
+            "serve_noop_direct_vs_limit": round(rps["serve_noop_direct"] / rps["limit"], 3)})
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
