@@ -46,6 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import ray
 
@@ -74,18 +75,22 @@ class ShardStore:
     """Opens shards on demand (download + verify + memory-map) and gathers rows by sample id."""
 
     def __init__(self, url: str, storage_options: dict | None, cache_dir: str | None,
-                 fetch_threads: int = 8, manifest: Manifest | None = None):
+                 fetch_threads: int = 8, manifest: Manifest | None = None, prepare=None):
         self.url = url
         self.storage = Storage(url, storage_options)
         self.manifest: Manifest = manifest or read_manifest(url, storage_options)
         self.cache_dir = cache_dir or default_cache_dir()
         self.readers: dict[int, ShardReader] = {}
-        self._lock = threading.Lock()
+        # ``prepare(shards)`` runs before shards are opened here: the mmap client has its loader
+        # actor download and verify them on the node first
+        self._prepare = prepare
+        self._lock = threading.Lock()  # one opener at a time: concurrent gathers map a shard once
         self._pool = ThreadPoolExecutor(max_workers=fetch_threads)
         # a global shuffle reads every page of every shard each epoch: map each shard's pages when
         # it opens (MAP_POPULATE: first-epoch gathers 1.7x faster than one page fault per row)
         # unless the dataset would crowd this node's memory
-        self._populate = bool(region.POPULATE) and self.manifest.total_bytes <= _available_bytes() // 2
+        self._populate = bool(region.POPULATE) and \
+            self.manifest.total_bytes <= psutil.virtual_memory().available // 2
         self._region: region.ShardRegion | None = None
         if region.available():
             try:
@@ -172,22 +177,25 @@ class ShardStore:
 
     def fetch(self, shards) -> None:
         """Download (if remote) and verify these shards on this node without opening them."""
-        todo = [int(s) for s in shards]
-        if len(todo) > 1:
-            list(self._pool.map(self._file, todo))
-        elif todo:
-            self._file(todo[0])
+        self._each(self._file, [int(s) for s in shards])
 
     def ensure(self, shards: np.ndarray) -> None:
-        missing = [int(s) for s in shards if int(s) not in self.readers]
-        if not missing:
+        if all(int(s) in self.readers for s in shards):
             return
-        opened = list(self._pool.map(self._open, missing)) if len(missing) > 1 else [self._open(missing[0])]
         with self._lock:
-            for i, reader in zip(missing, opened):
+            missing = [int(s) for s in shards if int(s) not in self.readers]
+            if not missing:
+                return
+            if self._prepare is not None:
+                self._prepare(missing)
+            for i, reader in zip(missing, self._each(self._open, missing)):
                 if self._region is not None:
                     self._index(i, reader)
                 self.readers[i] = reader
+
+    def _each(self, fn, items: list[int]) -> list:
+        """``fn`` over ``items``, on the fetch pool when there is more than one."""
+        return list(self._pool.map(fn, items)) if len(items) > 1 else [fn(i) for i in items]
 
     # gathering -------------------------------------------------------------------------------
     def gather(self, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -232,17 +240,6 @@ class ShardStore:
             for k, o in out.items():
                 o[dst] = cols[k][rows]
         return out
-
-
-def _available_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def _map(path: str, populate: bool) -> pa.Buffer:
@@ -366,7 +363,6 @@ class DataLoader:
         self._gather_pool: ThreadPoolExecutor | None = None
         self._ids: dict[tuple, np.ndarray] = {}  # mmap: sample ids of upcoming requests
         self._ids_lock = threading.Lock()
-        self._open_lock = threading.Lock()
 
     @property
     def transport(self) -> str:
@@ -376,7 +372,7 @@ class DataLoader:
             if self._transport == "mmap":
                 url, storage_options, cache_dir, gather_threads = self._open_args
                 self._local = ShardStore(url, storage_options, cache_dir, fetch_threads=4,
-                                         manifest=self.manifest)
+                                         manifest=self.manifest, prepare=self._fetch_on_node)
                 self._gather_pool = ThreadPoolExecutor(max_workers=gather_threads,
                                                        thread_name_prefix="reo-data-gather")
         return self._transport
@@ -463,14 +459,11 @@ class DataLoader:
             return block[0]
 
     def _gather_here(self, order: EpochOrder, c: plan.Cursor) -> dict[str, np.ndarray]:
-        ids = self._ids_of(order, c)
-        rps = self.manifest.rows_per_shard
-        with self._open_lock:
-            need = [int(s) for s in np.unique(ids // rps) if int(s) not in self._local.readers]
-            if need:  # the actor downloads and verifies them on this node; then they are mapped here
-                ray.get(self._actor.prepare.remote(need))
-                self._local.ensure(np.asarray(need))
-        return self._local.gather(ids)
+        return self._local.gather(self._ids_of(order, c))
+
+    def _fetch_on_node(self, shards: list[int]) -> None:
+        """The actor downloads and verifies these shards on this node; then they are mapped here."""
+        ray.get(self._actor.prepare.remote(shards))
 
     def __iter__(self):
         while True:

@@ -42,7 +42,7 @@ def available() -> bool:
 
 
 class ShardRegion:
-    """``slots`` equal slots of ``slot_bytes`` (page-rounded), one per shard, in one range."""
+    """One slot per shard, each as large as the largest shard (page-rounded), in one range."""
 
     def __init__(self, shard_bytes: list[int]):
         if _libc is None:
