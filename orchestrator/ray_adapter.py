@@ -221,11 +221,21 @@ def _reachable(address: str, timeout_s: float = 5.0) -> None:
         raise RayUnavailable(f"no Ray cluster at {address}: {e}") from None
 
 
-def _dashboard_url() -> str | None:
+def _dashboard_url(wait_s: float = 5.0) -> str | None:
+    """The dashboard URL the cluster publishes in its GCS (where JobSubmissionClient looks too).
+
+    Read live, and for up to ``wait_s`` while it is unset: the copy a driver takes when it
+    connects (``address_info``) was once found empty in CI right after a fresh ``ray start``
+    whose dashboard already answered HTTP.
+    """
     import ray
-    info = ray._private.worker.global_worker.node.address_info  # what JobSubmissionClient reads too
-    url = info.get("webui_url")
-    return f"http://{url}" if url else None
+    deadline = time.monotonic() + wait_s
+    while True:
+        url = ray._private.services.get_webui_url_from_internal_kv() or \
+            ray._private.worker.global_worker.node.address_info.get("webui_url")
+        if url or time.monotonic() >= deadline:
+            return f"http://{url}" if url else None
+        time.sleep(0.25)
 
 
 class RayMetrics:
