@@ -68,6 +68,14 @@ class Resources(Strict):
                                                description="declared memory; the planner warns past it")
     resize_check_interval_s: float = Field(
         30.0, ge=0.5, le=86400, description="how often a running elastic job looks for room to grow")
+    health_check_interval_s: float = Field(
+        0.5, ge=0.1, le=60, description="how often Ray Train's controller polls the workers: the most "
+        "a lost worker goes unnoticed (Ray Train's own default is 2 s)")
+    warm_spares: int = Field(
+        1, ge=0, le=64, description="idle, preloaded worker processes kept per training worker on its "
+        "node, so a restart skips process start-up and imports; 0 turns them off")
+    warm_spare_keep_alive_s: float = Field(
+        600.0, ge=10, le=86400, description="how long the raylet keeps an unused spare; renewed while training")
 
     @model_validator(mode="after")
     def _min_le_max(self):

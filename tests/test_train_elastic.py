@@ -79,6 +79,67 @@ def test_worker_death_resumes_with_bitwise_identical_losses(baseline, tmp_path, 
     assert_exact_sample_order(result.history, spec.dataset.url)
 
 
+def _quiet(pids: set[int]) -> bool:
+    """Every process in ``pids`` used no CPU over 0.3 s (done preloading, waiting for work)."""
+    import time
+
+    import psutil
+    procs = [psutil.Process(p) for p in pids]
+    before = [sum(p.cpu_times()[:2]) for p in procs]
+    time.sleep(0.3)
+    return all(sum(p.cpu_times()[:2]) == b for p, b in zip(procs, before))
+
+
+@pytest.mark.slow
+def test_restart_after_worker_death_runs_in_the_warm_spare_processes(dataset, tmp_path, ray_local):
+    """Once training, each worker has its node keep an idle worker process with the trainer's
+    imports done, and one for its loader actor. When a worker dies, Ray Train's replacement group
+    and its loader actors run in those processes, starting none, and the run still sees exactly
+    the samples of an uninterrupted one."""
+    from actors.data.loader import PRELOAD_HOOK
+    from actors.trainer.spares import HOOK
+    from actors.trainer.trainer import run_train
+    from actors.warm import idle_spare_pids
+    spec = make_spec(dataset, str(tmp_path / "ckpt"), steps=8, interval=2)
+    hold, held, pid_dir = tmp_path / "hold", tmp_path / "hold.held", tmp_path / "pids"
+    hold.write_text("3")
+    out: dict = {}
+
+    def fit():
+        try:
+            out["result"] = run_train(spec, options={"hold_file": str(hold), "pid_dir": str(pid_dir),
+                                                     "fail_at_step": 4})
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            out["error"] = e
+
+    def pids(kind: str) -> set[int]:
+        return {int((pid_dir / f"{kind}-{r}.pid").read_text()) for r in (0, 1)}
+
+    def idle_spares(hook: str, in_use: set[int]):
+        s = set(idle_spare_pids(hook)) - in_use
+        return s if len(s) >= 2 and _quiet(s) else None
+
+    t = threading.Thread(target=fit, daemon=True)
+    t.start()
+    wait_until(held.exists, 300, 0.2, "2 workers holding at step 3")
+    first, first_loaders = pids("rank"), pids("loader")
+    spares = wait_until(lambda: idle_spares(HOOK, first), 120, 0.2, "2 idle trainer spares")
+    loader_spares = wait_until(lambda: idle_spares(PRELOAD_HOOK, first_loaders), 120, 0.2,
+                               "2 idle loader spares")
+    hold.unlink()          # step 4 runs, then the last rank's process exits
+    t.join(600)
+    assert not t.is_alive(), "training did not finish"
+    assert "error" not in out, out.get("error")
+    result = out["result"]
+    assert result.final_step == 8 and [h["step"] for h in result.history] == list(range(1, 9))
+    assert_exact_sample_order(result.history, spec.dataset.url)
+    second, second_loaders = pids("rank"), pids("loader")
+    assert not second & first, "the restarted group reused a process of the failed one"
+    assert second <= spares, f"restarted workers {second} did not run in the warm spares {spares}"
+    assert second_loaders <= loader_spares, \
+        f"restarted loader actors {second_loaders} did not run in the loader spares {loader_spares}"
+
+
 @pytest.mark.slow
 @pytest.mark.multinode
 def test_node_loss_shrinks_then_grows_back_with_same_samples(baseline, ray_cluster, tmp_path):

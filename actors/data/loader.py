@@ -50,6 +50,7 @@ import psutil
 import pyarrow as pa
 import ray
 
+from actors import warm
 from actors.data import plan, region
 from actors.data.shards import (Manifest, ShardError, ShardReader, read_manifest, sha256_of_path,
                                 sha256_of_stream)
@@ -256,7 +257,20 @@ def _remove(path: str) -> None:
         pass
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+PRELOAD_HOOK = "actors.data.loader.preload"
+
+
+def preload() -> None:
+    """Ray worker setup hook of loader actor processes: what a loader actor imports, done before
+    it waits as a warm spare (:mod:`actors.warm`). Its own hook also replaces the one a loader
+    started by a trainer worker would inherit (the trainer's: torch, DeepSpeed)."""
+    # importing this module (to find the hook) loaded numpy, pyarrow, Ray and the shard store;
+    # what is left is fsspec's local filesystem, which every store opens
+    import fsspec
+    fsspec.filesystem("file")
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, runtime_env=warm.setup_hook_env(PRELOAD_HOOK))
 class ShardServer:
     """Serves exact slices of the order. Stateless between calls apart from open shards."""
 
@@ -265,7 +279,8 @@ class ShardServer:
         self._orders: dict[tuple, EpochOrder] = {}
 
     def info(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+        ctx = ray.get_runtime_context()
+        return {"pid": os.getpid(), "node_id": ctx.get_node_id(), "runtime_env": ctx.get_runtime_env_string(),
                 "open_shards": len(self.store.readers), "peak_rss_kb": _peak_rss_kb()}
 
     def batch(self, order: tuple, segments: list[tuple[int, int, int]]) -> dict[str, np.ndarray]:
@@ -316,6 +331,10 @@ class DataLoader:
     ``micro_batch_size`` rows. ``state_dict()`` is a small JSON-able record; loading it on any
     world size continues the same stream, so every sample of an epoch is visited exactly once.
 
+    ``warm_spares``: after the first step, ask the loader actor's node to keep that many idle,
+    preloaded processes (:mod:`actors.warm`), so the loader actor of a restarted trainer starts in
+    one instead of a new process.
+
     Raises ValueError naming the argument when the batch geometry or the state is invalid, and
     ShardError (naming the shard) when a shard is missing or corrupt.
     """
@@ -324,7 +343,7 @@ class DataLoader:
                  world_size: int, shuffle=None, storage_options: dict | None = None,
                  prefetch_batches: int = 4, max_prefetch_mb: int = 256, cache_dir: str | None = None,
                  name: str | None = None, state: dict | None = None, transport: str = "auto",
-                 gather_threads: int = 2):
+                 gather_threads: int = 2, warm_spares: int = 0, warm_spare_keep_alive_s: float = 600.0):
         cfg = _shuffle_config(shuffle)
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
@@ -363,6 +382,8 @@ class DataLoader:
         self._gather_pool: ThreadPoolExecutor | None = None
         self._ids: dict[tuple, np.ndarray] = {}  # mmap: sample ids of upcoming requests
         self._ids_lock = threading.Lock()
+        # after the first step: idle, preloaded processes for the next loader actor on its node
+        self._spares = warm.WarmSpares(warm_spares, warm_spare_keep_alive_s, "loader actors")
 
     @property
     def transport(self) -> str:
@@ -431,6 +452,10 @@ class DataLoader:
         self._cursor = plan.advance(c, self.num_samples, self.global_batch_size, self.tail)
         self._fill()  # keep the pipe full while the caller trains on this step
         self._stats["steps"] += 1
+        if self._stats["steps"] == 1 and self._spares.count:
+            info = self.actor_info()
+            self._spares.request(info["runtime_env"], info["node_id"])
+        self._spares.renew_if_due()
         self._stats["measured_request_bytes"] = sum(a.nbytes for a in rows.values())
         m = self.micro_batch_size
         with warnings.catch_warnings():  # object-store arrays are flagged read-only; they are ours alone
@@ -468,6 +493,10 @@ class DataLoader:
     def __iter__(self):
         while True:
             yield self.next_step()
+
+    def actor_info(self) -> dict[str, Any]:
+        """The loader actor's pid, node id, runtime env and open shards (waits for it to start)."""
+        return ray.get(self._actor.info.remote())
 
     def prefetch_stats(self) -> dict[str, int]:
         """Requests issued, steps consumed, and the peak in-flight count and bytes (exact sizes)."""

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from actors.trainer import zero_state
+from actors import warm
+from actors.trainer import spares, zero_state
 from actors.trainer.checkpoint import AsyncSaver, CheckpointStore, SaveRequest, assign_params
 from actors.trainer.control import JobControl
 from orchestrator.spec import TrainSpec, gradient_accumulation, parse_spec
@@ -197,6 +198,8 @@ class Worker:
         self.control = JobControl(c.url, st_opts)
         self.history: list[dict] = []
         self.reported_commit: str | None = None
+        r = spec.resources
+        self.spares = warm.WarmSpares(r.warm_spares, r.warm_spare_keep_alive_s, "trainer workers")
 
     # ------------------------------------------------------------------ components
     def build(self) -> None:
@@ -209,6 +212,7 @@ class Worker:
             d.url, global_batch_size=spec.deepspeed.global_batch_size,
             micro_batch_size=spec.deepspeed.micro_batch_size, rank=self.rank, world_size=self.world,
             shuffle=d.shuffle, storage_options=spec.storage.as_options(),
+            warm_spares=spec.resources.warm_spares, warm_spare_keep_alive_s=spec.resources.warm_spare_keep_alive_s,
             prefetch_batches=d.prefetch_batches, max_prefetch_mb=d.max_prefetch_mb,
             cache_dir=d.cache_dir, name=f"{spec.name}-r{self.rank}", transport=d.transport,
             gather_threads=d.gather_threads)
@@ -336,6 +340,8 @@ class Worker:
             os.makedirs(self.options["pid_dir"], exist_ok=True)
             with open(os.path.join(self.options["pid_dir"], f"rank-{self.rank}.pid"), "w") as f:
                 f.write(str(os.getpid()))
+            with open(os.path.join(self.options["pid_dir"], f"loader-{self.rank}.pid"), "w") as f:
+                f.write(str(self.loader.actor_info()["pid"]))
         while step < self.max_steps:
             if hold_file:
                 _hold(hold_file, step, self.world, self.rank)
@@ -362,15 +368,11 @@ class Worker:
             dist.all_reduce(loss_sum)
             requested = bool(loss_sum[3] > 0)
             step += 1
-            if step == start + 1 and self.rank == 0:  # where a (re)start's time went
-                import psutil
-                born = psutil.Process().create_time()
-                log.warning("[%s] first step %d done %.1fs after this worker process started: %.1fs "
-                            "to the train function (Ray worker, imports, process group), %.1fs engine "
-                            "and loader build (%s), %.1fs restore, %.1fs first step", spec.name, step,
-                            time.time() - born, t_enter - born, t_built - t_enter,
-                            ", ".join(f"{k} {v:.1f}s" for k, v in self.build_times.items()),
-                            t_restored - t_built, time.time() - t_restored)
+            if step == start + 1:
+                self.spares.request()  # training: have the next group's processes warmed meanwhile
+                if self.rank == 0:
+                    self._log_start(step, t_enter, t_built, t_restored)
+            self.spares.renew_if_due()
             n_last += spec.deepspeed.global_batch_size
             g_loss = float(loss_sum[0]) / (self.accum * self.world)
             self.history.append({"step": step, "loss": g_loss, "world_size": self.world,
@@ -406,6 +408,19 @@ class Worker:
         else:
             self.report({"step": step, "world_size": self.world, "done": 1})
         return {"step": step}
+
+    def _log_start(self, step: int, t_enter: float, t_built: float, t_restored: float) -> None:
+        """Where a (re)start's time went, from this worker process's birth to its first step."""
+        import psutil
+        born = psutil.Process().create_time()
+        warm = ("imports preloaded %.1fs before the train function" % (t_enter - spares.PRELOADED_AT)
+                if spares.PRELOADED_AT else "no preload")
+        log.warning("[%s] first step %d done %.1fs after this worker process started (%s): %.1fs "
+                    "to the train function (Ray worker, imports, process group), %.1fs engine "
+                    "and loader build (%s), %.1fs restore, %.1fs first step", self.spec.name, step,
+                    time.time() - born, warm, t_enter - born, t_built - t_enter,
+                    ", ".join(f"{k} {v:.1f}s" for k, v in self.build_times.items()),
+                    t_restored - t_built, time.time() - t_restored)
 
     def _write_summary(self, step: int) -> None:
         import json

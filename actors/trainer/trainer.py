@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ray.train.v2._internal.constants import HEALTH_CHECK_INTERVAL_S_ENV_VAR
 from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
 from ray.train.torch import TorchTrainer
 
+from actors.trainer import spares
 from actors.trainer.checkpoint import CheckpointStore
 from actors.trainer.control import JobControl
 from actors.trainer.loop import train_loop_per_worker
@@ -126,6 +129,9 @@ def build_trainer(spec: TrainSpec, options: dict[str, Any] | None = None,
     scaling = ray.train.ScalingConfig(num_workers=num_workers, use_gpu=bool(r.gpus_per_worker),
                                       resources_per_worker=resources,
                                       elastic_resize_monitor_interval_s=r.resize_check_interval_s)
+    # Ray Train reads its controller's poll interval from the driver's environment at fit() and
+    # passes it on to the controller; it bounds how long a lost worker goes unnoticed
+    os.environ[HEALTH_CHECK_INTERVAL_S_ENV_VAR] = str(r.health_check_interval_s)
     ray_store = Storage(spec.checkpoint.url, spec.storage.as_options()).sub("_ray_train")
     run_config = ray.train.RunConfig(
         name=run_name or f"{spec.name}-{uuid.uuid4().hex[:8]}",
@@ -134,6 +140,8 @@ def build_trainer(spec: TrainSpec, options: dict[str, Any] | None = None,
         failure_config=ray.train.FailureConfig(max_failures=spec.max_restarts),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.checkpoint.keep_last),
         callbacks=callbacks,
+        # warm spares run the preload hook; with none, workers import what they need as they go
+        worker_runtime_env=spares.worker_runtime_env() if r.warm_spares else None,
     )
     return ElasticDeepSpeedTrainer(
         train_loop_per_worker,

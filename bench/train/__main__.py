@@ -126,7 +126,8 @@ def make_spec(a, data_url: str, ckpt_url: str, *, steps: int, interval: int, log
     return {
         "kind": "train", "name": "bench-train", "max_steps": steps, "log_interval": log_interval,
         "seed": a.seed, "max_restarts": 3,
-        "resources": {"min_workers": a.workers, "max_workers": a.workers, "cpus_per_worker": a.threads},
+        "resources": {"min_workers": a.workers, "max_workers": a.workers, "cpus_per_worker": a.threads,
+                      "warm_spares": a.warm_spares},
         "model": {"factory": "jobs.examples.models:mlp", "kwargs": model_kwargs(a)},
         "dataset": {"url": data_url, "shuffle": {"seed": a.seed}},
         "deepspeed": {"zero_stage": a.zero_stage, "micro_batch_size": a.micro_batch,
@@ -233,6 +234,10 @@ def run_ours(spec_dict: dict, options: dict | None = None, during=None, cpu: boo
         except BaseException as e:  # noqa: BLE001 - re-raised below
             box["error"] = e
 
+    # A cold start finds no warm processes: drop the idle spares earlier runs of this driver left
+    # (they would be reused, as they are within one job). Recoveries get the spares their own run
+    # asked for.
+    evicted = evict_spares()
     sampler = CpuSampler() if cpu else None
     t_fit = time.time()
     th = threading.Thread(target=fit, daemon=True)
@@ -249,7 +254,27 @@ def run_ours(spec_dict: dict, options: dict | None = None, during=None, cpu: boo
     ts = [h["t"] for h in r.history]
     return {"t_fit": t_fit, "t": ts, "steps": [h["step"] for h in r.history],
             "world_sizes": r.world_sizes, "cold_start_s": ts[0] - t_fit, "wall_s": time.time() - t_fit,
-            "loss_first_last": [r.losses[0], r.losses[-1]], **extra}
+            "loss_first_last": [r.losses[0], r.losses[-1]], "spares_evicted": evicted, **extra}
+
+
+def evict_spares(timeout_s: float = 30.0) -> int:
+    """SIGKILL the idle warm spares (trainer and loader) on this machine; wait until they are gone."""
+    from actors.data.loader import PRELOAD_HOOK
+    from actors.trainer.spares import HOOK
+    from actors.warm import idle_spare_pids
+
+    def spares():
+        return idle_spare_pids(HOOK) + idle_spare_pids(PRELOAD_HOOK)
+    pids = spares()
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout_s
+    while spares() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return len(pids)
 
 
 def stall(d: dict[int, float], interval: int, warmup: int, max_steps: int) -> dict:
@@ -318,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
                          "bare and save-probe processes, so both sides compete for a shared CPU equally")
     ap.add_argument("--stall-steps", type=int, default=30)
     ap.add_argument("--ckpt-interval", type=int, default=5)
+    ap.add_argument("--warm-spares", type=int, default=1,
+                    help="resources.warm_spares of our runs (0: restarts start cold processes)")
     ap.add_argument("--recovery-steps", type=int, default=40)
     ap.add_argument("--kill-after", type=int, default=10, help="first kill once this step is committed")
     ap.add_argument("--kill-every", type=int, default=15, help="steps between kills")

@@ -1,0 +1,107 @@
+"""Warm spare worker processes: idle Ray workers started ahead of need, with their imports done.
+
+Ray gives every new actor a worker process. An idle one fits an actor when it belongs to the same
+job, was started for the same runtime env and has never run a task; otherwise the raylet starts a
+new process, which then imports everything the actor needs. A restart that replaces a group of
+actors (Ray Train's answer to a lost worker) pays that again for every actor. Here a running
+actor asks its node's raylet to start ``count`` idle processes for its own job and runtime env
+(Ray's ``PrestartWorkers`` call, the one Ray's own worker prestart uses), and the runtime env
+carries a Ray worker setup hook that imports what the actor needs before the process waits. The
+replacement actors then start in those processes.
+
+A spare holds no CPU or GPU reservation, only its memory. The raylet keeps an unused spare for
+``keep_alive_s``; :class:`WarmSpares` asks again before that runs out, and spares end with the
+job. Asking can fail (another Ray version, no permission): the caller logs once and its actors
+start cold, as without spares.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+log = logging.getLogger("actors.warm")
+
+
+def hook_env_var() -> str:
+    from ray._private import ray_constants
+    return ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+
+
+def setup_hook_env(hook: str) -> dict:
+    """A runtime env whose worker processes run ``hook`` ("module.function") before taking work;
+    ``""`` runs none (a child actor otherwise inherits its parent's hook)."""
+    return {"env_vars": {hook_env_var(): hook}}
+
+
+class WarmSpares:
+    """Keeps ``count`` warm idle processes for this job and a runtime env on one node.
+
+    Defaults: the calling worker's runtime env and node. ``request()`` is one RPC (the processes
+    start in the background); ``renew_if_due()`` asks again before the keep-alive runs out.
+    """
+
+    def __init__(self, count: int, keep_alive_s: float, what: str = "workers"):
+        self.count = int(count)
+        self.keep_alive_s = float(keep_alive_s)
+        self.what = what
+        self.next_request = 0.0
+        self.failed = False
+        self.requested = 0
+
+    def request(self, runtime_env: str | None = None, node_id: str | None = None) -> bool:
+        if self.count <= 0 or self.failed:
+            return False
+        try:
+            prestart(self.count, self.keep_alive_s, runtime_env, node_id)
+        except Exception as e:  # noqa: BLE001 - never break the caller over an optimisation
+            self.failed = True
+            log.warning("warm spare %s unavailable (%s: %s); restarts start cold", self.what,
+                        type(e).__name__, e)
+            return False
+        self._args = (runtime_env, node_id)
+        self.requested += self.count
+        self.next_request = time.monotonic() + 0.8 * self.keep_alive_s
+        return True
+
+    def renew_if_due(self) -> None:
+        if self.next_request and time.monotonic() >= self.next_request:
+            self.request(*self._args)
+
+
+def prestart(count: int, keep_alive_s: float, runtime_env: str | None = None,
+             node_id: str | None = None) -> None:
+    """Ask ``node_id``'s raylet for ``count`` idle workers of this job with ``runtime_env`` (a
+    serialized runtime env; default: the caller's own)."""
+    import ray
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray.core.generated import (common_pb2, node_manager_pb2, node_manager_pb2_grpc,
+                                    runtime_environment_pb2)
+
+    ctx = ray.get_runtime_context()
+    node_id = node_id or ctx.get_node_id()
+    node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+    channel = init_grpc_channel(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}")
+    try:
+        stub = node_manager_pb2_grpc.NodeManagerServiceStub(channel)
+        stub.PrestartWorkers(node_manager_pb2.PrestartWorkersRequest(
+            language=common_pb2.PYTHON, job_id=bytes.fromhex(ctx.get_job_id()),
+            runtime_env_info=runtime_environment_pb2.RuntimeEnvInfo(
+                serialized_runtime_env=runtime_env or ctx.get_runtime_env_string()),
+            keep_alive_duration_secs=max(1, int(keep_alive_s)), num_workers=count), timeout=10)
+    finally:
+        channel.close()
+
+
+def idle_spare_pids(hook: str) -> list[int]:
+    """Processes on this machine waiting as spares: idle Ray workers whose setup hook is ``hook``."""
+    import psutil
+    var = hook_env_var()
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if (p.info["cmdline"] or [""])[0].startswith("ray::IDLE") and p.environ().get(var) == hook:
+                out.append(p.pid)
+        except (psutil.Error, OSError):
+            continue
+    return out
