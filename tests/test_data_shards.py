@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from actors.data import ShardError, read_manifest, write_shards
-from actors.data.loader import ShardStore
+from actors.data.loader import BufferPool, ShardStore
 from jobs.examples.datasets import classification, copy_task_tokens
 from orchestrator import cli
 from orchestrator.storage import Storage
@@ -168,11 +168,43 @@ def test_gather_returns_rows_in_request_order_for_every_column_layout(tmp_path, 
     write_shards(cols, str(tmp_path / "ds"), rows_per_shard=100, progress=False)
     store = ShardStore(str(tmp_path / "ds"), None, str(tmp_path / "cache"))
     assert (store._region is not None) == use_region
-    for ids in (rng.permutation(n)[:300], np.array([1036, 0, 1036, 500]), np.arange(1000, 1037), np.zeros(0, np.int64)):
-        got = store.gather(ids)
+    pool = BufferPool(2)
+    held = []  # every batch stays referenced: pooled buffers must never be written over
+    for ids in (rng.permutation(n)[:300], np.array([1036, 0, 1036, 500]), np.arange(1000, 1037), np.zeros(0, np.int64),
+                rng.permutation(n)[:300], rng.permutation(n)[:300]):
+        for got in (store.gather(ids), store.gather(ids, pool)):
+            held.append((ids, got))
+            for k, v in cols.items():
+                assert got[k].dtype == v.dtype and got[k].shape == (len(ids), *v.shape[1:])
+                assert np.array_equal(got[k], v[ids]), k
+            assert np.array_equal(got["id"], ids)
+    for ids, got in held:
         for k, v in cols.items():
-            assert got[k].dtype == v.dtype and got[k].shape == (len(ids), *v.shape[1:])
             assert np.array_equal(got[k], v[ids]), k
-        assert np.array_equal(got["id"], ids)
     if use_region:  # the wide column is strided over all shards but the short last one
         assert (store._rowbase["big"] >= 0).sum() >= 10 and "flag" not in store._views
+
+
+def test_buffer_pool_hands_out_again_only_buffers_nothing_references():
+    """A pooled output array is reused once the caller has dropped it and every view or tensor
+    made from it, never while any of them is alive."""
+    import torch
+    pool = BufferPool(4)
+    a = pool.take((3, 4), np.float32)
+    b = pool.take((3, 4), np.float32)
+    assert a is not b and pool.allocated == 2
+    view, a_id = a[1:], id(a)
+    del a
+    c = pool.take((3, 4), np.float32)             # a lives on through its view
+    assert id(c) != a_id and c is not b and pool.allocated == 3
+    del view
+    assert id(pool.take((3, 4), np.float32)) == a_id and pool.allocated == 3
+    t, b_id = torch.from_numpy(b)[1:], id(b)
+    del b
+    d = pool.take((3, 4), np.float32)
+    assert id(d) not in (b_id, id(c))  # b is held by a tensor slice
+    del t
+    assert id(pool.take((3, 4), np.float32)) == b_id
+    assert pool.take((5,), np.int64).shape == (5,)  # other shapes have their own buffers
+    with pytest.raises(ValueError, match="max_per_shape"):
+        BufferPool(0)

@@ -1,8 +1,10 @@
 """One contender per process: ``python -m bench.data.contenders NAME --workdir W ... --out R.json``.
 
-Each contender yields batches (dicts with ``id`` and ``x``) for one epoch; the runner times the
-first batch and the whole epoch, samples the process tree's memory (PSS, Ray workers included)
-and scores the order of the ids it saw.
+Each contender is a function returning the batches (dicts with ``id`` and ``x``) of its next
+epoch; the runner reads ``--epochs`` epochs, times the first batch, the first epoch and the
+later ones (steady state: no start-up of the loader or of Ray still running alongside), samples
+the process tree's memory (PSS, Ray workers included) and scores the order of the first epoch's
+ids.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def _raw(url: str, storage_options, batch: int):
     from orchestrator.storage import Storage
     m = read_manifest(url, storage_options)
     st = Storage(url, storage_options)
-    return _raw_batches(m, st, batch)
+    return lambda: _raw_batches(m, st, batch)
 
 
 def _raw_batches(m, st, batch: int):
@@ -53,7 +55,7 @@ def _ours(url: str, storage_options, batch: int, mode: str, workdir: str, seed: 
                     shuffle={"mode": mode, "seed": seed, "window": 16384}, storage_options=storage_options,
                     cache_dir=cache, prefetch_batches=8, max_prefetch_mb=256, transport=transport)
     print(f"  transport: {dl.transport}", flush=True)
-    return (dl.next_step()[0] for _ in range(dl.steps_per_epoch))
+    return lambda: (dl.next_step()[0] for _ in range(dl.steps_per_epoch))
 
 
 def _ray_data(path: str, batch: int, mode: str, seed: int):
@@ -63,12 +65,10 @@ def _ray_data(path: str, batch: int, mode: str, seed: int):
     ctx.enable_progress_bars = False
     if mode == "global":
         ds = ray.data.read_parquet(path).random_shuffle(seed=seed)
-        it = ds.iter_torch_batches(batch_size=batch, drop_last=True)
-    else:
-        ds = ray.data.read_parquet(path, shuffle="files")
-        it = ds.iter_torch_batches(batch_size=batch, drop_last=True, local_shuffle_buffer_size=16384,
-                                   local_shuffle_seed=seed)
-    return it
+        return lambda: ds.iter_torch_batches(batch_size=batch, drop_last=True)
+    ds = ray.data.read_parquet(path, shuffle="files")
+    return lambda: ds.iter_torch_batches(batch_size=batch, drop_last=True, local_shuffle_buffer_size=16384,
+                                         local_shuffle_seed=seed)
 
 
 def _mosaic(path: str, batch: int, workers: int, seed: int):
@@ -76,14 +76,16 @@ def _mosaic(path: str, batch: int, workers: int, seed: int):
     import torch
     from streaming import StreamingDataset
     ds = StreamingDataset(local=path, shuffle=True, shuffle_seed=seed, batch_size=batch)
-    return torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, drop_last=True)
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, drop_last=True)
+    return lambda: iter(dl)  # each pass is the dataset's next epoch
 
 
 def _litdata(path: str, batch: int, workers: int, seed: int, workdir: str):
     import litdata
     ds = litdata.StreamingDataset(path, shuffle=True, seed=seed, drop_last=True,
                                   cache_dir=os.path.join(workdir, "cache", str(os.getpid())))
-    return litdata.StreamingDataLoader(ds, batch_size=batch, num_workers=workers, drop_last=True)
+    dl = litdata.StreamingDataLoader(ds, batch_size=batch, num_workers=workers, drop_last=True)
+    return lambda: iter(dl)
 
 
 def _stub_torchvision():
@@ -142,24 +144,34 @@ class PeakMemory:
         self._t.join()
 
 
-def measure(batches, rows_per_shard: int, batch: int) -> dict:
+def measure(next_epoch, rows_per_shard: int, batch: int, epochs: int = 1) -> dict:
+    """Read ``epochs`` epochs from ``next_epoch()``; score the first epoch's order."""
     from actors.data import score_order
     ids, touched = [], 0
     ttfb = None
+    later_n, later_wall = 0, 0.0
     with PeakMemory(interval=0.25) as mem:
         t0 = time.perf_counter()
-        for b in batches:
-            if ttfb is None:
-                ttfb = time.perf_counter() - t0
-            i = np.array(b["id"]).reshape(-1)  # a copy: a view would pin the loader's whole buffer
-            ids.append(i)
-            x = b["x"]
-            touched += int(x[:, 0].sum()) if hasattr(x, "shape") else sum(v[0] for v in x)
-        wall = time.perf_counter() - t0
+        for e in range(epochs):
+            te, n = time.perf_counter(), 0
+            for b in next_epoch():
+                if ttfb is None:
+                    ttfb = time.perf_counter() - t0
+                i = np.array(b["id"]).reshape(-1)  # a copy: a view would pin the loader's whole buffer
+                n += len(i)
+                if e == 0:
+                    ids.append(i)
+                x = b["x"]
+                touched += int(x[:, 0].sum()) if hasattr(x, "shape") else sum(v[0] for v in x)
+            if e == 0:
+                wall = time.perf_counter() - t0
+            else:
+                later_n, later_wall = later_n + n, later_wall + time.perf_counter() - te
     first = len(ids[0]) if ids else 0
     ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
     out = {"samples": int(len(ids)), "wall_s": wall, "ttfb_s": ttfb, "epoch_samples_per_s": len(ids) / wall,
            "samples_per_s": (len(ids) - first) / max(wall - ttfb, 1e-9),
+           "epochs": epochs, "later_epochs_samples_per_s": later_n / later_wall if later_wall else None,
            "peak_pss_mb": mem.peak / 2**20, "unique": int(len(np.unique(ids)))}
     try:
         order = ids
@@ -182,6 +194,7 @@ def main(argv=None) -> int:
     p.add_argument("--endpoint-url")
     p.add_argument("--peer-workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     w = a.workdir
@@ -202,7 +215,7 @@ def main(argv=None) -> int:
     if a.name not in makers:
         print(f"unknown contender {a.name!r}; one of {sorted(makers)}", file=sys.stderr)
         return 2
-    result = {"name": a.name, **measure(makers[a.name](), a.rows_per_shard, a.batch)}
+    result = {"name": a.name, **measure(makers[a.name](), a.rows_per_shard, a.batch, a.epochs)}
     with open(a.out, "w") as f:
         json.dump(result, f)
     return 0
