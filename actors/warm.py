@@ -47,7 +47,6 @@ class WarmSpares:
         self.what = what
         self.next_request = 0.0
         self.failed = False
-        self.requested = 0
 
     def request(self, runtime_env: str | None = None, node_id: str | None = None) -> bool:
         if self.count <= 0 or self.failed:
@@ -60,7 +59,6 @@ class WarmSpares:
                         type(e).__name__, e)
             return False
         self._args = (runtime_env, node_id)
-        self.requested += self.count
         self.next_request = time.monotonic() + 0.8 * self.keep_alive_s
         return True
 

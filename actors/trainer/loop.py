@@ -153,6 +153,14 @@ def defer_deepspeed_compile() -> None:
     compiler.compile = compile
 
 
+def import_deepspeed():
+    """``deepspeed``, imported with this environment's ninja and its Muon kernels' compile deferred."""
+    use_environment_ninja()
+    import deepspeed
+    defer_deepspeed_compile()
+    return deepspeed
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -217,9 +225,7 @@ class Worker:
             cache_dir=d.cache_dir, name=f"{spec.name}-r{self.rank}", transport=d.transport,
             gather_threads=d.gather_threads)
         t0 = time.time()
-        use_environment_ninja()
-        import deepspeed
-        defer_deepspeed_compile()
+        deepspeed = import_deepspeed()
         t1 = time.time()
         seed_everything(spec.seed)  # identical initial weights on every rank and every attempt
         model = spec.model.resolve()(**spec.model.kwargs)

@@ -36,9 +36,7 @@ def preload() -> None:
     global PRELOADED_AT
     try:
         from actors.trainer import loop
-        loop.use_environment_ninja()
-        import deepspeed  # noqa: F401
-        loop.defer_deepspeed_compile()
+        loop.import_deepspeed()
         import ray.train.torch  # noqa: F401
         import torch
 
@@ -53,8 +51,3 @@ def preload() -> None:
     except Exception as e:  # noqa: BLE001
         log.warning("trainer preload incomplete (%s: %s)", type(e).__name__, e)
     PRELOADED_AT = time.time()
-
-
-def idle_spare_pids() -> list[int]:
-    """Trainer spares waiting on this machine."""
-    return warm.idle_spare_pids(HOOK)
