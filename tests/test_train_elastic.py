@@ -123,6 +123,9 @@ def test_restart_after_worker_death_runs_in_the_warm_spare_processes(dataset, tm
     t.start()
     wait_until(held.exists, 300, 0.2, "2 workers holding at step 3")
     first, first_loaders = pids("rank"), pids("loader")
+    # resources.health_check_interval_s (0.5 s) reached Ray Train, which hands it to its workers
+    import psutil
+    assert {psutil.Process(p).environ().get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S") for p in first} == {"0.5"}
     spares = wait_until(lambda: idle_spares(HOOK, first), 120, 0.2, "2 idle trainer spares")
     loader_spares = wait_until(lambda: idle_spares(PRELOAD_HOOK, first_loaders), 120, 0.2,
                                "2 idle loader spares")
