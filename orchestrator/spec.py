@@ -369,6 +369,9 @@ class ServeSpec(_JobBase):
     route_prefix: str = Field("/predict", pattern=r"^/[A-Za-z0-9_/-]*$")
     http_port: int = Field(8000, ge=1, le=65535)
     api_key_env: str | None = Field(None, description="env var holding the API key; unset = open")
+    access_log: bool = Field(False, description="Serve's per-request access log line in the replica log")
+    graph_mode: Literal["auto", "torchscript", "eager"] = Field(
+        "auto", description="run the model as a traced TorchScript graph (auto: when it checks out)")
     canary: Canary | None = None
 
     _check_url = field_validator("checkpoint_url")(classmethod(lambda cls, v: _url(v)))

@@ -19,6 +19,7 @@ import torch
 from actors.serve.canary import ArmStats, canary_decision
 from actors.serve.checkpoint import (CheckpointError, load_served_model, read_served_meta,
                                      save_served_model)
+from actors.serve.graph import GraphError, as_graph
 from actors.serve.request import (InputSchema, RequestError, api_key_digest, check_api_key,
                                   parse_inputs)
 from jobs.examples.models import mlp
@@ -95,6 +96,42 @@ def test_malformed_requests_are_refused_with_a_4xx_and_a_reason(body, status, wo
     with pytest.raises(RequestError) as e:
         parse_inputs(body, SCHEMA)
     assert e.value.status == status and words in e.value.message
+
+
+def test_integers_beyond_64_bits_are_read_and_refused_with_a_reason():
+    # orjson cannot read them; the standard parser does, and validation refuses them by name
+    with pytest.raises(RequestError) as e:
+        parse_inputs(b'{"inputs": [[18446744073709551616, 1]]}', InputSchema((2,), "int64"))
+    assert e.value.status == 400 and "int64" in e.value.message
+
+
+class _BatchBaked(torch.nn.Module):
+    """Traces into a graph with the traced batch size (2) baked in as a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x) * int(x.shape[0])
+
+
+def test_graph_mode_auto_serves_a_traceable_model_as_torchscript_with_the_same_outputs():
+    model = _seeded_mlp(1)
+    graph, how = as_graph(model, (32,), "float32")
+    assert how == "torchscript" and isinstance(graph, torch.jit.ScriptModule)
+    x = np.random.default_rng(0).standard_normal((5, 32)).astype(np.float32)
+    np.testing.assert_allclose(_forward(graph, x), _forward(model, x), rtol=1e-5, atol=1e-6)
+    assert as_graph(model, (32,), "float32", "eager") == (model, "eager")
+
+
+@pytest.mark.parametrize("model, why", [(_BatchBaked(), "differ"), (_Exploding(), "injected")])
+def test_graph_mode_auto_falls_back_to_eager_and_torchscript_refuses(model, why):
+    model.eval()
+    shape = (4,) if isinstance(model, _BatchBaked) else (32,)
+    assert as_graph(model, shape, "float32") == (model, "eager")
+    with pytest.raises(GraphError, match=f"graph_mode torchscript: m1 cannot run .*{why}"):
+        as_graph(model, shape, "float32", "torchscript", what="m1")
 
 
 def test_int64_inputs_refuse_floats():
@@ -268,6 +305,7 @@ def test_predictions_equal_the_models_own_forward(app):
     spec, url, models = app
     from jobs.serve import served
     version = served(spec)["stable"]
+    assert served(spec)["graph"] == {"stable": "torchscript"}  # graph_mode auto: the mlp traces
     x = np.random.default_rng(1).standard_normal((5, 32)).astype(np.float32)
     r = _post(url, x)
     assert r.status_code == 200, r.text

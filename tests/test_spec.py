@@ -166,11 +166,13 @@ def test_serve_spec_bounds():
     base = {"kind": "serve", "name": "s", "checkpoint_url": "memory://c",
             "model": {"factory": "jobs.examples.models:mlp"}, "input_shape": [32]}
     assert S.parse_spec(base).replicas.min_replicas == 1
-    bad = dict(base, replicas={"min_replicas": 3, "max_replicas": 2}, input_shape=[0])
+    assert (S.parse_spec(base).graph_mode, S.parse_spec(base).access_log) == ("auto", False)
+    bad = dict(base, replicas={"min_replicas": 3, "max_replicas": 2}, input_shape=[0], graph_mode="jit",
+               access_log="sometimes")
     with pytest.raises(S.SpecError) as exc:
         S.parse_spec(bad)
     fields = {f for f, _ in exc.value.errors}
-    assert {"replicas.min_replicas", "input_shape"} <= fields
+    assert {"replicas.min_replicas", "input_shape", "graph_mode", "access_log"} <= fields
 
 
 def test_pipeline_rejects_cycles_and_unknown_dependencies():

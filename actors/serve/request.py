@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import orjson
 
 _DTYPES = {"float32": np.float32, "int64": np.int64}
 _ACCEPTED_KINDS = {"float32": "iuf", "int64": "iu"}
@@ -57,11 +58,16 @@ def parse_inputs(body: bytes, schema: InputSchema) -> np.ndarray:
         raise RequestError(413, f"request body is {len(body)} bytes; the limit is "
                                 f"{schema.max_body_bytes} (at most {schema.max_request_examples} examples)")
     try:
-        payload = json.loads(body, parse_constant=_reject_constant)
-    except RequestError:
-        raise
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise RequestError(400, f"body is not valid JSON: {e}") from None
+        payload = orjson.loads(body)  # ~12x faster than json for a list of floats
+    except orjson.JSONDecodeError:
+        # orjson refuses some JSON the standard parser reads (integers beyond 64 bits) and says
+        # less about what is wrong (NaN, Infinity): the standard parser decides and explains.
+        try:
+            payload = json.loads(body, parse_constant=_reject_constant)
+        except RequestError:
+            raise
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise RequestError(400, f"body is not valid JSON: {e}") from None
     if not isinstance(payload, dict) or "inputs" not in payload:
         raise RequestError(400, 'body must be a JSON object {"inputs": [example, ...]}')
     inputs = payload["inputs"]

@@ -2,19 +2,22 @@
 
 * ``deployment`` - this project's deployment (``jobs.serve.deploy``: validation, dynamic batching)
 * ``plain``      - a plain unbatched Ray Serve deployment of the same checkpoint
-* ``limit``      - the model's own batched forward in this process, no HTTP (the ceiling)
-* ``serve_noop`` - a Ray Serve deployment that parses each request and answers without a model:
-  what Serve's proxy and replica path alone carry under this load (the ceiling of any deployment)
+* ``limit``      - the model's own batched forward in this process, no HTTP (the ceiling): the
+  eager model and its TorchScript graph are both timed and the faster one is the limit
+* ``serve_noop`` - a Ray Serve deployment with our replica settings that parses each request and
+  answers without a model: what Serve's proxy and replica path alone carry under this load
 
 Serve runs with direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``; ``--proxy-only`` turns it
 off), so each Serve target is measured twice: through Serve's HTTP proxy, and straight to its
 replica's own HTTP port (``*_direct``), as a load balancer in front of the replicas would reach it.
 
-The load is ``--concurrency`` closed-loop aiohttp clients, each posting one request
+The load is ``--concurrency`` closed-loop HTTP/1.1 keep-alive clients, each posting one request
 (``--examples`` examples) and waiting for the reply, for ``--duration`` seconds per target after a
 warm-up. Every target uses ``--threads`` torch threads. ``limit`` runs forwards of
-``--max-batch-size`` examples back to back; its latency is one forward (a lower bound).
-Prints a JSON report (and writes it to ``--out``).
+``--max-batch-size`` examples back to back; its latency is one forward (a lower bound). For our
+deployment the report adds, per path, the mean batch, the forward's milliseconds per example in
+the replica and the share of the time its forward thread ran.
+Prints a JSON report (and writes it to ``--out``); ``--plot`` draws requests/s and latencies.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -41,34 +45,121 @@ def _summary(latencies: list[float], n_ok: int, n_err: int, seconds: float, exam
             "p99_ms": round(float(np.percentile(lat, 99)), 2), "ok": n_ok, "errors": n_err}
 
 
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)\r\n", re.IGNORECASE)
+
+
+class _HTTPClient(asyncio.Protocol):
+    """One closed-loop HTTP/1.1 keep-alive client: posts, reads the whole reply, posts again.
+
+    A minimal client on a raw asyncio protocol: the load generator shares the machine's cores with
+    the server it measures, and aiohttp's client cost about 0.15 ms of CPU per request there.
+    Replies may carry Content-Length or be chunked.
+    """
+
+    def __init__(self, request: bytes, t_measure: float, t_end: float, stats: dict, done: asyncio.Future):
+        self.request, self.t_measure, self.t_end, self.stats, self.done = request, t_measure, t_end, stats, done
+        self.buf = bytearray()
+        self.t0 = 0.0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self._send()
+
+    def _send(self):
+        self.t0 = time.perf_counter()
+        if self.t0 >= self.t_end:
+            self.transport.close()
+            return
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes):
+        self.buf += data
+        end = self._reply_end()
+        if end is None:
+            return
+        status = int(self.buf[9:12])
+        del self.buf[:end]
+        t1 = time.perf_counter()
+        if self.t0 >= self.t_measure:
+            if status == 200:
+                self.stats["lat"].append(t1 - self.t0)
+            else:
+                self.stats["err"] += 1
+        self._send()
+
+    def _reply_end(self) -> int | None:
+        """Where the first complete reply in the buffer ends, or None while it is incomplete."""
+        head = self.buf.find(b"\r\n\r\n")
+        if head < 0:
+            return None
+        m = _CONTENT_LENGTH.search(self.buf, 0, head + 2)
+        if m:
+            end = head + 4 + int(m.group(1))
+            return end if len(self.buf) >= end else None
+        pos = head + 4  # chunked: size line, data, CRLF ... until the zero-size chunk
+        while True:
+            eol = self.buf.find(b"\r\n", pos)
+            if eol < 0:
+                return None
+            size = int(bytes(self.buf[pos:eol]).split(b";")[0], 16)
+            if size == 0:
+                return eol + 4 if len(self.buf) >= eol + 4 else None
+            pos = eol + 2 + size + 2
+            if len(self.buf) < pos:
+                return None
+
+    def connection_lost(self, exc):
+        if time.perf_counter() < self.t_end:  # the server closed it: an error, then reconnect
+            self.stats["err"] += 1
+            self.stats["reconnect"](self.done)
+        elif not self.done.done():
+            self.done.set_result(None)
+
+
 async def _http_load(url: str, body: bytes, concurrency: int, warmup: float, duration: float) -> tuple:
-    import aiohttp
-    lat: list[float] = []
-    counts = {"ok": 0, "err": 0}
+    from urllib.parse import urlsplit
+    u = urlsplit(url)
+    request = (f"POST {u.path or '/'} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    loop = asyncio.get_running_loop()
     t_start = time.perf_counter()
     t_measure, t_end = t_start + warmup, t_start + warmup + duration
 
-    async def client(session):
-        while True:
-            t0 = time.perf_counter()
-            if t0 >= t_end:
-                return
-            try:
-                async with session.post(url, data=body, headers={"content-type": "application/json"}) as r:
-                    await r.read()
-                    ok = r.status == 200
-            except aiohttp.ClientError:
-                ok = False
-            t1 = time.perf_counter()
-            if t0 >= t_measure:
-                counts["ok" if ok else "err"] += 1
-                if ok:
-                    lat.append(t1 - t0)
+    def connect(fut: asyncio.Future):
+        return loop.create_connection(lambda: _HTTPClient(request, t_measure, t_end, stats, fut),
+                                      u.hostname, u.port)
 
-    conn = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=60)) as s:
-        await asyncio.gather(*(client(s) for _ in range(concurrency)))
-    return lat, counts["ok"], counts["err"]
+    stats: dict = {"lat": [], "err": 0, "reconnect": lambda fut: loop.create_task(connect(fut))}
+    done = [loop.create_future() for _ in range(concurrency)]
+    for fut in done:
+        await connect(fut)
+    await asyncio.wait_for(asyncio.gather(*done), timeout=warmup + duration + 60)
+    return stats["lat"], len(stats["lat"]), stats["err"]
+
+
+def _run_load(*args) -> tuple:
+    """:func:`_http_load` on uvloop when it is installed (it is with Ray Serve), else asyncio."""
+    try:
+        import uvloop
+        return uvloop.run(_http_load(*args))
+    except ImportError:
+        return asyncio.run(_http_load(*args))
+
+
+def _replica_info(app: str) -> dict:
+    from ray import serve
+    return serve.get_deployment_handle("model", app_name=app).info.remote().result()
+
+
+def _batching(before: dict, after: dict, seconds: float) -> dict:
+    """Batches our replica ran between two ``info()`` calls (warm-up and measured load together)."""
+    sizes = {int(k): v - before["batch_sizes"].get(k, 0) for k, v in after["batch_sizes"].items()}
+    batches, examples = sum(sizes.values()), sum(k * v for k, v in sizes.items())
+    forward_s = after["forward_s"] - before["forward_s"]
+    return {"mean_batch_examples": round(examples / batches, 2) if batches else 0.0,
+            "forward_ms_per_example": round(1e3 * forward_s / examples, 3) if examples else 0.0,
+            "forward_thread_busy": round(forward_s / seconds, 3), "graph": after["graph"]["stable"]}
 
 
 def _limit(model: torch.nn.Module, x1: np.ndarray, batch: int, warmup: float, duration: float, examples: int) -> dict:
@@ -85,7 +176,9 @@ def _limit(model: torch.nn.Module, x1: np.ndarray, batch: int, warmup: float, du
             model(x)
             lat.append(time.perf_counter() - t0)
             n += per_forward
-    return _summary(lat, n, 0, time.perf_counter() - t_start, examples)
+    out = _summary(lat, n, 0, time.perf_counter() - t_start, examples)
+    out["forward_ms_per_example"] = round(1e3 * float(np.mean(lat)) / len(x), 3)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,9 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-s", type=float, default=0.01)
     p.add_argument("--threads", type=int, default=1, help="torch threads (and CPUs) per replica")
+    p.add_argument("--graph-mode", default="auto", choices=["auto", "torchscript", "eager"],
+                   help="our deployment's graph_mode (actors/serve/graph.py)")
     p.add_argument("--proxy-only", action="store_true",
                    help="run Serve without direct ingress (only the proxy path is measured)")
+    p.add_argument("--only", default="limit,deployment,plain,serve_noop",
+                   help="comma-separated targets to run (ratios need the targets they compare)")
     p.add_argument("--out", help="write the JSON report here too")
+    p.add_argument("--plot", help="draw requests/s and latency per target to this PNG "
+                                  "(default: beside --out, same name with .png)")
     args = p.parse_args(argv)
 
     os.environ["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
@@ -110,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from actors.serve.checkpoint import load_served_model, save_served_model
+    from actors.serve.deployment import REPLICA_ENV
     from jobs.examples.models import mlp
     from jobs.serve import deploy, replica_endpoints
     from orchestrator.spec import parse_spec
@@ -123,14 +223,27 @@ def main(argv: list[str] | None = None) -> int:
     body = json.dumps({"inputs": x1.tolist()}).encode()
 
     report: dict = {"config": vars(args) | {"model": kwargs, "cpu_count": os.cpu_count()}, "results": {}}
-    report["results"]["limit"] = _limit(load_served_model(ckpt), x1, args.max_batch_size,
-                                        args.warmup, args.duration, args.examples)
-    print("limit", report["results"]["limit"], file=sys.stderr, flush=True)
+    only = {t.strip() for t in args.only.split(",") if t.strip()}
+    unknown = only - {"limit", "deployment", "plain", "serve_noop"}
+    if unknown:
+        p.error(f"--only: unknown target(s) {sorted(unknown)}; choose from limit, deployment, plain, serve_noop")
+    if "limit" in only:  # the eager model and its TorchScript graph: the faster one is the limit
+        from actors.serve.graph import as_graph
+        eager = load_served_model(ckpt)
+        runs = {"eager": _limit(eager, x1, args.max_batch_size, args.warmup, args.duration, args.examples),
+                "torchscript": _limit(as_graph(eager, (args.in_dim,), "float32", "torchscript")[0], x1,
+                                      args.max_batch_size, args.warmup, args.duration, args.examples)}
+        best = max(runs, key=lambda k: runs[k]["requests_per_s"])
+        report["results"]["limit"] = runs[best] | {"graph": best, "requests_per_s_by_graph": {
+            k: v["requests_per_s"] for k, v in runs.items()}}
+        print("limit", report["results"]["limit"], file=sys.stderr, flush=True)
 
     if not args.proxy_only:  # replicas also answer HTTP themselves; the proxy stays up
         os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    import orjson
     from starlette.requests import Request
+    from starlette.responses import Response
 
     # As many requests in flight as ours allows (Serve's default of 5 makes the router back off
     # and retry under this load, which measured 5 req/s: a configuration penalty, not batching's gain)
@@ -146,13 +259,17 @@ def main(argv: list[str] | None = None) -> int:
             with torch.inference_mode():
                 return {"outputs": self.model(x).tolist()}
 
-    @serve.deployment(ray_actor_options={"num_cpus": args.threads},
-                      max_ongoing_requests=max(2 * args.max_batch_size, args.concurrency))
+    # Serve's replica settings as ours has them: the most a Serve deployment can carry here
+    @serve.deployment(ray_actor_options={"num_cpus": args.threads, "runtime_env": {"env_vars": REPLICA_ENV}},
+                      max_ongoing_requests=max(2 * args.max_batch_size, args.concurrency),
+                      logging_config={"enable_access_log": False})
     class Noop:
         """Parses the request and answers without a model: what Serve itself can carry here."""
 
-        async def __call__(self, request: Request):
-            return {"outputs": [[0.0] * 16 for _ in (await request.json())["inputs"]]}
+        async def __call__(self, request: Request):  # parsed and answered the way ours does
+            n = len(orjson.loads(await request.body())["inputs"])
+            return Response(orjson.dumps({"outputs": np.zeros((n, 16), np.float32)},
+                                         option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 
     with socket.socket() as sock:  # a free loopback port
         sock.bind(("127.0.0.1", 0))
@@ -162,49 +279,84 @@ def main(argv: list[str] | None = None) -> int:
         "model": {"factory": "jobs.examples.models:mlp", "kwargs": kwargs},
         "input_shape": [args.in_dim], "http_port": port, "route_prefix": "/deployment",
         "replicas": {"min_replicas": 1, "max_replicas": 1, "cpus_per_replica": args.threads},
-        "batching": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s}})
+        "batching": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s},
+        "graph_mode": args.graph_mode})
+    apps = {"deployment": spec.name, "plain": "bench-plain", "serve_noop": "bench-noop"}
     try:
-        url = deploy(spec)
-        for name, app in (("deployment", spec.name), ("plain", "bench-plain"), ("serve_noop", "bench-noop")):
-            if name == "plain":
-                serve.delete(spec.name)
-                serve.run(Plain.bind(ckpt, args.threads), name=app, route_prefix="/plain")
+        previous = None
+        for name in ("deployment", "plain", "serve_noop"):
+            if name not in only:
+                continue
+            if previous is not None:
+                serve.delete(apps[previous])
+            previous = name
+            if name == "deployment":
+                url = deploy(spec)
+            elif name == "plain":
+                serve.run(Plain.bind(ckpt, args.threads), name=apps[name], route_prefix="/plain")
                 url = f"http://127.0.0.1:{port}/plain"
-            elif name == "serve_noop":
-                serve.delete("bench-plain")
-                serve.run(Noop.bind(), name=app, route_prefix="/noop")
+            else:
+                serve.run(Noop.bind(), name=apps[name], route_prefix="/noop")
                 url = f"http://127.0.0.1:{port}/noop"
-            paths = [(name, url)] + [(f"{name}_direct", u) for u in replica_endpoints(app)[:1]]
+            paths = [(name, url)] + [(f"{name}_direct", u) for u in replica_endpoints(apps[name])[:1]]
             for key, target in paths:  # through Serve's proxy, then straight to the replica
-                lat, ok, err = asyncio.run(_http_load(target, body, args.concurrency, args.warmup, args.duration))
+                before = _replica_info(spec.name) if name == "deployment" else None
+                t0 = time.perf_counter()
+                lat, ok, err = _run_load(target, body, args.concurrency, args.warmup, args.duration)
                 report["results"][key] = _summary(lat, ok, err, args.duration, args.examples)
+                if before is not None:  # how full the batches were, how busy the forward thread
+                    report["results"][key].update(_batching(before, _replica_info(spec.name),
+                                                            time.perf_counter() - t0))
                 print(key, report["results"][key], file=sys.stderr, flush=True)
-            if name == "deployment":  # how full the batches were (warm-up and load together)
-                sizes = serve.get_deployment_handle("model", app_name=spec.name).info.remote().result()["batch_sizes"]
-                n = sum(sizes.values())
-                report["results"][name]["mean_batch_examples"] = round(
-                    sum(int(k) * v for k, v in sizes.items()) / n, 2) if n else 0.0
     finally:
         serve.shutdown()
         ray.shutdown()
-    r = report["results"]
-    rps = {k: v["requests_per_s"] for k, v in r.items()}
-    report["ratios"] = {
-        "deployment_vs_limit": round(rps["deployment"] / rps["limit"], 3),
-        "deployment_vs_plain": round(rps["deployment"] / max(rps["plain"], 1e-9), 2),
-        "deployment_vs_serve_noop": round(rps["deployment"] / rps["serve_noop"], 3),
-        "serve_noop_vs_limit": round(rps["serve_noop"] / rps["limit"], 3)}
-    if "deployment_direct" in rps:
-        report["ratios"].update({
-            "deployment_direct_vs_limit": round(rps["deployment_direct"] / rps["limit"], 3),
-            "deployment_direct_vs_plain_direct": round(rps["deployment_direct"] / max(rps["plain_direct"], 1e-9), 2),
-            "serve_noop_direct_vs_limit": round(rps["serve_noop_direct"] / rps["limit"], 3)})
+    rps = {k: v["requests_per_s"] for k, v in report["results"].items()}
+    report["ratios"] = {}
+    for path in ("", "_direct"):  # each Serve path against the limit, and ours against plain
+        for a, b in (("deployment", "limit"), ("deployment", "plain"), ("deployment", "serve_noop"),
+                     ("serve_noop", "limit")):
+            a_key, b_key = a + path, b if b == "limit" else b + path
+            if a_key in rps and b_key in rps:
+                report["ratios"][f"{a_key}_vs_{b_key}"] = round(rps[a_key] / max(rps[b_key], 1e-9), 3)
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
+    plot = args.plot or (os.path.splitext(args.out)[0] + ".png" if args.out else None)
+    if plot:
+        _plot(report, plot)
+        print(f"plot: {plot}", file=sys.stderr)
     return 0
+
+
+def _plot(report: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    r = report["results"]
+    names = list(r)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
+    bars = a.barh(names, [r[n]["requests_per_s"] for n in names], color="tab:blue")
+    a.bar_label(bars, fmt="%.0f", padding=3)
+    a.invert_yaxis()
+    a.set_xlabel("requests/s (higher is better)")
+    a.set_title("throughput under the same load")
+    y = np.arange(len(names))
+    for i, (q, color) in enumerate((("p50_ms", "tab:green"), ("p95_ms", "tab:orange"), ("p99_ms", "tab:red"))):
+        b.barh(y + (i - 1) * 0.27, [r[n][q] for n in names], height=0.27, color=color, label=q[:3])
+    b.set_yticks(y, names)
+    b.invert_yaxis()
+    b.set_xscale("log")
+    b.set_xlabel("latency, ms (log; lower is better)")
+    b.legend()
+    c = report["config"]
+    fig.suptitle(f"bench.serve: mlp hidden {c['hidden']} depth {c['depth']}, {c['concurrency']} clients, "
+                 f"{c['examples']} example/request, {c['threads']} thread/target")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
