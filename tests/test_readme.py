@@ -47,6 +47,7 @@ COVERED = {
     "python -m jobs.tune": "tests/test_tune.py",
     "python -m jobs.serve": "tests/test_demo.py::test_demo_runs_the_whole_product (the pipeline's serve stage runs it)",
     "RAY_SERVE_ENABLE_DIRECT_INGRESS=1": "tests/test_serve.py::test_direct_ingress_replicas_answer_like_the_proxy_with_the_same_checks (the same flag, on a local Ray it starts)",
+    "RAY_SERVE_ENABLE_HA_PROXY=1": "tests/test_serve.py::test_direct_ingress_replicas_answer_like_the_proxy_with_the_same_checks ([haproxy]: the same flag, on a local Ray it starts)",
     "python -m cluster.configs": "tests/test_cluster_yaml.py::test_validate_command_checks_every_shipped_yaml_and_fails_on_a_bad_one",
     'eval "$(python -m cluster.local up)"': "tests/test_cluster_autoscaling.py (its fixture runs `up`, then `down`)",
     "python -m cluster.local status": "tests/test_cluster_yaml.py::test_local_cluster_commands_without_a_running_cluster",

@@ -321,10 +321,12 @@ def test_without_direct_ingress_there_are_no_replica_endpoints(app):
     assert replica_endpoints(app[0]) == []
 
 
-_DIRECT_SCRIPT = """
+_INGRESS_SCRIPT = """
 import json, os, sys
 os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
-import numpy as np, ray, requests, torch
+if sys.argv[3] == "haproxy":
+    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+import numpy as np, psutil, ray, requests, torch
 ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
          runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
 from actors.serve.checkpoint import load_served_model
@@ -336,23 +338,28 @@ spec = parse_spec({"kind": "serve", "name": "direct", "checkpoint_url": sys.argv
                    "replicas": {"min_replicas": 1, "max_replicas": 1, "cpus_per_replica": 0.5}})
 proxy = deploy(spec)
 direct = replica_endpoints(spec)
+front = direct[0] if direct else proxy  # with HAProxy, Serve's port is HAProxy itself
 x = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
 key = {"x-api-key": os.environ["DIRECT_KEY"]}
 out = {"direct": direct, "proxy": requests.post(proxy, json={"inputs": x.tolist()}, headers=key).json()["outputs"]}
-r = requests.post(direct[0], json={"inputs": x.tolist()}, headers=key)
-out["direct_status"], out["direct_outputs"] = r.status_code, r.json()["outputs"]
+r = requests.post(front, json={"inputs": x.tolist()}, headers=key)
+out["front_status"], out["front_outputs"] = r.status_code, r.json()["outputs"]
 with torch.inference_mode():
     out["model"] = load_served_model(sys.argv[1])(torch.from_numpy(x)).tolist()
-out["no_key"] = requests.post(direct[0], json={"inputs": x.tolist()}).status_code
-out["bad_shape"] = requests.post(direct[0], json={"inputs": [[1.0, 2.0]]}, headers=key).status_code
-out["after"] = requests.post(direct[0], json={"inputs": x.tolist()}, headers=key).status_code
+out["no_key"] = requests.post(front, json={"inputs": x.tolist()}).status_code
+out["bad_shape"] = requests.post(front, json={"inputs": [[1.0, 2.0]]}, headers=key).status_code
+out["after"] = requests.post(front, json={"inputs": x.tolist()}, headers=key).status_code
+out["haproxy_running"] = any(p.info["name"] == "haproxy" for p in psutil.process_iter(["name"]))
 print(json.dumps(out))
 """
 
 
-def test_direct_ingress_replicas_answer_like_the_proxy_with_the_same_checks(tmp_path):
+@pytest.mark.parametrize("ingress", ["direct", "haproxy"])
+def test_direct_ingress_replicas_answer_like_the_proxy_with_the_same_checks(tmp_path, ingress):
     """With Serve's direct ingress on, each replica's own HTTP port serves the same predictions,
-    API key check and 4xx validation as the proxy path."""
+    API key check and 4xx validation as the proxy path. With Serve's HAProxy ingress
+    (``RAY_SERVE_ENABLE_HA_PROXY=1``), Serve's port is HAProxy forwarding to those replica ports,
+    and the same holds there."""
     import os
     import subprocess
     import sys
@@ -360,13 +367,16 @@ def test_direct_ingress_replicas_answer_like_the_proxy_with_the_same_checks(tmp_
     save_served_model(mlp(in_dim=32), ckpt, "jobs.examples.models:mlp", {"in_dim": 32})
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root, DIRECT_KEY="s3cret", RAY_ADDRESS="")
-    proc = subprocess.run([sys.executable, "-c", _DIRECT_SCRIPT, ckpt, str(free_port())], env=env,
+    proc = subprocess.run([sys.executable, "-c", _INGRESS_SCRIPT, ckpt, str(free_port()), ingress], env=env,
                           capture_output=True, text=True, timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(out["direct"]) == 1 and out["direct"][0].startswith("http://127.0.0.1:")
-    assert out["direct_status"] == 200
-    np.testing.assert_allclose(out["direct_outputs"], out["model"], rtol=1e-5, atol=1e-6)
+    if ingress == "direct":
+        assert len(out["direct"]) == 1 and out["direct"][0].startswith("http://127.0.0.1:")
+    else:  # Serve lists only its front door, HAProxy, which runs
+        assert out["direct"] == [] and out["haproxy_running"]
+    assert out["front_status"] == 200
+    np.testing.assert_allclose(out["front_outputs"], out["model"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out["proxy"], out["model"], rtol=1e-5, atol=1e-6)
     assert (out["no_key"], out["bad_shape"], out["after"]) == (401, 400, 200)
 

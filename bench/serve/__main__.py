@@ -7,9 +7,14 @@
 * ``serve_noop`` - a Ray Serve deployment with our replica settings that parses each request and
   answers without a model: what Serve's proxy and replica path alone carry under this load
 
-Serve runs with direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``; ``--proxy-only`` turns it
-off), so each Serve target is measured twice: through Serve's HTTP proxy, and straight to its
-replica's own HTTP port (``*_direct``), as a load balancer in front of the replicas would reach it.
+``--ingress`` picks how requests reach a Serve target's replica:
+
+* ``direct`` (default): Serve's direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``) is on, and
+  each Serve target is measured twice: through Serve's HTTP proxy (``deployment``) and straight to
+  its replica's own HTTP port (``deployment_direct``), as a load balancer in front would reach it
+* ``haproxy``: Serve's HAProxy ingress (``RAY_SERVE_ENABLE_HA_PROXY=1``): Serve's HTTP port is
+  HAProxy, which forwards to the replica ports (``deployment_haproxy``)
+* ``proxy``: Serve's HTTP proxy only (``deployment``)
 
 The load is ``--concurrency`` closed-loop HTTP/1.1 keep-alive clients, each posting one request
 (``--examples`` examples) and waiting for the reply, for ``--duration`` seconds per target after a
@@ -46,6 +51,7 @@ def _summary(latencies: list[float], n_ok: int, n_err: int, seconds: float, exam
 
 
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)\r\n", re.IGNORECASE)
+_CONNECTION_CLOSE = re.compile(rb"\r\nconnection:[ \t]*close\r\n", re.IGNORECASE)
 
 
 class _HTTPClient(asyncio.Protocol):
@@ -53,13 +59,15 @@ class _HTTPClient(asyncio.Protocol):
 
     A minimal client on a raw asyncio protocol: the load generator shares the machine's cores with
     the server it measures, and aiohttp's client cost about 0.15 ms of CPU per request there.
-    Replies may carry Content-Length or be chunked.
+    Replies may carry Content-Length or be chunked. After a reply with ``Connection: close`` the
+    client reconnects, as HTTP clients do; a connection the server drops otherwise is an error.
     """
 
     def __init__(self, request: bytes, t_measure: float, t_end: float, stats: dict, done: asyncio.Future):
         self.request, self.t_measure, self.t_end, self.stats, self.done = request, t_measure, t_end, stats, done
         self.buf = bytearray()
         self.t0 = 0.0
+        self.closing = False  # the server said Connection: close
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport):
@@ -79,6 +87,7 @@ class _HTTPClient(asyncio.Protocol):
         if end is None:
             return
         status = int(self.buf[9:12])
+        self.closing = _CONNECTION_CLOSE.search(self.buf, 0, self.buf.find(b"\r\n\r\n") + 2) is not None
         del self.buf[:end]
         t1 = time.perf_counter()
         if self.t0 >= self.t_measure:
@@ -86,6 +95,9 @@ class _HTTPClient(asyncio.Protocol):
                 self.stats["lat"].append(t1 - self.t0)
             else:
                 self.stats["err"] += 1
+        if self.closing:
+            self.transport.close()  # connection_lost reconnects
+            return
         self._send()
 
     def _reply_end(self) -> int | None:
@@ -110,8 +122,9 @@ class _HTTPClient(asyncio.Protocol):
                 return None
 
     def connection_lost(self, exc):
-        if time.perf_counter() < self.t_end:  # the server closed it: an error, then reconnect
-            self.stats["err"] += 1
+        if time.perf_counter() < self.t_end:  # reconnect; unannounced, the request in flight failed
+            if not self.closing:
+                self.stats["err"] += 1
             self.stats["reconnect"](self.done)
         elif not self.done.done():
             self.done.set_result(None)
@@ -195,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (and CPUs) per replica")
     p.add_argument("--graph-mode", default="auto", choices=["auto", "torchscript", "eager"],
                    help="our deployment's graph_mode (actors/serve/graph.py)")
-    p.add_argument("--proxy-only", action="store_true",
-                   help="run Serve without direct ingress (only the proxy path is measured)")
+    p.add_argument("--ingress", default="direct", choices=["direct", "haproxy", "proxy"],
+                   help="direct: Serve's proxy and the replica ports; haproxy: Serve's HAProxy "
+                        "ingress; proxy: Serve's proxy only")
     p.add_argument("--only", default="limit,deployment,plain,serve_noop",
                    help="comma-separated targets to run (ratios need the targets they compare)")
     p.add_argument("--out", help="write the JSON report here too")
@@ -238,8 +252,11 @@ def main(argv: list[str] | None = None) -> int:
             k: v["requests_per_s"] for k, v in runs.items()}}
         print("limit", report["results"]["limit"], file=sys.stderr, flush=True)
 
-    if not args.proxy_only:  # replicas also answer HTTP themselves; the proxy stays up
+    if args.ingress in ("direct", "haproxy"):  # replicas answer HTTP themselves
         os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+    if args.ingress == "haproxy":  # ... behind HAProxy on Serve's port instead of Serve's proxy
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    front = "_haproxy" if args.ingress == "haproxy" else ""
     ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
     import orjson
     from starlette.requests import Request
@@ -298,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 serve.run(Noop.bind(), name=apps[name], route_prefix="/noop")
                 url = f"http://127.0.0.1:{port}/noop"
-            paths = [(name, url)] + [(f"{name}_direct", u) for u in replica_endpoints(apps[name])[:1]]
+            paths = [(name + front, url)] + [(f"{name}_direct", u) for u in replica_endpoints(apps[name])[:1]]
             for key, target in paths:  # through Serve's proxy, then straight to the replica
                 before = _replica_info(spec.name) if name == "deployment" else None
                 t0 = time.perf_counter()
@@ -313,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     rps = {k: v["requests_per_s"] for k, v in report["results"].items()}
     report["ratios"] = {}
-    for path in ("", "_direct"):  # each Serve path against the limit, and ours against plain
+    for path in ("", "_direct", "_haproxy"):  # each Serve path against the limit, ours against plain
         for a, b in (("deployment", "limit"), ("deployment", "plain"), ("deployment", "serve_noop"),
                      ("serve_noop", "limit")):
             a_key, b_key = a + path, b if b == "limit" else b + path
