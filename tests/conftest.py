@@ -33,6 +33,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (calling :func:`free_port` n times can repeat one)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:  # all bound at once: the kernel hands out n different ports
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def wait_until(predicate, timeout: float = 60.0, interval: float = 0.1, what: str = "condition"):
     """Poll ``predicate`` until it returns truthy; return that value or fail after ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -19,7 +19,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, free_port, wait_until
+from conftest import ROOT, free_ports, wait_until
 from orchestrator.cli import main as cli
 from orchestrator.policy import PolicyConfig, Quota
 from orchestrator.service import Scheduler, SchedulerConfig
@@ -35,10 +35,10 @@ FAKE = f"{{python}} {os.path.join(ROOT, 'tests', 'fake_job.py')} {{spec}}"
 class RayHead:
     def __init__(self, root: str):
         self.root = root
-        self.ports = {k: free_port() for k in (
-            "port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-            "ray-client-server-port", "metrics-export-port", "runtime-env-agent-port",
-            "node-manager-port", "object-manager-port")}
+        names = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                 "ray-client-server-port", "metrics-export-port", "runtime-env-agent-port",
+                 "node-manager-port", "object-manager-port")
+        self.ports = dict(zip(names, free_ports(len(names))))  # distinct: Ray refuses a repeat
         self.gcs = f"127.0.0.1:{self.ports['port']}"
         self.dashboard = f"http://127.0.0.1:{self.ports['dashboard-port']}"
         self.proc: subprocess.Popen | None = None
