@@ -425,7 +425,7 @@ def test_api_key_is_required_when_configured(serve_port, checkpoints, monkeypatc
     from jobs.serve import deploy
     models, _ = checkpoints
     monkeypatch.setenv("SERVE_TEST_KEY", "k-123")
-    spec = _spec(serve_port, name="serve-key", route="/secure", api_key_env="SERVE_TEST_KEY")
+    spec = _spec(serve_port, name="serve-key", route="/secure", api_key_env="SERVE_TEST_KEY", access_log=True)
     url = deploy(spec, next(iter(models)))
     try:
         x = np.zeros((1, 32))
@@ -434,8 +434,29 @@ def test_api_key_is_required_when_configured(serve_port, checkpoints, monkeypatc
         assert _post(url, x, headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert _post(url, x, headers={"Authorization": "Bearer k-123"}).status_code == 200
         assert _post(url, x, headers={"x-api-key": "k-123"}).status_code == 200
+        # access_log: true, so this replica logs each request
+        wait_until(lambda: "POST /secure" in _replica_log(spec.name), 30, what="the access log line")
     finally:
         serve.delete(spec.name)
+
+
+def _replica_log(app: str) -> str:
+    """Everything the replicas of ``app`` wrote to their Serve log files on this machine."""
+    import glob
+    import os
+
+    import ray
+    logs = ray._private.worker._global_node.get_logs_dir_path()
+    return "".join(open(f, errors="replace").read()
+                   for f in glob.glob(os.path.join(logs, "serve", f"replica_{app}_*.log")))
+
+
+def test_requests_are_not_access_logged_by_default(app):
+    spec, url, _ = app
+    assert _post(url, np.zeros((1, 32))).status_code == 200
+    text = _replica_log(spec.name)
+    assert text, "no replica log found"  # the replica logs its start-up there
+    assert "POST /predict" not in text
 
 
 def _other(models, *exclude):
