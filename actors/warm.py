@@ -47,6 +47,7 @@ class WarmSpares:
         self.what = what
         self.next_request = 0.0
         self.failed = False
+        self._args: tuple = (None, None)  # what the last successful request asked for
 
     def request(self, runtime_env: str | None = None, node_id: str | None = None) -> bool:
         if self.count <= 0 or self.failed:

@@ -87,9 +87,10 @@ class ShardRegion:
                 _libc.madvise(at, size, _MADV_HUGEPAGE)  # a hint: fine to fail (no THP)
             # map every page now (after the hint, so pages read in come in 2 MiB folios);
             # kernels before 5.14 lack MADV_POPULATE_READ: map the file again with MAP_POPULATE
-            if populate and _libc.madvise(at, size, _MADV_POPULATE_READ) != 0 and POPULATE and \
-                    _libc.mmap(at, size, mmap.PROT_READ, mmap.MAP_SHARED | _MAP_FIXED | POPULATE, fd, 0) != at:
-                raise OSError(ctypes.get_errno(), f"mmap of {path} into its shard slot failed")
+            if populate and _libc.madvise(at, size, _MADV_POPULATE_READ) != 0 and POPULATE:
+                flags = mmap.MAP_SHARED | _MAP_FIXED | POPULATE
+                if _libc.mmap(at, size, mmap.PROT_READ, flags, fd, 0) != at:
+                    raise OSError(ctypes.get_errno(), f"mmap of {path} into its shard slot failed")
         finally:
             os.close(fd)
         return pa.foreign_buffer(at, size, base=self)

@@ -63,8 +63,10 @@ class _HTTPClient(asyncio.Protocol):
     client reconnects, as HTTP clients do; a connection the server drops otherwise is an error.
     """
 
-    def __init__(self, request: bytes, t_measure: float, t_end: float, stats: dict, done: asyncio.Future):
+    def __init__(self, request: bytes, t_measure: float, t_end: float, stats: dict, done: asyncio.Future,
+                 reconnect):
         self.request, self.t_measure, self.t_end, self.stats, self.done = request, t_measure, t_end, stats, done
+        self.reconnect = reconnect  # called with ``done`` when the connection ends early
         self.buf = bytearray()
         self.t0 = 0.0
         self.closing = False  # the server said Connection: close
@@ -83,11 +85,12 @@ class _HTTPClient(asyncio.Protocol):
 
     def data_received(self, data: bytes):
         self.buf += data
-        end = self._reply_end()
+        head = self.buf.find(b"\r\n\r\n")
+        end = None if head < 0 else self._reply_end(head)
         if end is None:
             return
         status = int(self.buf[9:12])
-        self.closing = _CONNECTION_CLOSE.search(self.buf, 0, self.buf.find(b"\r\n\r\n") + 2) is not None
+        self.closing = _CONNECTION_CLOSE.search(self.buf, 0, head + 2) is not None
         del self.buf[:end]
         t1 = time.perf_counter()
         if self.t0 >= self.t_measure:
@@ -100,11 +103,8 @@ class _HTTPClient(asyncio.Protocol):
             return
         self._send()
 
-    def _reply_end(self) -> int | None:
-        """Where the first complete reply in the buffer ends, or None while it is incomplete."""
-        head = self.buf.find(b"\r\n\r\n")
-        if head < 0:
-            return None
+    def _reply_end(self, head: int) -> int | None:
+        """Where the reply whose headers end at ``head`` ends, or None while it is incomplete."""
         m = _CONTENT_LENGTH.search(self.buf, 0, head + 2)
         if m:
             end = head + 4 + int(m.group(1))
@@ -125,7 +125,7 @@ class _HTTPClient(asyncio.Protocol):
         if time.perf_counter() < self.t_end:  # reconnect; unannounced, the request in flight failed
             if not self.closing:
                 self.stats["err"] += 1
-            self.stats["reconnect"](self.done)
+            self.reconnect(self.done)
         elif not self.done.done():
             self.done.set_result(None)
 
@@ -140,10 +140,13 @@ async def _http_load(url: str, body: bytes, concurrency: int, warmup: float, dur
     t_measure, t_end = t_start + warmup, t_start + warmup + duration
 
     def connect(fut: asyncio.Future):
-        return loop.create_connection(lambda: _HTTPClient(request, t_measure, t_end, stats, fut),
+        return loop.create_connection(lambda: _HTTPClient(request, t_measure, t_end, stats, fut, reconnect),
                                       u.hostname, u.port)
 
-    stats: dict = {"lat": [], "err": 0, "reconnect": lambda fut: loop.create_task(connect(fut))}
+    def reconnect(fut: asyncio.Future) -> None:
+        loop.create_task(connect(fut))
+
+    stats: dict = {"lat": [], "err": 0}
     done = [loop.create_future() for _ in range(concurrency)]
     for fut in done:
         await connect(fut)
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from actors.serve.checkpoint import load_served_model, save_served_model
-    from actors.serve.deployment import REPLICA_ENV
+    from actors.serve.deployment import REPLICA_ENV, json_response
     from jobs.examples.models import mlp
     from jobs.serve import deploy, replica_endpoints
     from orchestrator.spec import parse_spec
@@ -260,7 +263,6 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
     import orjson
     from starlette.requests import Request
-    from starlette.responses import Response
 
     # As many requests in flight as ours allows (Serve's default of 5 makes the router back off
     # and retry under this load, which measured 5 req/s: a configuration penalty, not batching's gain)
@@ -285,8 +287,7 @@ def main(argv: list[str] | None = None) -> int:
 
         async def __call__(self, request: Request):  # parsed and answered the way ours does
             n = len(orjson.loads(await request.body())["inputs"])
-            return Response(orjson.dumps({"outputs": np.zeros((n, 16), np.float32)},
-                                         option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+            return json_response({"outputs": np.zeros((n, 16), np.float32)})
 
     with socket.socket() as sock:  # a free loopback port
         sock.bind(("127.0.0.1", 0))
