@@ -275,7 +275,8 @@ def resumed_search(dataset, tmp_path_factory):
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     (tmp / "second.log").write_text(second.stdout + second.stderr)
     assert second.returncode == 0, second.stderr[-3000:]
-    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    # the summary is jobs.tune's last JSON line; Ray may forward a worker's output after it
+    summary = json.loads(next(line for line in reversed(second.stdout.splitlines()) if line.startswith("{")))
     return {"results": results, "finished": done[0], "running": running[0], "killed_at": killed_at,
             "summary": summary, "stdout": second.stdout, "summary_mtime": summary_mtime}
 
