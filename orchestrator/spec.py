@@ -96,13 +96,56 @@ class Storage(Strict):
         return out
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+               "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_BYTES_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_bytes(v: Any) -> int:
+    """``1048576``, ``"512MiB"``, ``"20 GB"``, ``"1.5TiB"`` -> bytes. Raises ValueError."""
+    if isinstance(v, bool):
+        raise ValueError(f"expected a size in bytes like 20GiB, got {v!r}")
+    if isinstance(v, (int, float)):
+        n = float(v)
+    else:
+        m = _BYTES_RE.match(str(v))
+        unit = m.group(2).lower() if m else None
+        if not m or unit not in _BYTE_UNITS:
+            raise ValueError(f"expected a size like 512MiB, 20GB or a number of bytes, got {v!r}")
+        n = float(m.group(1)) * _BYTE_UNITS[unit]
+    if n < 1:
+        raise ValueError(f"size must be at least 1 byte, got {v!r}")
+    return int(n)
+
+
 class Shuffle(Strict):
-    mode: Literal["global", "local", "none"] = Field(
-        "global", description="global: uniform permutation per epoch; local: shard order + window")
+    """The data order: a pure function of (seed, epoch) and the dataset's layout."""
+    mode: Literal["auto", "global", "local", "partitioned", "none"] = Field(
+        "auto", description="global: uniform permutation per epoch; partitioned: hierarchical (shards "
+        "dealt to canonical partitions, each read by its own nodes; samples mixed in blocks of shards), "
+        "for datasets larger than a node's cache; local: shard order + window; auto: partitioned for a "
+        "remote dataset larger than dataset.cache_limit, else global")
     seed: int = Field(0, ge=0, le=2**63 - 1)
     window: int = Field(4096, ge=1, le=10_000_000, description="local mode buffer size")
+    partitions: int | None = Field(
+        None, ge=1, le=65536, description="partitioned: canonical partitions, fixed whatever the world "
+        "size (default: the least common multiple of the worker counts the job may run at, so every "
+        "one of them reads whole partitions); must divide deepspeed.global_batch_size")
+    block_shards: int | None = Field(
+        None, ge=1, le=1_000_000, description="partitioned: samples are mixed inside blocks of this many "
+        "shards of a partition (default 8)")
+    block_samples: int | None = Field(None, ge=1, le=1_000_000_000,
+                                      description="partitioned: the block in samples instead of shards")
+    reassign: float = Field(0.1, ge=0.0, le=1.0, description="partitioned: share of shards that move to "
+                            "another partition each epoch (the rest stay where they are cached)")
     tail: Literal["drop", "carry"] = Field(
         "drop", description="samples that cannot fill a global batch: drop them, or carry into next epoch")
+
+    @model_validator(mode="after")
+    def _one_block(self):
+        if self.block_shards is not None and self.block_samples is not None:
+            raise field_error("block_samples", "set block_shards or block_samples, not both")
+        return self
 
 
 class Dataset(Strict):
@@ -110,7 +153,12 @@ class Dataset(Strict):
     shuffle: Shuffle = Field(default_factory=Shuffle)
     prefetch_batches: int = Field(4, ge=1, le=1024)
     max_prefetch_mb: int = Field(256, ge=1, le=1 << 20)
-    cache_dir: str | None = Field(None, description="node-local shard cache (default: tmp)")
+    cache_dir: str | None = Field(None, description="node-local shard cache for remote datasets "
+                                  "(default ~/.cache/ray-elastic-orchestrator/shards; '{node_id}' in the "
+                                  "path becomes the Ray node id)")
+    cache_limit: int | None = Field(None, description="bytes the node's shard cache may hold, e.g. 50GiB "
+                                    "(default: half of the cache disk's free space); shared by every "
+                                    "loader on the node that uses the same cache_dir")
     transport: Literal["auto", "object_store", "mmap"] = Field(
         "auto", description="how rows reach the trainer: through the Ray object store, or gathered "
                             "in the trainer from the loader actor's memory-mapped shards on the same "
@@ -119,6 +167,11 @@ class Dataset(Strict):
                                                              "copying prefetched batches out of the shards")
 
     _check_url = field_validator("url")(classmethod(lambda cls, v: _url(v)))
+
+    @field_validator("cache_limit", mode="before")
+    @classmethod
+    def _bytes(cls, v):
+        return None if v is None else parse_bytes(v)
 
 
 class ModelRef(Strict):
@@ -236,13 +289,25 @@ class TrainSpec(_JobBase):
         if self.max_steps is None and self.epochs is None:
             raise field_error("max_steps", "set max_steps or epochs")
         ok = feasible_worker_counts(self)
+        ds, r = self.deepspeed, self.resources
         if not ok:
-            ds, r = self.deepspeed, self.resources
             raise field_error(
                 "deepspeed.global_batch_size", f"deepspeed.global_batch_size ({ds.global_batch_size}) is not divisible by "
                 f"micro_batch_size x workers ({ds.micro_batch_size} x w) for any allowed worker "
                 f"count w in [{r.min_workers}, {r.max_workers}]")
+        p = self.dataset.shuffle.partitions
+        if p is not None and ds.global_batch_size % p:
+            raise field_error("dataset.shuffle.partitions", f"partitions ({p}) must divide deepspeed.global_batch_size "
+                              f"({ds.global_batch_size}): every step takes as many samples from each partition")
         return self
+
+
+def data_partitions(spec: TrainSpec) -> int:
+    """Canonical partitions of a partitioned shuffle: the spec's, else the least common multiple of
+    the worker counts the job may run at (it divides the global batch, and each of those counts
+    reads whole partitions)."""
+    import math
+    return spec.dataset.shuffle.partitions or math.lcm(*feasible_worker_counts(spec))
 
 
 def feasible_worker_counts(spec: TrainSpec) -> list[int]:

@@ -238,7 +238,8 @@ def test_loader_actor_uses_no_cpu_and_sits_on_the_callers_node(ray_local, datase
     assert dl.transport == "mmap"  # auto: the actor shares the node, so rows skip the object store
     total = ray.cluster_resources()["CPU"]  # a live loader actor holds no CPU the trainers need
     wait_until(lambda: ray.available_resources().get("CPU", 0) == total, 30, what="all CPUs free")
-    again = ray.get_actor("reo-data:affinity-test:rank0")
+    assert dl.actor_name.startswith("reo-data:affinity-test:rank0:")
+    again = ray.get_actor(dl.actor_name)
     assert ray.get(again.info.remote())["pid"] == info["pid"]
     dl.close()
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from actors.data import ShardError, read_manifest, write_shards
-from actors.data.loader import BufferPool, ShardStore
+from actors.data.store import BufferPool, ShardStore
 from jobs.examples.datasets import classification, copy_task_tokens
 from orchestrator import cli
 from orchestrator.storage import Storage

@@ -61,7 +61,7 @@ MALFORMED = [
     ("name", "Has Spaces", "name", "lowercase"),
     ("optimizer", {"lr": -1}, "optimizer.lr", "greater than 0"),
     ("optimizer", {"betas": [0.9, 1.5]}, "optimizer.betas", "[0, 1)"),
-    ("dataset.shuffle", {"mode": "random"}, "dataset.shuffle.mode", "'global', 'local' or 'none'"),
+    ("dataset.shuffle", {"mode": "random"}, "dataset.shuffle.mode", "'global', 'local', 'partitioned' or 'none'"),
     ("dataset.shuffle", {"tail": "pad"}, "dataset.shuffle.tail", "'drop' or 'carry'"),
     ("scheduling", {"priority": "urgent"}, "scheduling.priority", "'low', 'normal', 'high' or 'critical'"),
     ("scheduling", {"max_retries": -1}, "scheduling.max_retries", "greater than or equal to 0"),
@@ -201,7 +201,7 @@ def test_resolved_spec_round_trips_through_yaml():
     spec = S.parse_spec(copy.deepcopy(TRAIN))
     again = S.parse_spec(yaml.safe_load(S.dump_spec(spec)))
     assert again == spec
-    assert spec.dataset.shuffle.mode == "global" and spec.checkpoint.keep_last == 3
+    assert spec.dataset.shuffle.mode == "auto" and spec.checkpoint.keep_last == 3
 
 
 def test_with_overrides_revalidates():

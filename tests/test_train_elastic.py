@@ -96,7 +96,7 @@ def test_restart_after_worker_death_runs_in_the_warm_spare_processes(dataset, tm
     imports done, and one for its loader actor. When a worker dies, Ray Train's replacement group
     and its loader actors run in those processes, starting none, and the run still sees exactly
     the samples of an uninterrupted one."""
-    from actors.data.loader import PRELOAD_HOOK
+    from actors.data.server import PRELOAD_HOOK
     from actors.trainer.spares import HOOK
     from actors.trainer.trainer import run_train
     from actors.warm import idle_spare_pids

@@ -109,3 +109,68 @@ def segment_ids(order: EpochOrder, segments: list[tuple[int, int, int]]) -> np.n
         positions = np.concatenate([np.arange(segments[i][1], segments[i][2], dtype=np.int64) for i in mine])
         out[np.concatenate([np.arange(offs[i], offs[i + 1]) for i in mine])] = order.ids(epoch, positions)
     return out
+
+
+def step_index(c: Cursor, n: int, g: int, tail: str) -> int:
+    """The step at ``c`` counted from the start of epoch 0: the clock loaders plan shard use by."""
+    c = normalise(c, n, g, tail)
+    if tail == "carry":
+        return (c.epoch * n + c.consumed) // g
+    return c.epoch * (n // g) + c.consumed // g
+
+
+def epoch_of_step(step: int, n: int, g: int, tail: str) -> int:
+    return step * g // n if tail == "carry" else step // (n // g)
+
+
+def shard_steps(order: EpochOrder, n: int, g: int, tail: str, epoch: int, lo: int, hi: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(shards, first_step, last_step)``: the steps (on the :func:`step_index` clock) during
+    which a reader of step slots ``[lo, hi)`` may read each shard in ``epoch``."""
+    shards, first, last = order.shard_uses(epoch, lo, hi)
+    if tail == "carry":
+        return shards, (epoch * n + first) // g, (epoch * n + last) // g
+    per_epoch = n // g
+    read = first < per_epoch * g  # the dropped tail is never read
+    return (shards[read], epoch * per_epoch + first[read] // g,
+            epoch * per_epoch + np.minimum(last[read], per_epoch * g - 1) // g)
+
+
+class ShardSchedule:
+    """When one reader (step slots ``[lo, hi)``) reads which shard, step by step: what to keep
+    mapped now, and what to fetch next and in which order. Pure, from the order."""
+
+    def __init__(self, order: EpochOrder, n: int, g: int, tail: str, lo: int, hi: int):
+        self.order, self.n, self.g, self.tail, self.lo, self.hi = order, n, g, tail, lo, hi
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def _epoch(self, e: int):
+        got = self._epochs.get(e)
+        if got is None:
+            if len(self._epochs) > 3:
+                self._epochs.pop(min(self._epochs))
+            got = self._epochs[e] = shard_steps(self.order, self.n, self.g, self.tail, e, self.lo, self.hi)
+        return got
+
+    def _around(self, step: int, epochs: int):
+        e = epoch_of_step(step, self.n, self.g, self.tail)
+        parts = [self._epoch(x) for x in range(max(0, e - 1), e + epochs)]  # carry: uses straddle epochs
+        return tuple(np.concatenate(a) for a in zip(*parts))
+
+    def needed(self, first: int, last: int) -> np.ndarray:
+        """Shards read at any step in ``[first, last]``."""
+        s, a, b = self._around(first, 2 + (last - first) * self.g // self.n)
+        return np.unique(s[(a <= last) & (b >= first)])
+
+    def upcoming(self, step: int, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(shards, next_use)``: up to ``limit`` shards in the order they are next needed from
+        ``step`` on (within this epoch and the next), each once; a shard in use now has ``step``."""
+        s, a, b = self._around(step, 2)
+        live = b >= step
+        s, a = s[live], np.maximum(a[live], step)
+        o = np.lexsort((s, a))
+        s, a = s[o], a[o]
+        _, first = np.unique(s, return_index=True)
+        first.sort()
+        first = first[:limit]
+        return s[first], a[first]

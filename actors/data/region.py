@@ -95,6 +95,13 @@ class ShardRegion:
             os.close(fd)
         return pa.foreign_buffer(at, size, base=self)
 
+    def unmap(self, i: int) -> None:
+        """Return slot ``i`` to reserved, unmapped address space (its file's pages are let go)."""
+        at = self.base + i * self.slot
+        flags = mmap.MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED
+        if _libc.mmap(at, self.slot, _PROT_NONE, flags, -1, 0) != at:
+            raise OSError(ctypes.get_errno(), f"could not unmap shard slot {i}")
+
     def rows(self, offset: int, row_bytes: int) -> tuple[np.ndarray, int]:
         """The whole range as rows of ``row_bytes`` starting at byte ``offset % row_bytes``, in
         the widest unsigned type that keeps them aligned; and that start."""

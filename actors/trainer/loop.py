@@ -222,8 +222,8 @@ class Worker:
             shuffle=d.shuffle, storage_options=spec.storage.as_options(),
             warm_spares=spec.resources.warm_spares, warm_spare_keep_alive_s=spec.resources.warm_spare_keep_alive_s,
             prefetch_batches=d.prefetch_batches, max_prefetch_mb=d.max_prefetch_mb,
-            cache_dir=d.cache_dir, name=f"{spec.name}-r{self.rank}", transport=d.transport,
-            gather_threads=d.gather_threads)
+            cache_dir=d.cache_dir, cache_limit=d.cache_limit, name=f"{spec.name}-r{self.rank}",
+            transport=d.transport, gather_threads=d.gather_threads)
         t0 = time.time()
         deepspeed = import_deepspeed()
         t1 = time.time()

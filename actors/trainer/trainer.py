@@ -23,7 +23,7 @@ from actors.trainer import spares
 from actors.trainer.checkpoint import CheckpointStore
 from actors.trainer.control import JobControl
 from actors.trainer.loop import train_loop_per_worker
-from orchestrator.spec import TrainSpec, feasible_worker_counts, with_overrides
+from orchestrator.spec import TrainSpec, data_partitions, feasible_worker_counts, with_overrides
 from orchestrator.storage import Storage
 
 log = logging.getLogger("actors.trainer")
@@ -115,10 +115,34 @@ class TrainResult:
         return [h["loss"] for h in self.history]
 
 
+def pin_data_order(spec: TrainSpec) -> TrainSpec:
+    """``spec`` with its shuffle mode and partitions decided once, here, so every rank (on any node,
+    after any restart) reads the same order: ``auto`` becomes ``partitioned`` for a remote dataset
+    larger than the node cache (``dataset.cache_limit``, else this node's default)."""
+    from actors.data.cache import default_cache_dir, default_limit, expand_cache_dir
+    from actors.data.loader import resolve_mode
+    from actors.data.shards import read_manifest
+    d = spec.dataset
+    pin: dict[str, Any] = {}
+    if d.shuffle.mode == "auto":
+        opts = spec.storage.as_options()
+        remote = Storage(d.url, opts).local_path() is None
+        limit = d.cache_limit or default_limit(expand_cache_dir(d.cache_dir or default_cache_dir()))
+        manifest = read_manifest(d.url, opts)
+        pin["dataset.shuffle.mode"] = resolve_mode("auto", manifest, remote, limit)
+        log.warning("[%s] shuffle mode auto -> %s (%s dataset of %.1f MiB, node cache limit %.1f MiB)",
+                    spec.name, pin["dataset.shuffle.mode"], "remote" if remote else "local",
+                    manifest.total_bytes / 2**20, limit / 2**20)
+    if d.shuffle.partitions is None:
+        pin["dataset.shuffle.partitions"] = data_partitions(spec)
+    return with_overrides(spec, pin) if pin else spec
+
+
 def build_trainer(spec: TrainSpec, options: dict[str, Any] | None = None,
                   run_name: str | None = None, callbacks: list | None = None) -> ElasticDeepSpeedTrainer:
     """The Ray Train trainer for ``spec``; ``callbacks`` go to ``RunConfig`` (Tune forwards reports)."""
     import ray.train
+    spec = pin_data_order(spec)
     r = spec.resources
     resources = {"CPU": r.cpus_per_worker}
     if r.gpus_per_worker:

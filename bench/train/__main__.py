@@ -259,7 +259,7 @@ def run_ours(spec_dict: dict, options: dict | None = None, during=None, cpu: boo
 
 def evict_spares(timeout_s: float = 30.0) -> int:
     """SIGKILL the idle warm spares (trainer and loader) on this machine; wait until they are gone."""
-    from actors.data.loader import PRELOAD_HOOK
+    from actors.data.server import PRELOAD_HOOK
     from actors.trainer.spares import HOOK
     from actors.warm import idle_spare_pids
 

@@ -32,7 +32,7 @@ def register(sub) -> None:
 
     i = dsub.add_parser("inspect", help="print a dataset's manifest summary")
     i.add_argument("url")
-    i.add_argument("--verify", action="store_true", help="download every shard and check its sha256")
+    i.add_argument("--verify", action="store_true", help="read every shard and check its sha256 (nothing is kept on disk)")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.add_argument("--endpoint-url", help="S3 endpoint (else AWS_ENDPOINT_URL)")
     i.set_defaults(func=run_inspect)
@@ -85,15 +85,10 @@ def run_write(args) -> int:
 
 def run_inspect(args) -> int:
     from actors.data import ShardError, read_manifest
-    from actors.data.loader import ShardStore
+    from actors.data.store import verify_all
     try:
-        m = read_manifest(args.url, _options(args))
-        verified = None
-        if args.verify:
-            import tempfile
-            with tempfile.TemporaryDirectory() as tmp:
-                ShardStore(args.url, _options(args), tmp).ensure(range(m.num_shards))
-            verified = True
+        m = verify_all(args.url, _options(args)) if args.verify else read_manifest(args.url, _options(args))
+        verified = True if args.verify else None
     except (ValueError, ShardError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
