@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_spec(args.spec)
         if not isinstance(spec, PipelineSpec):
             raise SpecError([("kind", f"jobs.pipeline runs pipeline specs, got {spec.kind!r}")], args.spec)
+        from jobs.preflight import preflight
+        preflight(spec, args.spec)
     except SpecError as e:
         print(e, file=sys.stderr)
         return 2

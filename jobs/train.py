@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             argv, "jobs.train", __doc__, TrainSpec, "max_steps=20",
             "a train-loop option, e.g. --option min_step_time_s=0.05 (pacing for demos and tests; "
             "value parsed as YAML)")
+        from jobs.preflight import preflight
+        preflight(spec, args.spec)
     except SpecError as e:
         print(e, file=sys.stderr)
         return 2

@@ -419,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
             argv, "jobs.tune", __doc__, TuneSpec, "num_samples=8",
             "a train-loop option for every trial, e.g. --option min_step_time_s=0.05 (pacing for "
             "demos and tests; value parsed as YAML)")
+        from jobs.preflight import preflight
+        preflight(spec, args.spec)
         result = run_tune(spec, options, address=args.address)
     except SpecError as e:
         print(e, file=sys.stderr)

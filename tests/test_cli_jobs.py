@@ -16,9 +16,26 @@ EXAMPLE = os.path.join(ROOT, "jobs", "examples", "mlp_train.yaml")
 
 @pytest.fixture
 def db(tmp_path, monkeypatch):
+    """A store file, and the example's dataset where its relative URL points (submit reads its
+    manifest before storing anything)."""
+    from actors.data import write_shards
+    from jobs.examples.datasets import classification
+    monkeypatch.chdir(tmp_path)
+    write_shards(classification(256, in_dim=32), "demo_out/data/classification", rows_per_shard=128, progress=False)
     path = str(tmp_path / "jobs.db")
     monkeypatch.setenv("ORCHESTRATOR_STORE", path)
     return path
+
+
+def test_submit_of_a_spec_whose_dataset_is_missing_exits_2_and_stores_nothing(db, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    data = yaml.safe_load(open(EXAMPLE))
+    data["dataset"]["url"] = str(tmp_path / "nothing-here")
+    bad.write_text(yaml.safe_dump(data))
+    assert main(["submit", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "dataset.url: no dataset at" in err and "nothing-here" in err
+    assert JobStore(db).list() == []
 
 
 def submit(capsys, *args) -> str:

@@ -162,6 +162,10 @@ def test_queued_job_that_does_not_fit_is_scaled_for_by_the_scheduler_runs_and_no
     spec["name"] = "autoscale-gang"
     spec["resources"].update(min_workers=2, max_workers=2, cpus_per_worker=1)
     spec["checkpoint"]["url"] = str(tmp_path / "ckpt")
+    spec["dataset"]["url"] = str(tmp_path / "data")  # submit reads the dataset's manifest first
+    from actors.data import write_shards
+    from jobs.examples.datasets import classification
+    write_shards(classification(256, in_dim=32), spec["dataset"]["url"], rows_per_shard=128, progress=False)
     (tmp_path / "gang.yaml").write_text(yaml.safe_dump(spec))
     store = str(tmp_path / "jobs.db")
 

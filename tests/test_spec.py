@@ -217,8 +217,8 @@ def test_every_example_spec_is_valid(path):
 
 
 def test_cli_validate_prints_resolved_spec_or_every_error(tmp_path):
-    good = subprocess.run([sys.executable, "-m", "orchestrator", "validate", "jobs/examples/mlp_train.yaml"],
-                          capture_output=True, text=True)
+    good = subprocess.run([sys.executable, "-m", "orchestrator", "validate", "jobs/examples/mlp_train.yaml",
+                           "--offline"], capture_output=True, text=True)
     assert good.returncode == 0, good.stderr
     assert "valid train spec" in good.stdout and "zero_stage: 1" in good.stdout
     bad = tmp_path / "bad.yaml"

@@ -8,7 +8,9 @@
   ``displacement_ratio``.)
 * ``shards_per_batch``: mean distinct shards per global batch, and its ratio to the expectation
   for a uniformly random batch of that size (hypergeometric: a shard of k of n samples is missed by
-  a batch of G with probability C(n-k, G) / C(n, G)).
+  a batch of G with probability C(n-k, G) / C(n, G)); with ``reachable`` (the expectation for a
+  uniform draw from what the order lets a batch reach, :func:`reachable_shards_per_batch`) also
+  its ratio to that.
 """
 
 from __future__ import annotations
@@ -33,7 +35,23 @@ def expected_shards_per_batch(num_samples: int, rows_per_shard: int, batch: int)
     return sum(count * (1.0 - p_miss(size)) for size, count in sizes)
 
 
-def score_order(ids: np.ndarray, *, rows_per_shard: int, global_batch_size: int) -> dict[str, float]:
+def reachable_shards_per_batch(order, global_batch_size: int) -> float:
+    """Expected distinct shards in a batch drawn uniformly from what ``order`` (an
+    :class:`~actors.data.shuffle.EpochOrder`) lets one batch reach: the whole dataset (global),
+    one window (local), or one block of each partition (partitioned)."""
+    n, k, g = order.num_samples, order.rows_per_shard, global_batch_size
+    if order.mode == "local":
+        return expected_shards_per_batch(min(n, order.window), k, min(g, order.window))
+    if order.mode == "partitioned":
+        p = order.partitions
+        return p * expected_shards_per_batch(min(n // p, order.window), k, min(g // p, order.window))
+    if order.mode == "none":
+        return float(-(-g // k))
+    return expected_shards_per_batch(n, k, g)
+
+
+def score_order(ids: np.ndarray, *, rows_per_shard: int, global_batch_size: int,
+                reachable: float | None = None) -> dict[str, float]:
     """Shuffle-quality scores of a full-epoch order (``ids[p]`` = sample at position ``p``).
 
     ``ids`` must be a permutation of ``0..n-1``; raises ValueError otherwise.
@@ -62,7 +80,9 @@ def score_order(ids: np.ndarray, *, rows_per_shard: int, global_batch_size: int)
     else:
         spb = float("nan")
     exp_spb = expected_shards_per_batch(n, rows_per_shard, g)
-    return {
+    extra = {} if reachable is None else {"shards_per_batch_reachable": reachable,
+                                          "shards_per_batch_reachable_ratio": spb / reachable}
+    return {**extra,
         "spearman_rho": rho,
         "displacement": 1.0 - abs(1.0 - ratio),
         "displacement_ratio": ratio,

@@ -130,8 +130,10 @@ def _never_fits(spec, cluster: ClusterState) -> list[str]:
 
 
 def cmd_submit(args) -> int:
+    from jobs.preflight import preflight
     try:
         spec = specmod.load_spec(args.spec)
+        preflight(spec, args.spec)
     except specmod.SpecError as e:
         print(str(e), file=sys.stderr)
         return 2

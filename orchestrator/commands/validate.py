@@ -10,14 +10,21 @@ from orchestrator import spec as specmod
 def register(sub) -> None:
     p = sub.add_parser("validate", help="check a job spec and print it resolved (defaults filled in)")
     p.add_argument("spec", help="path or URL of a YAML job spec")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a spec field first, e.g. --set dataset.url=/data/cls (value parsed as YAML)")
+    p.add_argument("--offline", action="store_true",
+                   help="check the spec alone, without reading the dataset's manifest")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     try:
-        spec = specmod.load_spec(args.spec)
+        spec = specmod.load_spec(args.spec, specmod.parse_assignments(args.set, "--set", args.spec))
         _check_searches(spec, args.spec)
+        if not args.offline:
+            from jobs.preflight import preflight
+            preflight(spec, args.spec)
     except specmod.SpecError as e:
         print(str(e), file=sys.stderr)
         return 2

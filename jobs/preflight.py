@@ -1,0 +1,27 @@
+"""Checks a spec must pass before a job takes any resource, beyond its own validation: everything
+that can be known from the spec and small reads (a dataset's manifest). Used by every
+``jobs.*`` entrypoint, ``orchestrator validate`` and ``orchestrator submit``."""
+
+from __future__ import annotations
+
+from orchestrator.spec import PipelineSpec, SpecError, TrainSpec, TuneSpec
+
+
+def _trains(spec) -> list[tuple[str, TrainSpec]]:
+    if isinstance(spec, TrainSpec):
+        return [("", spec)]
+    if isinstance(spec, TuneSpec):
+        return [("trial.", spec.trial)]
+    if isinstance(spec, PipelineSpec):
+        return [(f"stages.{st.name}.spec.{p}", t) for st in spec.stages for p, t in _trains(st.spec)]
+    return []
+
+
+def preflight(spec, source: str | None = None) -> None:
+    """Raises SpecError listing every problem with its field path; returns when there is none."""
+    from actors.data.preflight import dataset_errors
+    errors = []
+    for prefix, t in _trains(spec):
+        errors += [(prefix + path, reason) for path, reason in dataset_errors(t)]
+    if errors:
+        raise SpecError(errors, source)
