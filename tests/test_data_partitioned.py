@@ -331,6 +331,7 @@ def test_a_real_full_disk_is_reported_the_same_way(tmp_path):
         with pytest.raises(ShardError, match="no space left on device"):
             c.get("big", 200_000, writer(200_000))
         assert os.listdir(mnt / ".partial") == []
+        c.close()
     finally:
         subprocess.run(["umount", str(mnt)])
 

@@ -167,7 +167,7 @@ class MmapTransport:
         self.store = ShardStore(loader.url, loader.storage_options, loader.cache_dir, fetch_threads=4,
                                 manifest=loader.manifest,
                                 acquire=lambda shards: ray.get(actor.acquire.remote(shards)),
-                                unpin=lambda shards: actor.release.remote(shards))
+                                unpin=lambda shards: loader._notify(actor.release.remote(shards)))
         # batches in flight, the one the caller trains on, the one before it, and the gather
         # threads' next: reused without page faults once the caller lets go
         self.buffers = BufferPool(loader.max_inflight + gather_threads + 2)
@@ -301,6 +301,8 @@ class DataLoader:
         self._gather_threads = gather_threads
         # after the first step: idle, preloaded processes for the next loader actor on its node
         self._spares = warm.WarmSpares(warm_spares, warm_spare_keep_alive_s, "loader actors")
+        self._pending: list = []
+        self._notify_lock = threading.Lock()
 
     # geometry --------------------------------------------------------------------------------
     @property
@@ -322,9 +324,9 @@ class DataLoader:
     def _configure_actor(self) -> None:
         if not self._configured:
             lead = working_set_bytes(self.order, self.manifest, *self.slots) // max(s.bytes for s in self.manifest.shards)
-            self._actor.configure.remote(self.order, self.num_samples, self.global_batch_size, self.tail,
-                                         *self.slots, self.max_inflight + 1, self._step_index(self._cursor),
-                                         max(4, int(lead)))
+            self._notify(self._actor.configure.remote(
+                self.order, self.num_samples, self.global_batch_size, self.tail, *self.slots,
+                self.max_inflight + 1, self._step_index(self._cursor), max(4, int(lead))))
             self._configured = True
 
     @property
@@ -382,7 +384,7 @@ class DataLoader:
         step = self._step_index(self._cursor)
         self._transport.after_step(step)
         if self.remote:
-            self._actor.progress.remote(step)
+            self._notify(self._actor.progress.remote(step))
         self._fill()  # keep the pipe full while the caller trains on this step
         self._stats["steps"] += 1
         if self._stats["steps"] == 1 and self._spares.count:
@@ -399,6 +401,14 @@ class DataLoader:
     def __iter__(self):
         while True:
             yield self.next_step()
+
+    def _notify(self, ref) -> None:
+        """Keep a fire-and-forget call's ref until it is done, so closing waits for it (a call
+        still queued when the actor is killed would be retried and logged as failed)."""
+        with self._notify_lock:
+            self._pending.append(ref)
+            if len(self._pending) >= 64:
+                _, self._pending = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
 
     def actor_info(self) -> dict[str, Any]:
         """The loader actor's pid, node id, runtime env, open shards and cache figures."""
@@ -470,6 +480,8 @@ class DataLoader:
         if self._transport is not None:
             self._transport.close()
         if self._actor is not None:
+            if self._pending:
+                ray.wait(self._pending, num_returns=len(self._pending), timeout=5)
             ray.kill(self._actor, no_restart=True)
             self._actor = None
 
