@@ -226,3 +226,25 @@ def test_shards_of_2mib_and_more_sit_on_2mib_boundaries_and_gather_the_same_rows
     for k, v in cols.items():
         assert np.array_equal(got[k], v[ids]), k
     assert np.array_equal(got["id"], ids)
+
+
+def test_cli_inspect_verify_of_a_remote_dataset_with_a_corrupt_shard_exits_2_and_keeps_nothing(
+        s3, tmp_path, monkeypatch, capsys):
+    """Every shard is read in parallel and checked; the first bad one is named once the readers
+    have stopped, and nothing is left on local disk (no temporary cache to clean up)."""
+    import tempfile
+    url = f"{s3}/ds"
+    write_shards({"v": np.arange(2000)}, url, rows_per_shard=50, progress=False)
+    st = Storage(url)
+    data = bytearray(st.read_bytes("shards/shard-00003.arrow"))
+    data[-64] ^= 0xFF
+    st.write_bytes("shards/shard-00003.arrow", bytes(data))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    for _ in range(3):
+        assert cli.main(["data", "inspect", url, "--verify"]) == 2
+        err = capsys.readouterr().err
+        assert "shard 3" in err and "is corrupt" in err and "Traceback" not in err
+    assert list(scratch.iterdir()) == []

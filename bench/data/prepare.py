@@ -12,10 +12,15 @@ CHUNK = 8192
 
 
 def chunks(samples: int, sample_bytes: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
     for lo in range(0, samples, CHUNK):
-        k = min(CHUNK, samples - lo)
-        yield lo, np.frombuffer(rng.bytes(k * sample_bytes), dtype=np.uint8).reshape(k, sample_bytes)
+        yield lo, _chunk(lo, samples, sample_bytes, seed)
+
+
+def _chunk(lo: int, samples: int, sample_bytes: int, seed: int = 0) -> np.ndarray:
+    """The rows from ``lo`` (one chunk): the same bytes whichever writer asks, in whatever order."""
+    rng = np.random.default_rng([seed, lo])
+    k = min(CHUNK, samples - lo)
+    return np.frombuffer(rng.bytes(k * sample_bytes), dtype=np.uint8).reshape(k, sample_bytes)
 
 
 def write_ours(url: str, samples: int, sample_bytes: int, rows_per_shard: int, storage_options=None):
@@ -56,17 +61,11 @@ def write_litdata(path: str, samples: int, sample_bytes: int):
                      output_dir=path, chunk_bytes="32MB", num_workers=1, verbose=False)
 
 
-def _chunk_at(lo: int, samples: int, sample_bytes: int):
-    rng = np.random.default_rng([0, lo])
-    k = min(CHUNK, samples - lo)
-    yield np.frombuffer(rng.bytes(k * sample_bytes), dtype=np.uint8).reshape(k, sample_bytes)
-
-
 class _LitChunk:
     def __init__(self, samples: int, sample_bytes: int):
         self.samples, self.sample_bytes = samples, sample_bytes
 
     def __call__(self, lo: int):
-        x = next(iter(_chunk_at(lo, self.samples, self.sample_bytes)))
+        x = _chunk(lo, self.samples, self.sample_bytes)
         for i in range(len(x)):
             yield {"id": lo + i, "x": x[i]}
