@@ -67,6 +67,7 @@ class CachePoller:
         while not self._stop.is_set():
             for i, d in enumerate(self.dirs):
                 self.peak[i] = max(self.peak[i], dir_bytes(d))
+            self._stop.wait(0.002)
 
     def stop(self) -> list[int]:
         self._stop.set()

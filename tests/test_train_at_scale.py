@@ -55,6 +55,7 @@ def test_train_on_data_larger_than_each_node_cache_survives_a_resize_mid_epoch_e
         while not stop.is_set():
             for d in glob.glob(str(tmp_path / "cache-*")):
                 peaks[d] = max(peaks.get(d, 0), dir_bytes(d))
+            stop.wait(0.002)
 
     def held_at():
         return tuple(map(int, held.read_text().split())) if held.exists() else None

@@ -343,8 +343,10 @@ class DataLoader:
 
     def _make_actor(self, cache_dir, cache_limit, cache_policy):
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        # on this node, firmly: with soft affinity Ray 2.60 placed the 0-CPU actor on another node
+        # whenever this node's CPUs were all taken (by the trainers), and its cache went with it
         opts: dict[str, Any] = {"scheduling_strategy": NodeAffinitySchedulingStrategy(
-            node_id=ray.get_runtime_context().get_node_id(), soft=True)}
+            node_id=ray.get_runtime_context().get_node_id(), soft=False)}
         if self.actor_name:
             opts["name"] = self.actor_name  # unique: two live loaders never share an actor
         return ShardServer.options(**opts).remote(self.url, self.storage_options, cache_dir, cache_limit,
