@@ -158,9 +158,12 @@ class Storage:
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
 
-    def open_read(self, rel: str, block_size: int | None = None):
-        """A seekable binary file object (random access by range requests on object stores)."""
-        kw = {"block_size": block_size} if block_size and self.scheme != "file" else {}
+    def open_read(self, rel: str, block_size: int | None = None, size: int | None = None):
+        """A seekable binary file object (random access by range requests on object stores).
+        ``size``, when the caller knows it, saves an object store the request that asks for it."""
+        kw: dict[str, Any] = {}
+        if self.scheme != "file":
+            kw.update({"block_size": block_size} if block_size else {}, **({"size": size} if size else {}))
         try:
             return self.fs.open(self._p(rel), "rb", **kw)
         except FileNotFoundError:

@@ -61,24 +61,6 @@ def wait_until(predicate, timeout: float = 60.0, interval: float = 0.1, what: st
                          + (f" (last error: {last_exc!r})" if last_exc else ""))
 
 
-def dir_bytes(path: str, skip: tuple[str, ...] = (".clients", ".lock")) -> int:
-    """Bytes of the files under ``path`` as a poller sees them while they are written, renamed and
-    deleted: each inode counted once (a file renamed mid-walk is not counted twice). ``skip``: names
-    left out (a shard cache's few KB of bookkeeping)."""
-    sizes: dict[int, int] = {}
-    for dirpath, dirs, names in os.walk(path):
-        dirs[:] = [d for d in dirs if d not in skip]
-        for name in names:
-            if name in skip:
-                continue
-            try:
-                st = os.stat(os.path.join(dirpath, name))
-            except FileNotFoundError:
-                continue
-            sizes[st.st_ino] = max(sizes.get(st.st_ino, 0), st.st_size)
-    return sum(sizes.values())
-
-
 # ---------------------------------------------------------------------------------------------
 # S3
 # ---------------------------------------------------------------------------------------------

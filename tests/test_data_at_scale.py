@@ -14,7 +14,7 @@ import pytest
 
 from actors.data import DataLoader, ShardError, global_step_sample_ids, read_manifest, write_shards
 from bench.data.s3proxy import CountingProxy
-from conftest import dir_bytes
+from bench.data.scale_node import dir_bytes
 
 ROWS, ROW_BYTES, SHARDS = 64, 1024, 324   # 64 KiB shards, about 20 MiB in all
 N = ROWS * SHARDS
@@ -156,7 +156,7 @@ def test_auto_mode_is_partitioned_for_a_remote_dataset_larger_than_the_cache_els
 def test_a_cache_limit_below_one_block_of_the_ranks_partitions_is_refused_naming_the_field(ray_local, big, tmp_path):
     url, m, _, proxies = big
     shuffle = {"mode": "partitioned", "partitions": 8, "block_shards": 4}
-    with pytest.raises(ValueError, match=r"dataset.cache_limit .* smaller than the working set .* one block"):
+    with pytest.raises(ValueError, match=r"dataset.cache_limit .* smaller than the working set .* the blocks"):
         loaders(url, 4, proxies, [tmp_path] * 4, 5 * m.shards[0].bytes, shuffle, ranks=[0])
     with pytest.raises(ValueError, match=r"dataset.cache_limit .* a global shuffle reads any shard"):
         loaders(url, 1, proxies, [tmp_path], m.total_bytes // 2, {"mode": "global"})

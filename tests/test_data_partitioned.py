@@ -186,7 +186,7 @@ def writer(size=SIZE, log=None):
 def disk_bytes(d) -> int:
     """Bytes of every file in a cache directory (partial downloads included), each inode once: a
     download renamed into place while this runs is not counted twice."""
-    from conftest import dir_bytes
+    from bench.data.scale_node import dir_bytes
     return dir_bytes(d)
 
 

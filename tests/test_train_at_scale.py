@@ -12,7 +12,8 @@ import pytest
 
 from actors.data import global_step_sample_ids, read_manifest, write_shards
 from actors.trainer.checkpoint import CheckpointStore
-from conftest import dir_bytes, wait_until
+from bench.data.scale_node import dir_bytes
+from conftest import wait_until
 from jobs.examples.datasets import classification
 from orchestrator.spec import parse_spec
 

@@ -6,7 +6,8 @@ process owns the cache and a killed one leaves nothing stuck:
 
     <dir>/<sha256>.arrow          a complete, verified shard
     <dir>/.partial/<client>.<sha> a download in progress (counted by its reservation)
-    <dir>/.clients/<client>.json  each live user: pins, reservations, and when it next needs what
+    <dir>/.clients/<client>.json  each live user: its pins and reservations
+    <dir>/.clients/<client>.uses  and when it next needs which shard (its plan)
     <dir>/.lock                   flock held for every admission or eviction decision
 
 The bytes on disk (complete files plus reserved downloads) never exceed the limit: a download
@@ -123,6 +124,7 @@ class NodeCache:
         self._clock = 0
         self._mutex = threading.Lock()
         self._lock_fd = os.open(os.path.join(directory, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        self._parsed: dict[str, tuple] = {}
         self.stats = {"fetched_bytes": 0, "fetched_shards": 0, "hits": 0, "evicted_shards": 0,
                       "evicted_bytes": 0, "peak_bytes": 0, "waits": 0}
         with self._locked():
@@ -145,34 +147,57 @@ class NodeCache:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _save(self) -> None:
-        rec = dict(self._record, t=time.time(), clock=self._clock, pins=sorted(self._pins),
-                   reserved=self._reserved, uses=self._uses)
-        tmp = self._client_file(self.client) + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(rec, f)
-        os.replace(tmp, self._client_file(self.client))
+        """This process's pins and reservations (small: written at every pin, release, download)."""
+        rec = dict(self._record, t=time.time(), pins=sorted(self._pins), reserved=self._reserved)
+        _write_json(self._client_file(self.client), rec)
+
+    def _save_plan(self) -> None:
+        _write_json(self._client_file(self.client)[:-5] + ".uses", {"clock": self._clock, "uses": self._uses})
+
+    def _read(self, path: str):
+        """A client's plan, parsed again only when it changed (cached by inode, mtime and size: a
+        stale plan only makes an eviction less wise, never breaks the limit)."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        hit = self._parsed.get(path)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            return hit[1] if hit else None  # being replaced right now: use what it said before
+        self._parsed[path] = (key, rec)
+        return rec
 
     def _others(self) -> dict[str, dict]:
-        """Live clients' records (dead ones and their partial downloads are removed)."""
+        """Live clients' records, plans merged in (dead ones and their partial downloads removed)."""
         out = {}
         cdir = os.path.join(self.dir, ".clients")
-        for name in os.listdir(cdir):
+        names = os.listdir(cdir)
+        for name in names:
             if not name.endswith(".json") or name[:-5] == self.client:
                 continue
-            try:
-                with open(os.path.join(cdir, name)) as f:
+            path = os.path.join(cdir, name)
+            try:  # pins and reservations: read every time (they are what keeps the limit)
+                with open(path) as f:
                     rec = json.load(f)
             except (OSError, ValueError):
-                continue  # being replaced right now, or torn: skip this round
+                continue  # gone (closed) or being replaced: a rename is atomic, so gone
             if _alive(rec):
-                out[name[:-5]] = rec
+                plan = self._read(path[:-5] + ".uses") or {}
+                out[name[:-5]] = dict(rec, uses=plan.get("uses", {}), clock=plan.get("clock", 0))
             else:
-                _remove(os.path.join(cdir, name))
-        pdir = os.path.join(self.dir, ".partial")
+                _remove(path)
+                _remove(path[:-5] + ".uses")
+                self._parsed.pop(path, None)
         live = set(out) | {self.client}
-        for name in os.listdir(pdir):
+        for name in os.listdir(os.path.join(self.dir, ".partial")):
             if name.split(".", 1)[0] not in live:
-                _remove(os.path.join(pdir, name))
+                _remove(os.path.join(self.dir, ".partial", name))
         return out
 
     def _files(self) -> dict[str, tuple[int, float]]:
@@ -282,8 +307,10 @@ class NodeCache:
             got = os.path.getsize(tmp)
             if got != size:
                 raise ShardError(f"shard {sha[:12]}...: downloaded {got} bytes, manifest says {size}")
-            os.replace(tmp, self.path(sha))
-            ok = True
+            with self._locked():  # published and pinned in one step: no eviction in between
+                os.replace(tmp, self.path(sha))
+                ok = True
+                self._settle(sha, size, pin)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise ShardError(
@@ -294,15 +321,18 @@ class NodeCache:
         finally:
             if not ok:
                 _remove(tmp)
-            with self._locked():
-                self._reserved.pop(sha, None)
-                if ok:
-                    self.stats["fetched_bytes"] += size
-                    self.stats["fetched_shards"] += 1
-                    if pin:
-                        self._pins[sha] += 1
-                self._save()
+                with self._locked():
+                    self._reserved.pop(sha, None)
+                    self._save()
         return self.path(sha)
+
+    def _settle(self, sha: str, size: int, pin: bool) -> None:
+        self._reserved.pop(sha, None)
+        self.stats["fetched_bytes"] += size
+        self.stats["fetched_shards"] += 1
+        if pin:
+            self._pins[sha] += 1
+        self._save()
 
     def release(self, shas) -> None:
         """Unpin shards this process no longer maps (once per matching pinned ``get``)."""
@@ -318,7 +348,7 @@ class NodeCache:
         """Declare when this process next reads each shard, in its step clock (now: ``clock``)."""
         with self._locked():
             self._uses, self._clock = dict(uses), int(clock)
-            self._save()
+            self._save_plan()
 
     def held(self) -> list[str]:
         """Checksums of the complete shards in the cache now."""
@@ -337,8 +367,16 @@ class NodeCache:
             return
         with self._locked():
             _remove(self._client_file(self.client))
+            _remove(self._client_file(self.client)[:-5] + ".uses")
         os.close(self._lock_fd)
         self._lock_fd = None
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
 
 
 def _mb(n: float) -> str:

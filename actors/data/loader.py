@@ -97,34 +97,41 @@ def order_for(cfg, manifest: Manifest, *, global_batch_size: int, partitions: in
     return EpochOrder(n, cfg.seed, mode, cfg.window, k)
 
 
-def working_set_bytes(order: EpochOrder, manifest: Manifest, lo: int, hi: int) -> int:
-    """Most bytes of shards a reader of step slots ``[lo, hi)`` needs at once: for each of its
-    partitions one block (plus the shard a block may straddle), twice over while the steps in
-    flight hand over from one block to the next."""
+def working_set_bytes(order: EpochOrder, manifest: Manifest, lo: int, hi: int, steps: int = 1) -> int:
+    """Most bytes of shards a reader of step slots ``[lo, hi)`` holds at once while ``steps``
+    consecutive steps are in flight: for each of its partitions, every block those steps reach
+    (samples are mixed inside a block, so any step may read any of its shards), each block
+    ``ceil(block / rows_per_shard) + 1`` shards (a block may straddle one more)."""
     biggest = max(s.bytes for s in manifest.shards)
-    per_window = 2 * (math.ceil(order.window / manifest.rows_per_shard) + 1) * biggest
+    k, g = manifest.rows_per_shard, order.global_batch_size
     if order.mode == "global":
         return manifest.total_bytes
     if order.mode == "none":
-        return 2 * biggest
+        return min(manifest.total_bytes, (math.ceil(steps * (hi - lo) / k) + 1) * biggest)
+    per_block = math.ceil(order.window / k) + 1
     if order.mode == "local":
-        return min(manifest.total_bytes, per_window)
-    gp = order.global_batch_size // order.partitions
+        blocks = math.ceil(steps * max(hi - lo, g) / order.window) + 1
+        return min(manifest.total_bytes, blocks * per_block * biggest)
+    gp = g // order.partitions
     mine = -(-hi // gp) - lo // gp
-    return min(manifest.total_bytes, mine * per_window)
+    blocks = math.ceil(steps * gp / order.window) + 1
+    return min(manifest.total_bytes, mine * blocks * per_block * biggest)
 
 
-def check_cache(order: EpochOrder, manifest: Manifest, lo: int, hi: int, cache_limit: int, where: str) -> None:
+def check_cache(order: EpochOrder, manifest: Manifest, lo: int, hi: int, cache_limit: int, where: str,
+                steps: int = 1) -> None:
     """Raises ValueError naming ``dataset.cache_limit`` when a reader's working set cannot fit."""
-    need = working_set_bytes(order, manifest, lo, hi)
+    need = working_set_bytes(order, manifest, lo, hi, steps)
     if need > cache_limit:
         what = {"global": "a global shuffle reads any shard at any step, so the whole dataset",
-                "local": "one shuffle window", "none": "two shards"}.get(
-            order.mode, f"one block of {order.window} samples of each partition it reads")
+                "local": f"the shuffle windows {steps} steps in flight reach",
+                "none": f"the shards {steps} steps in flight reach"}.get(
+            order.mode, f"the blocks ({order.window} samples each) of each partition it reads that "
+                        f"{steps} steps in flight reach")
         raise ValueError(
             f"dataset.cache_limit ({cache_limit / 2**20:,.1f} MiB) is smaller than the working set of a "
-            f"loader on {where}: {what} takes {need / 2**20:,.1f} MiB "
-            f"(raise the limit, or use shuffle.mode 'partitioned' with a smaller block)")
+            f"loader on {where}: {what} take {need / 2**20:,.1f} MiB (raise the limit, or use shuffle.mode "
+            f"'partitioned' with smaller blocks, or fewer prefetch_batches)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,9 +318,14 @@ class DataLoader:
         per = self.global_batch_size // self.world_size
         return self.rank * per, (self.rank + 1) * per
 
+    @property
+    def steps_held(self) -> int:
+        """Steps whose shards a rank holds at once: those in flight, the one it trains on, the next."""
+        return self.max_inflight + 2
+
     def _set_order(self, order: EpochOrder) -> None:
         if self.remote:
-            check_cache(order, self.manifest, *self.slots, self.cache_limit, f"rank {self.rank}")
+            check_cache(order, self.manifest, *self.slots, self.cache_limit, f"rank {self.rank}", self.steps_held)
         self.order = order
         self.schedule = plan.ShardSchedule(order, self.num_samples, self.global_batch_size, self.tail, *self.slots)
         self._configured = False
@@ -323,7 +335,8 @@ class DataLoader:
 
     def _configure_actor(self) -> None:
         if not self._configured:
-            lead = working_set_bytes(self.order, self.manifest, *self.slots) // max(s.bytes for s in self.manifest.shards)
+            lead = working_set_bytes(self.order, self.manifest, *self.slots, self.steps_held) // \
+                max(s.bytes for s in self.manifest.shards)
             self._notify(self._actor.configure.remote(
                 self.order, self.num_samples, self.global_batch_size, self.tail, *self.slots,
                 self.max_inflight + 1, self._step_index(self._cursor), max(4, int(lead))))

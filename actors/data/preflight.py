@@ -30,10 +30,12 @@ def dataset_errors(spec: TrainSpec) -> list[tuple[str, str]]:
     order = order_for(d.shuffle, m, global_batch_size=ds.global_batch_size, partitions=data_partitions(spec),
                       remote=remote, cache_limit=limit)
     fewest = min(feasible_worker_counts(spec))  # the most each rank reads
+    per_rank = ds.global_batch_size // fewest
+    in_flight = max(1, min(d.prefetch_batches, d.max_prefetch_mb * 2**20 // (per_rank * m.row_bytes)))
     try:
-        check_cache(order, m, 0, ds.global_batch_size // fewest, limit,
+        check_cache(order, m, 0, per_rank, limit,
                     f"a node running {fewest} worker(s)" if d.cache_limit else
-                    f"a node running {fewest} worker(s) (default limit: half the free disk here)")
+                    f"a node running {fewest} worker(s) (default limit: half the free disk here)", in_flight + 2)
     except ValueError as e:
         return [("dataset.cache_limit", str(e))]
     return []

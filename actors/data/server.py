@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 PRELOAD_HOOK = "actors.data.server.preload"
 KEEP_AHEAD_STEPS = 2  # steps past the one served whose shards stay mapped (prefetch depth is added)
+PLAN_EVERY_S = 0.2    # how often the next-use plan is rewritten while the rank moves on
 
 
 def preload() -> None:
@@ -72,18 +74,18 @@ class _Prefetcher(threading.Thread):
         shas = [s.sha256 for s in self.store.manifest.shards]
         index = {sha: i for i, sha in enumerate(shas)}
         cache = self.store.cache
-        planned_at = None
+        planned_at, planned_t = None, 0.0
         while not self.stopped:
             step = self.step
             try:
                 shards, uses = self.schedule.upcoming(step, None)
-                if planned_at != step:
+                if planned_at != step and time.monotonic() - planned_t >= PLAN_EVERY_S:
                     # eviction weighs only what is held or soon fetched: declare those shards' next use
                     # (beyond this epoch too, so what the next epoch needs first can stay cached)
                     held = {index[x] for x in cache.held() if x in index}
                     near = set(shards[:self.max_ahead].tolist())
                     cache.plan({shas[s]: int(u) for s, u in zip(shards, uses) if s in held or s in near}, step)
-                    planned_at = step
+                    planned_at, planned_t = step, time.monotonic()
                 shards = shards[:self.max_ahead]
                 for lo in range(0, len(shards), self.threads):
                     if self.stopped or self.step != step:

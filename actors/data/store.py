@@ -78,7 +78,7 @@ def download(storage: Storage, manifest: Manifest, i: int, dst) -> None:
     """Copy shard ``i`` into the binary file ``dst`` while checking its sha256 (ShardError if not)."""
     info = manifest.shards[i]
     try:
-        with storage.open_read(info.name, block_size=8 << 20) as src:
+        with storage.open_read(info.name, block_size=8 << 20, size=info.bytes) as src:
             got = sha256_of_stream(src, dst)
     except (StorageError, FileNotFoundError):
         raise ShardError(f"shard {where(storage, manifest, i)} is missing") from None

@@ -36,7 +36,7 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONTENDERS = ("ours", "ours-lru", "streaming", "litdata")
+CONTENDERS = ("raw", "ours", "ours-lru", "streaming", "litdata")
 PEERS = {"streaming": "streaming", "litdata": "litdata"}
 BUCKET = "scale"
 
@@ -150,19 +150,27 @@ def _rank_ids(ids: np.ndarray) -> np.ndarray:
 # the runs
 # ---------------------------------------------------------------------------------------------
 def run_node(a, contender: str, rank: int, s3_port: int) -> dict:
-    url = {"ours": f"s3://{BUCKET}/ours", "ours-lru": f"s3://{BUCKET}/ours",
+    url = {"raw": f"s3://{BUCKET}/ours", "ours": f"s3://{BUCKET}/ours", "ours-lru": f"s3://{BUCKET}/ours",
            "streaming": f"s3://{BUCKET}/streaming", "litdata": f"s3://{BUCKET}/litdata"}[contender]
     cache = os.path.join(a.workdir, "caches", f"{contender}-node{rank}")
     shutil.rmtree(cache, ignore_errors=True)
     out = os.path.join(a.workdir, f"result-{contender}-{rank}.json")
     python = a.peer_python if contender in PEERS else sys.executable
-    cmd = [python, "-m", "bench.data.scale_node", contender, "--url", url, "--s3-port", str(s3_port),
+    counter = out + ".bytes"
+    proxy = subprocess.Popen([sys.executable, "-m", "bench.data.s3proxy", "--target", str(s3_port),
+                              "--counter", counter], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proxy_url = proxy.stdout.readline().strip()
+    cmd = [python, "-m", "bench.data.scale_node", contender, "--url", url, "--proxy", proxy_url, "--counter", counter,
            "--rank", str(rank), "--world", str(a.nodes), "--batch", str(a.batch), "--cache", cache,
            "--limit", str(a.limit), "--partitions", str(a.partitions), "--block-shards", str(a.block_shards),
            "--rows-per-shard", str(a.rows_per_shard), "--epochs", str(a.epochs), "--seed", str(a.seed),
            "--workers", str(a.peer_workers), "--out", out]
     env = dict(os.environ, PYTHONPATH=ROOT, RAY_USAGE_STATS_ENABLED="0")
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    finally:
+        proxy.kill()
+        proxy.wait()
     print(r.stdout, end="", flush=True)
     if r.returncode != 0:
         print(f"  {contender} node {rank} failed:\n{r.stderr[-3000:]}", flush=True)
