@@ -6,9 +6,13 @@ process owns the cache and a killed one leaves nothing stuck:
 
     <dir>/<sha256>.arrow          a complete, verified shard
     <dir>/.partial/<client>.<sha> a download in progress (counted by its reservation)
-    <dir>/.clients/<client>.json  each live user: its pins and reservations
+    <dir>/.clients/<client>.json  each live user: its reservations
     <dir>/.clients/<client>.uses  and when it next needs which shard (its plan)
     <dir>/.lock                   flock held for every admission or eviction decision
+
+A reader pins a shard it maps by holding a shared flock on the shard's file; eviction takes an
+exclusive one first and skips the file when it cannot. The kernel drops a dead reader's locks,
+so a crashed process pins nothing.
 
 The bytes on disk (complete files plus reserved downloads) never exceed the limit: a download
 reserves its full size before it starts. To make room the cache evicts an unpinned shard whose
@@ -31,7 +35,6 @@ import socket
 import threading
 import time
 import uuid
-from collections import Counter
 from typing import Callable
 
 import psutil
@@ -89,13 +92,25 @@ def default_limit(directory: str) -> int:
     return int(DEFAULT_FREE_SHARE * (free_bytes(directory) + cached_bytes(directory)))
 
 
+_LIVE: dict[tuple, float] = {}  # (pid, start time) -> when it was last seen alive
+
+
 def _alive(rec: dict) -> bool:
+    """Whether the process that wrote a client record still runs (checked at most once a second)."""
     if rec.get("host") != socket.gethostname():
         return time.time() - rec.get("t", 0) < _STALE_REMOTE_S
+    key = (rec.get("pid"), rec.get("started"))
+    if time.monotonic() - _LIVE.get(key, -10.0) < 1.0:
+        return True
     try:
-        return psutil.Process(rec["pid"]).create_time() == rec["started"]
+        alive = psutil.Process(rec["pid"]).create_time() == rec["started"]
     except (psutil.Error, KeyError, TypeError):
-        return False
+        alive = False
+    if alive:
+        _LIVE[key] = time.monotonic()
+    else:
+        _LIVE.pop(key, None)
+    return alive
 
 
 class NodeCache:
@@ -118,13 +133,17 @@ class NodeCache:
         self.client = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         me = psutil.Process()
         self._record = {"pid": me.pid, "started": me.create_time(), "host": socket.gethostname()}
-        self._pins: Counter[str] = Counter()
+        self._pins: dict[str, list[int]] = {}  # sha -> [fd holding a shared flock, pin count]
+        self._pin_lock = threading.Lock()
         self._reserved: dict[str, int] = {}
         self._uses: dict[str, int] = {}
         self._clock = 0
         self._mutex = threading.Lock()
         self._lock_fd = os.open(os.path.join(directory, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
         self._parsed: dict[str, tuple] = {}
+        self._changed = threading.Condition(threading.Lock())
+        self._changes = 0
+        self._pinned_seen = 0
         self.stats = {"fetched_bytes": 0, "fetched_shards": 0, "hits": 0, "evicted_shards": 0,
                       "evicted_bytes": 0, "peak_bytes": 0, "waits": 0}
         with self._locked():
@@ -147,9 +166,21 @@ class NodeCache:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _save(self) -> None:
-        """This process's pins and reservations (small: written at every pin, release, download)."""
-        rec = dict(self._record, t=time.time(), pins=sorted(self._pins), reserved=self._reserved)
+        """This process's reservations (written when a download starts or ends)."""
+        rec = dict(self._record, t=time.time(), reserved=self._reserved)
         _write_json(self._client_file(self.client), rec)
+
+    def _pin(self, sha: str) -> None:
+        """Hold a shared lock on the shard's file (call with the cache lock held: nothing evicts it
+        between the caller finding it and the lock)."""
+        with self._pin_lock:
+            held = self._pins.get(sha)
+            if held is not None:
+                held[1] += 1
+                return
+            fd = os.open(self.path(sha), os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            self._pins[sha] = [fd, 1]
 
     def _save_plan(self) -> None:
         _write_json(self._client_file(self.client)[:-5] + ".uses", {"clock": self._clock, "uses": self._uses})
@@ -182,7 +213,7 @@ class NodeCache:
             if not name.endswith(".json") or name[:-5] == self.client:
                 continue
             path = os.path.join(cdir, name)
-            try:  # pins and reservations: read every time (they are what keeps the limit)
+            try:  # reservations: read every time (they are what keeps the limit)
                 with open(path) as f:
                     rec = json.load(f)
             except (OSError, ValueError):
@@ -219,9 +250,6 @@ class NodeCache:
             return True
         if not evict:
             return False
-        pinned = set(self._pins)
-        for r in others.values():
-            pinned.update(r.get("pins", ()))
         inf = float("inf")
 
         def distance(x: str) -> float:
@@ -232,27 +260,35 @@ class NodeCache:
             return d
 
         own = distance(sha)
-        candidates = [x for x in files if x not in pinned]
+        candidates = [x for x in files if not any(x in r.get("reserved", {}) for r in others.values())]
         if self.policy == "belady":
             candidates.sort(key=lambda x: (-distance(x), files[x][1]))
         else:
             if prefetch:
                 return False  # LRU knows no future: prefetch only into free space
             candidates.sort(key=lambda x: files[x][1])
-        victims, freed = [], 0
-        for x in candidates:
-            if used - freed + size <= self.limit:
-                break
-            if prefetch and distance(x) <= own:
-                return False  # everything left is needed sooner than what we would bring
-            victims.append(x)
-            freed += files[x][0]
-        if used - freed + size > self.limit:
-            return False
-        for x in victims:
-            _remove(self.path(x))
-            self.stats["evicted_shards"] += 1
-            self.stats["evicted_bytes"] += files[x][0]
+        victims, freed, self._pinned_seen = [], 0, 0
+        try:
+            for x in candidates:
+                if used - freed + size <= self.limit:
+                    break
+                if prefetch and distance(x) <= own:
+                    return False  # everything left is needed sooner than what we would bring
+                fd = _lock_unpinned(self.path(x))
+                if fd is None:
+                    self._pinned_seen += 1  # a reader maps it
+                    continue
+                victims.append((x, fd))
+                freed += files[x][0]
+            if used - freed + size > self.limit:
+                return False
+            for x, _ in victims:
+                _remove(self.path(x))
+                self.stats["evicted_shards"] += 1
+                self.stats["evicted_bytes"] += files[x][0]
+        finally:
+            for _, fd in victims:
+                os.close(fd)
         self.stats["peak_bytes"] = max(self.stats["peak_bytes"], used - freed + size)
         return True
 
@@ -272,22 +308,24 @@ class NodeCache:
                 path = self.path(sha)
                 if os.path.exists(path):
                     if pin:
-                        self._pins[sha] += 1
-                        self._save()
+                        self._pin(sha)
                     with contextlib.suppress(OSError):
                         os.utime(path)  # last use, for LRU order among shards nobody plans to read
                     self.stats["hits"] += not prefetch
                     return path
                 others = self._others()
-                busy = sha in self._reserved or any(sha in r.get("reserved", {}) for r in others.values())
+                mine = sha in self._reserved
+                busy = mine or any(sha in r.get("reserved", {}) for r in others.values())
                 if not busy and self._make_room(sha, size, others, prefetch, evict):
                     self._reserved[sha] = size
                     self._save()
                     break
                 if prefetch:
                     return path if busy else None  # busy: another reader is bringing it already
-                pinned = len(self._pins) + sum(len(r.get("pins", ())) for r in others.values())
-            # someone else is downloading it, or everything is pinned: wait for either to change
+                pinned = self._pinned_seen
+                waited = self._changes
+            # someone is downloading it, or everything is pinned: wait for either to change (told at
+            # once by this process's own downloads and releases; another process's are polled)
             self.stats["waits"] += 1
             deadline = deadline or time.monotonic() + self.wait_s
             if time.monotonic() > deadline:
@@ -296,8 +334,16 @@ class NodeCache:
                     f"{_mb(self.limit)} after {self.wait_s:.0f}s: {pinned} shards are pinned by the "
                     f"loaders on this node (raise dataset.cache_limit, or use fewer partitions or a "
                     f"smaller block per node)")
-            time.sleep(0.05)
+            with self._changed:
+                if self._changes == waited:
+                    self._changed.wait(0.5 if mine else 0.01)
         return self._download(sha, size, fetch, pin)
+
+    def _tell(self) -> None:
+        """A download ended or shards were released: wake this process's waiters."""
+        with self._changed:
+            self._changes += 1
+            self._changed.notify_all()
 
     def _download(self, sha: str, size: int, fetch: Callable[[str], None], pin: bool) -> str:
         tmp = os.path.join(self.dir, ".partial", f"{self.client}.{sha}")
@@ -324,6 +370,7 @@ class NodeCache:
                 with self._locked():
                     self._reserved.pop(sha, None)
                     self._save()
+            self._tell()
         return self.path(sha)
 
     def _settle(self, sha: str, size: int, pin: bool) -> None:
@@ -331,18 +378,21 @@ class NodeCache:
         self.stats["fetched_bytes"] += size
         self.stats["fetched_shards"] += 1
         if pin:
-            self._pins[sha] += 1
+            self._pin(sha)
         self._save()
 
     def release(self, shas) -> None:
         """Unpin shards this process no longer maps (once per matching pinned ``get``)."""
-        with self._locked():
+        with self._pin_lock:
             for sha in shas:
-                if self._pins.get(sha):
-                    self._pins[sha] -= 1
-                    if not self._pins[sha]:
-                        del self._pins[sha]
-            self._save()
+                held = self._pins.get(sha)
+                if held is None:
+                    continue
+                held[1] -= 1
+                if not held[1]:
+                    os.close(held[0])  # drops the shared lock
+                    del self._pins[sha]
+        self._tell()
 
     def plan(self, uses: dict[str, int], clock: int) -> None:
         """Declare when this process next reads each shard, in its step clock (now: ``clock``)."""
@@ -368,8 +418,23 @@ class NodeCache:
         with self._locked():
             _remove(self._client_file(self.client))
             _remove(self._client_file(self.client)[:-5] + ".uses")
+        self.release([sha for sha, (_, n) in list(self._pins.items()) for _ in range(n)])
         os.close(self._lock_fd)
         self._lock_fd = None
+
+
+def _lock_unpinned(path: str) -> int | None:
+    """An fd holding an exclusive lock on ``path``, or None when a reader pins it (or it is gone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _write_json(path: str, obj) -> None:

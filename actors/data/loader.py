@@ -23,6 +23,7 @@ import collections
 import hashlib
 import math
 import threading
+import time
 import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +44,7 @@ STATE_VERSION = 2
 _IDS_AHEAD, _IDS_AHEAD_ELEMENTS = 64, 1 << 16
 TRANSPORTS = ("auto", "object_store", "mmap")
 DEFAULT_BLOCK_SHARDS = 8
+PROGRESS_EVERY_S = 0.02  # how often the loader actor hears where its rank is
 _STATE_KEYS = ("seed", "epoch", "consumed", "mode", "window", "tail", "num_samples",
                "rows_per_shard", "global_batch_size")
 
@@ -168,13 +170,14 @@ class MmapTransport:
 
     name = "mmap"
 
-    def __init__(self, loader: "DataLoader", gather_threads: int):
+    def __init__(self, loader: "DataLoader", gather_threads: int, actor_info: dict):
         self.loader = loader
         actor = loader._actor
-        self.store = ShardStore(loader.url, loader.storage_options, loader.cache_dir, fetch_threads=4,
-                                manifest=loader.manifest,
-                                acquire=lambda shards: ray.get(actor.acquire.remote(shards)),
-                                unpin=lambda shards: loader._notify(actor.release.remote(shards)))
+        # this process maps the node cache's files and pins them itself; what is not there yet
+        # the loader actor downloads into the place the cache reserved (same node, same disk)
+        self.store = ShardStore(loader.url, loader.storage_options, actor_info["cache_dir"], fetch_threads=4,
+                                manifest=loader.manifest, cache_limit=actor_info["cache_limit"],
+                                download=lambda i, tmp: ray.get(actor.download.remote(i, tmp)))
         # batches in flight, the one the caller trains on, the one before it, and the gather
         # threads' next: reused without page faults once the caller lets go
         self.buffers = BufferPool(loader.max_inflight + gather_threads + 2)
@@ -226,7 +229,7 @@ class MmapTransport:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
-        self.store.close(unpin=False)  # the actor is going: its pins go with it
+        self.store.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,6 +313,7 @@ class DataLoader:
         self._spares = warm.WarmSpares(warm_spares, warm_spare_keep_alive_s, "loader actors")
         self._pending: list = []
         self._notify_lock = threading.Lock()
+        self._progress_sent = 0.0
 
     # geometry --------------------------------------------------------------------------------
     @property
@@ -346,11 +350,10 @@ class DataLoader:
     def transport(self) -> str:
         """``mmap`` or ``object_store`` (``auto`` resolved: waits for the loader actor once)."""
         if self._transport is None:
-            want = self._want_transport
+            want, info = self._want_transport, ray.get(self._actor.info.remote())
             if want == "auto":
-                here = ray.get_runtime_context().get_node_id()
-                want = "mmap" if ray.get(self._actor.info.remote())["node_id"] == here else "object_store"
-            self._transport = MmapTransport(self, self._gather_threads) if want == "mmap" \
+                want = "mmap" if info["node_id"] == ray.get_runtime_context().get_node_id() else "object_store"
+            self._transport = MmapTransport(self, self._gather_threads, info) if want == "mmap" \
                 else ObjectStoreTransport(self)
         return self._transport.name
 
@@ -398,7 +401,8 @@ class DataLoader:
         self._cursor = plan.advance(c, self.num_samples, self.global_batch_size, self.tail)
         step = self._step_index(self._cursor)
         self._transport.after_step(step)
-        if self.remote:
+        if self.remote and time.monotonic() - self._progress_sent >= PROGRESS_EVERY_S:
+            self._progress_sent = time.monotonic()  # the actor fetches ahead from here
             self._notify(self._actor.progress.remote(step))
         self._fill()  # keep the pipe full while the caller trains on this step
         self._stats["steps"] += 1

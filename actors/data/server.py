@@ -3,9 +3,9 @@
 It owns what happens on the node's disk for its rank: downloading and verifying shards into the
 node cache, ahead of need in the order they will be read, as far as the cache limit allows
 (the order is a pure function, so the actor computes the rank's shard schedule itself from the
-order and the step the rank has reached). For a trainer on the same node it pins the files the
-trainer maps (``acquire`` / ``release``); for one on another node it gathers each step's rows and
-returns them through the object store (``batch``).
+order and the step the rank has reached). A trainer on the same node maps the cached files and
+pins them itself, having the actor download what is missing (``download``); for one on another
+node the actor gathers each step's rows and returns them through the object store (``batch``).
 
 Requests name everything they need, so a restarted actor (``max_restarts=-1``,
 ``max_task_retries=-1``) serves exactly the same rows: nothing is lost or duplicated.
@@ -13,6 +13,7 @@ Requests name everything they need, so a restarted actor (``max_restarts=-1``,
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -24,6 +25,7 @@ import ray
 
 from actors import warm
 from actors.data import plan
+from actors.data.shards import ShardError
 from actors.data.shuffle import EpochOrder
 from actors.data.store import BufferPool, ShardStore
 
@@ -161,13 +163,16 @@ class ShardServer:
             self._prefetch.advance(step)
 
     @ray.method(concurrency_group="io")
-    def acquire(self, shards: list[int]) -> list[str]:
-        """Cached files of these remote shards, pinned for a reader on this node until ``release``."""
-        return self.store.fetch(shards, pin=True)
-
-    @ray.method(concurrency_group="io")
-    def release(self, shards: list[int]) -> None:
-        self.store._unpin(shards)
+    def download(self, shard: int, tmp: str) -> None:
+        """Download and verify shard ``shard`` into ``tmp``, a place in the node cache a reader on
+        this node reserved for it (the reader then publishes and pins it)."""
+        try:
+            self.store.download_into(shard, tmp)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise ShardError(f"shard cache {os.path.dirname(os.path.dirname(tmp))}: no space left on device "
+                             f"while downloading shard {shard}: lower dataset.cache_limit or free disk space") from None
 
     def batch(self, order: EpochOrder, segments: list[tuple[int, int, int]], step: int | None = None
               ) -> dict[str, np.ndarray]:

@@ -113,30 +113,30 @@ def verify_all(url: str, storage_options: dict | None, threads: int = 8) -> Mani
 class ShardStore:
     """Opens shards on demand (verify or download, then map) and gathers rows by sample id.
 
-    ``acquire(shards) -> paths`` supplies remote shards' cached files, pinned until ``release``
-    (a loader client asks its loader actor, which owns the downloads); by default the store runs
-    its own :class:`NodeCache` in ``cache_dir`` with ``cache_limit`` bytes.
+    Remote shards go through this node's :class:`NodeCache` in ``cache_dir`` (``cache_limit``
+    bytes): the store pins what it maps and unpins what it lets go. ``download(i, tmp_path)``
+    writes a verified shard where the cache asks for it; by default this process downloads it,
+    while a loader client has its loader actor (on the same node) do the work.
     """
 
     def __init__(self, url: str, storage_options: dict | None, cache_dir: str | None = None,
                  fetch_threads: int = 8, manifest: Manifest | None = None,
-                 acquire: Callable[[list[int]], list[str]] | None = None,
-                 unpin: Callable[[list[int]], None] | None = None,
-                 cache_limit: int | None = None, cache_policy: str = "belady"):
+                 cache_limit: int | None = None, cache_policy: str = "belady",
+                 download: Callable[[int, str], None] | None = None):
         self.url = url
         self.storage = Storage(url, storage_options)
         self.manifest: Manifest = manifest or read_manifest(url, storage_options)
         self.cache_dir = expand_cache_dir(cache_dir or default_cache_dir())
         self.remote = self.storage.local_path() is None
         self.cache: NodeCache | None = None
-        if self.remote and acquire is None:
-            limit = cache_limit or default_limit(self.cache_dir)
-            self.cache = NodeCache(self.cache_dir, limit, cache_policy)
-            acquire, unpin = self.fetch, self._unpin
-        self._acquire, self._unpin_hook = acquire, unpin
+        if self.remote:
+            self.cache = NodeCache(self.cache_dir, cache_limit or default_limit(self.cache_dir), cache_policy)
+        self._download = download or self.download_into
         self.readers: dict[int, ShardReader] = {}
-        self._lock = threading.Lock()  # one opener at a time: concurrent gathers map a shard once
+        self._lock = threading.Lock()  # guards readers, _opening and the region's index
+        self._opening: dict[int, _Opening] = {}
         self._pool = ThreadPoolExecutor(max_workers=fetch_threads)
+        self._unpinner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reo-data-unpin")
         # a global shuffle reads every page of every shard each epoch: map each shard's pages when
         # it opens (MAP_POPULATE) unless the dataset would crowd this node's memory
         self._populate = bool(region.POPULATE) and \
@@ -152,22 +152,25 @@ class ShardStore:
         self._plain: dict[int, pa.Buffer] = {}  # mappings outside the region (no region support)
 
     # fetching (the cache's side) -----------------------------------------------------------------
+    def download_into(self, i: int, tmp: str) -> None:
+        """Download shard ``i`` to the file ``tmp``, verifying it (ShardError if bad)."""
+        with open(tmp, "wb") as dst:
+            download(self.storage, self.manifest, i, dst)
+
     def fetch(self, shards: list[int], pin: bool = True, prefetch: bool = False, evict: bool = True,
               pool: ThreadPoolExecutor | None = None) -> list[str | None]:
         """Cached, verified files of these remote shards (downloaded as needed, in parallel on
-        ``pool``, default the store's); ``prefetch``: None for those the cache has no room for."""
+        ``pool``, default the store's); ``prefetch``: None for those the cache has no room for.
+        ``pin``: kept from eviction until :meth:`unpin`."""
         m = self.manifest
 
         def one(i: int):
             info = m.shards[i]
-
-            def into(tmp: str):
-                with open(tmp, "wb") as dst:
-                    download(self.storage, m, i, dst)
-            return self.cache.get(info.sha256, info.bytes, into, pin=pin, prefetch=prefetch, evict=evict)
+            return self.cache.get(info.sha256, info.bytes, lambda tmp: self._download(i, tmp), pin=pin,
+                                  prefetch=prefetch, evict=evict)
         return self._each(one, [int(s) for s in shards], pool)
 
-    def _unpin(self, shards: list[int]) -> None:
+    def unpin(self, shards: list[int]) -> None:
         self.cache.release([self.manifest.shards[i].sha256 for i in shards])
 
     # opening ---------------------------------------------------------------------------------
@@ -215,26 +218,44 @@ class ShardStore:
                 self._rowbase[k][i] = (off - start) // row_bytes
 
     def ensure(self, shards) -> None:
-        """Open (fetch, verify, map) these shards unless open already."""
+        """Open (fetch, verify, map) these shards unless open already. Concurrent callers open a
+        shard once; the lock is held only for bookkeeping, never across a fetch, so ``release``
+        (the trainer's thread) does not wait for the next step's downloads."""
         if all(int(s) in self.readers for s in shards):
             return
         with self._lock:
-            missing = [int(s) for s in shards if int(s) not in self.readers]
-            if not missing:
-                return
-            paths = self._acquire(missing) if self.remote else self._each(self._verified_local, missing)
+            want = [int(s) for s in shards if int(s) not in self.readers]
+            mine = [i for i in want if i not in self._opening]
+            others = [self._opening[i] for i in want if i in self._opening]
+            for i in mine:
+                self._opening[i] = _Opening()
+        if mine:
+            self._open_all(mine)
+        for o in others:
+            o.wait()
+
+    def _open_all(self, shards: list[int]) -> None:
+        try:
+            paths = self.fetch(shards) if self.remote else self._each(self._verified_local, shards)
             try:
-                readers = self._each(lambda ip: self._open(*ip), list(zip(missing, paths)))
+                readers = self._each(lambda ip: self._open(*ip), list(zip(shards, paths)))
             except BaseException:
                 if self.remote:
-                    self._unpin_hook(missing)
+                    self.unpin(shards)
                 raise
-            for i, reader in zip(missing, readers):
+        except BaseException as e:
+            with self._lock:
+                for i in shards:
+                    self._opening.pop(i).fail(e)
+            raise
+        with self._lock:
+            for i, reader in zip(shards, readers):
                 if self._region is not None:
                     self._index(i, reader)
                 self.readers[i] = reader
+                self._opening.pop(i).done()
 
-    def release(self, shards, unpin: bool = True) -> list[int]:
+    def release(self, shards) -> list[int]:
         """Unmap these shards (no reader may hold a batch view of them: gathers copy) and unpin
         them in the cache; returns the ones that were open."""
         with self._lock:
@@ -247,12 +268,13 @@ class ShardStore:
                     self._region.unmap(i)
                 else:
                     self._plain.pop(i, None)
-            if gone and self.remote and unpin:
-                self._unpin_hook(gone)
+            if gone and self.remote:  # the caller need not wait for the cache's lock
+                self._unpinner.submit(self.unpin, gone)
         return gone
 
-    def close(self, unpin: bool = True) -> None:
-        self.release(list(self.readers), unpin)
+    def close(self) -> None:
+        self.release(list(self.readers))
+        self._unpinner.shutdown(wait=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self.cache is not None:
             self.cache.close()
@@ -311,6 +333,26 @@ class ShardStore:
             for k, o in out.items():
                 o[dst] = cols[k][rows]
         return out
+
+
+class _Opening:
+    """A shard another thread is opening: wait for it, and share its failure."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._error: BaseException | None = None
+
+    def done(self) -> None:
+        self._event.set()
+
+    def fail(self, e: BaseException) -> None:
+        self._error = e
+        self._event.set()
+
+    def wait(self) -> None:
+        self._event.wait()
+        if self._error is not None:
+            raise self._error
 
 
 def _map(path: str, populate: bool) -> pa.Buffer:

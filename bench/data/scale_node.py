@@ -80,7 +80,7 @@ def ours(a, endpoint: str):
                     world_size=a.world, shuffle={"mode": "partitioned", "seed": a.seed, "partitions": a.partitions,
                                                  "block_shards": a.block_shards},
                     storage_options={"endpoint_url": endpoint}, cache_dir=a.cache, cache_limit=a.limit,
-                    cache_policy=a.policy, prefetch_batches=8)
+                    cache_policy=a.policy)
 
     def epoch():
         for _ in range(dl.steps_per_epoch):
