@@ -17,11 +17,15 @@ def _trains(spec) -> list[tuple[str, TrainSpec]]:
     return []
 
 
-def preflight(spec, source: str | None = None) -> None:
-    """Raises SpecError listing every problem with its field path; returns when there is none."""
-    from actors.data.preflight import dataset_errors
-    errors = []
+def preflight(spec, source: str | None = None) -> list[str]:
+    """Raises SpecError listing every problem with its field path; else returns notes on what the
+    job will do (``# ...`` lines ``orchestrator validate`` prints)."""
+    from actors.data.preflight import check_dataset
+    errors, notes = [], []
     for prefix, t in _trains(spec):
-        errors += [(prefix + path, reason) for path, reason in dataset_errors(t)]
+        found = check_dataset(t)
+        errors += [(prefix + path, reason) for path, reason in found.errors]
+        notes += [f"# {prefix}{n}" for n in found.notes]
     if errors:
         raise SpecError(errors, source)
+    return notes

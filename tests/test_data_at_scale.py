@@ -204,3 +204,30 @@ def test_missing_remote_shard_in_partitioned_mode_names_it(ray_local, s3, tmp_pa
         for _ in range(dl.steps_per_epoch):
             dl.next_step()
     dl.close()
+
+
+def _train_spec_file(tmp_path, url, **dataset):
+    import yaml
+    spec = yaml.safe_load(open("jobs/examples/mlp_train.yaml"))
+    spec["dataset"] = {"url": url, **dataset}
+    spec["checkpoint"]["url"] = str(tmp_path / "ckpt")
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def test_validate_says_which_shuffle_a_remote_dataset_gets_and_refuses_a_cache_below_a_block(big, tmp_path, capsys):
+    """Before anything starts: auto picks partitioned for a dataset 4x the cache, a limit below
+    what one worker holds is an error naming dataset.cache_limit, and a global shuffle of a
+    dataset larger than the cache is refused."""
+    from orchestrator.cli import main
+    url, m, _, _ = big
+    assert main(["validate", _train_spec_file(tmp_path, url, cache_limit=m.total_bytes // 4)]) == 0
+    out = capsys.readouterr().out
+    assert "shuffle auto -> partitioned, 2 partitions" in out and "node cache limit" in out
+    assert main(["validate", _train_spec_file(tmp_path, url, cache_limit=3 * m.shards[0].bytes)]) == 2
+    err = capsys.readouterr().err
+    assert "dataset.cache_limit: dataset.cache_limit (0.2 MiB) is smaller than the working set" in err
+    assert main(["validate", _train_spec_file(tmp_path, url, cache_limit=m.total_bytes // 2,
+                                              shuffle={"mode": "global"})]) == 2
+    assert "a global shuffle reads any shard" in capsys.readouterr().err

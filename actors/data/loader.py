@@ -177,6 +177,7 @@ class MmapTransport:
         # the loader actor downloads into the place the cache reserved (same node, same disk)
         self.store = ShardStore(loader.url, loader.storage_options, actor_info["cache_dir"], fetch_threads=4,
                                 manifest=loader.manifest, cache_limit=actor_info["cache_limit"],
+                                cache_policy=loader.cache_policy,
                                 download=lambda i, tmp: ray.get(actor.download.remote(i, tmp)))
         # batches in flight, the one the caller trains on, the one before it, and the gather
         # threads' next: reused without page faults once the caller lets go
@@ -288,6 +289,7 @@ class DataLoader:
         self.remote = Storage(url, storage_options).local_path() is None
         self.cache_dir = expand_cache_dir(cache_dir or default_cache_dir())
         self.cache_limit = cache_limit or default_limit(self.cache_dir)
+        self.cache_policy = cache_policy
         self.order = order_for(cfg, self.manifest, global_batch_size=global_batch_size,
                                partitions=cfg.partitions or world_size, remote=self.remote,
                                cache_limit=self.cache_limit)

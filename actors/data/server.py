@@ -50,7 +50,8 @@ class _Prefetcher(threading.Thread):
     """Fetches the rank's next shards in the order they will be read, within the cache limit, and
     tells the cache when each is next needed (what eviction weighs).
 
-    Only the next ``lead`` shards may evict (and only shards needed later than they are); those
+    Up to ``threads`` downloads run at once, always the next shards not yet cached. Only the next
+    ``lead`` shards may evict (and only shards needed later than they are); those
     after them are fetched into free space only. A shard fetched early to evict one that a later
     epoch needs first would cost that one a second download, and the early one gains nothing.
     """
@@ -77,6 +78,8 @@ class _Prefetcher(threading.Thread):
         index = {sha: i for i, sha in enumerate(shas)}
         cache = self.store.cache
         planned_at, planned_t = None, 0.0
+        inflight: dict[int, Any] = {}   # shard -> its download, ``threads`` at most
+        blocked_at = None               # the step at which the cache had no room for the next one
         while not self.stopped:
             step = self.step
             try:
@@ -88,14 +91,21 @@ class _Prefetcher(threading.Thread):
                     near = set(shards[:self.max_ahead].tolist())
                     cache.plan({shas[s]: int(u) for s, u in zip(shards, uses) if s in held or s in near}, step)
                     planned_at, planned_t = step, time.monotonic()
-                shards = shards[:self.max_ahead]
-                for lo in range(0, len(shards), self.threads):
-                    if self.stopped or self.step != step:
-                        break
-                    got = self.store.fetch(list(shards[lo:lo + self.threads]), pin=False, prefetch=True,
-                                           evict=lo < self.lead, pool=pool)
-                    if any(p is None for p in got):
-                        break  # the cache is full of what is needed sooner
+                for s, f in list(inflight.items()):
+                    if f.done():
+                        del inflight[s]
+                        if f.result()[0] is None:
+                            blocked_at = step  # full of what is needed sooner: wait for the rank to move
+                if blocked_at != step:
+                    blocked_at = None
+                    for i, s in enumerate(shards[:self.max_ahead].tolist()):
+                        if len(inflight) >= self.threads:
+                            break
+                        if s in inflight or os.path.exists(cache.path(shas[s])):
+                            continue
+                        f = pool.submit(self.store.fetch, [s], False, True, i < self.lead)
+                        f.add_done_callback(lambda _: self.wake.set())
+                        inflight[s] = f
             except Exception as e:  # noqa: BLE001 - reported by the next demand fetch instead
                 if self.error is None:
                     log.warning("prefetch stopped: %s", e)
@@ -111,7 +121,7 @@ class ShardServer:
     """Serves exact slices of the order and keeps the node cache ahead of its rank."""
 
     def __init__(self, url: str, storage_options: dict | None, cache_dir: str | None,
-                 cache_limit: int | None = None, cache_policy: str = "belady", fetch_threads: int = 8):
+                 cache_limit: int | None = None, cache_policy: str = "belady", fetch_threads: int = 4):
         self.store = ShardStore(url, storage_options, cache_dir, fetch_threads=fetch_threads,
                                 cache_limit=cache_limit, cache_policy=cache_policy)
         self._buffers = BufferPool(8)

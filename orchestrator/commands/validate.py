@@ -22,16 +22,17 @@ def run(args) -> int:
     try:
         spec = specmod.load_spec(args.spec, specmod.parse_assignments(args.set, "--set", args.spec))
         _check_searches(spec, args.spec)
+        notes = []
         if not args.offline:
             from jobs.preflight import preflight
-            preflight(spec, args.spec)
+            notes = preflight(spec, args.spec)
     except specmod.SpecError as e:
         print(str(e), file=sys.stderr)
         return 2
     if not args.quiet:
         print(f"# {args.spec}: valid {spec.kind} spec")
         print(specmod.dump_spec(spec), end="")
-        for line in specmod.describe(spec):
+        for line in specmod.describe(spec) + notes:
             print(line)
     return 0
 
