@@ -90,7 +90,18 @@ def build_optimizer(spec: TrainSpec, params):
     return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def model_input(t: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
+    """A batch column as the model takes it: on its device, floating values in its compute dtype;
+    integer columns (token ids, labels) keep theirs."""
+    t = t.to(device, non_blocking=True)
+    return t.to(dtype) if t.is_floating_point() else t
+
+
 def compute_loss(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The loss in fp32 whatever the model computes in (a bf16/fp16 output is upcast first)."""
     if kind == "cross_entropy":
         return torch.nn.functional.cross_entropy(out.float(), y)
     if kind == "lm_cross_entropy":
@@ -236,6 +247,8 @@ class Worker:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(spec, self.world),
             dist_init_required=False)
+        self.device = self.engine.device
+        self.compute_dtype = COMPUTE_DTYPES[spec.deepspeed.precision]
         self.build_times = {"loader": t0 - t_start, "import_deepspeed": t1 - t0,
                             "model_and_engine": time.time() - t1}
         self.state_keys = zero_state.optimizer_state_keys(spec.optimizer.name)
@@ -356,13 +369,14 @@ class Worker:
                 g["lr"] = learning_rate(spec, step)
             micro_batches = self.loader.next_step()
             # loss, sum(id), sum(id^2), checkpoint requested (rank 0's flag rides the same all-reduce)
-            loss_sum = torch.zeros(4, dtype=torch.float64)
+            # (on the engine's device: NCCL reduces GPU tensors only)
+            loss_sum = torch.zeros(4, dtype=torch.float64, device=self.device)
             for mb in micro_batches:
-                out = self.engine(mb["x"])
-                loss = compute_loss(spec.loss, out, mb["y"])
+                out = self.engine(model_input(mb["x"], self.device, self.compute_dtype))
+                loss = compute_loss(spec.loss, out, mb["y"].to(self.device, non_blocking=True))
                 self.engine.backward(loss)
                 self.engine.step()
-                ids = mb["id"].to(torch.float64)
+                ids = mb["id"].to(self.device, torch.float64)
                 loss_sum[:3] += torch.stack([loss.detach().double(), ids.sum(), (ids * ids).sum()])
             if min_step_s:
                 time.sleep(max(0.0, min_step_s - (time.monotonic() - t_step)))

@@ -221,6 +221,8 @@ def main(argv=None) -> int:
             print(f"  {c}: skipped (does not import under {a.peer_python})")
             contenders.remove(c)
     os.makedirs(a.workdir, exist_ok=True)
+    a.load_before = os.getloadavg()[0]
+    print(f"load average (1 min) before the run: {a.load_before:.2f}", flush=True)
     s3proc, endpoint = _start_s3()
     try:
         import boto3
@@ -232,8 +234,14 @@ def main(argv=None) -> int:
               f"{a.nodes} nodes, {a.epochs} epochs, per-node batch {a.batch}", flush=True)
         port = int(endpoint.rsplit(":", 1)[1])
         runs: dict[str, list[dict]] = {}
+        a.load_during = []
         for c in contenders:
-            runs[c] = [run_node(a, c, r, port) for r in range(a.nodes)]
+            runs[c] = []
+            for r in range(a.nodes):
+                runs[c].append(run_node(a, c, r, port))
+                a.load_during.append(os.getloadavg()[0])
+        print(f"load average (1 min) after each node: {', '.join(f'{x:.2f}' for x in a.load_during)} "
+              f"(2 cores; the endpoint and a node's processes make about 2)", flush=True)
         quality = {c: [epoch_quality(a, nodes, e) for e in range(a.epochs)]
                    for c, nodes in runs.items() if all("error" not in n for n in nodes)}
         orders = order_quality(a)
