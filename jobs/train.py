@@ -12,7 +12,17 @@ import json
 import logging
 import sys
 
+from orchestrator.outcome import EXIT_INVALID_SPEC, EXIT_NOT_RETRYABLE
 from orchestrator.spec import SpecError, TrainSpec, load_spec, parse_assignments
+
+
+TRAIN_OPTIONS_HELP = (
+    "a hook for demos and tests (value parsed as YAML): min_step_time_s=S stretches every step to "
+    "S seconds (pacing); fail_at_step=N makes the last rank's process exit at step N, once (chaos); "
+    "hold_file=PATH holds every rank before the step number written in PATH while the file exists "
+    "(rank 0 writes PATH.held as 'step world_size'); pid_dir=DIR has each rank write its pid and its "
+    "loader actor's (rank-R.pid, loader-R.pid); control_poll_s=S is how often rank 0 reads the "
+    "scheduler's requests (default 1)")
 
 
 def connect_ray(address: str | None = None):
@@ -58,17 +68,23 @@ def parse_job_cli(argv: list[str] | None, module: str, doc: str, spec_type: type
 def main(argv: list[str] | None = None) -> int:
     try:
         args, spec, options = parse_job_cli(
-            argv, "jobs.train", __doc__, TrainSpec, "max_steps=20",
-            "a train-loop option, e.g. --option min_step_time_s=0.05 (pacing for demos and tests; "
-            "value parsed as YAML)")
+            argv, "jobs.train", __doc__, TrainSpec, "max_steps=20", TRAIN_OPTIONS_HELP)
         from jobs.preflight import preflight
         preflight(spec, args.spec)
     except SpecError as e:
         print(e, file=sys.stderr)
-        return 2
+        return EXIT_INVALID_SPEC
     connect_ray(args.address)
+    from actors.trainer.failures import setup_failure
     from actors.trainer.trainer import run_train
-    result = run_train(spec, options)
+    try:
+        result = run_train(spec, options)
+    except Exception as e:  # noqa: BLE001 - told apart below, re-raised unless deterministic
+        setup = setup_failure(e)
+        if setup is None:
+            raise
+        print(f"error: {setup} (not retried: it would fail the same way)", file=sys.stderr)
+        return EXIT_NOT_RETRYABLE
     print(json.dumps({"name": result.name, "final_step": result.final_step,
                       "final_loss": result.losses[-1] if result.losses else None,
                       "world_sizes": result.world_sizes, "checkpoint": result.checkpoint_url}))

@@ -413,12 +413,10 @@ def run_tune(spec: TuneSpec, options: dict[str, Any] | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.train import parse_job_cli
+    from jobs.train import TRAIN_OPTIONS_HELP, parse_job_cli
     try:
         args, spec, options = parse_job_cli(
-            argv, "jobs.tune", __doc__, TuneSpec, "num_samples=8",
-            "a train-loop option for every trial, e.g. --option min_step_time_s=0.05 (pacing for "
-            "demos and tests; value parsed as YAML)")
+            argv, "jobs.tune", __doc__, TuneSpec, "num_samples=8", "every trial's: " + TRAIN_OPTIONS_HELP)
         from jobs.preflight import preflight
         preflight(spec, args.spec)
         result = run_tune(spec, options, address=args.address)

@@ -41,6 +41,7 @@ class RayJob:
     status: str          # PENDING | RUNNING | STOPPED | SUCCEEDED | FAILED
     message: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
+    exit_code: int | None = None  # the entrypoint's, once it ended (see orchestrator.outcome)
 
     @property
     def live(self) -> bool:
@@ -131,7 +132,8 @@ class RayAdapter:
         except Exception as e:  # noqa: BLE001
             raise RayUnavailable(f"Jobs API at {self.dashboard_url} did not list jobs: {e}") from None
         return {d.submission_id: RayJob(d.submission_id, str(getattr(d.status, "value", d.status)),
-                                        d.message or "", dict(d.metadata or {}))
+                                        d.message or "", dict(d.metadata or {}),
+                                        getattr(d, "driver_exit_code", None))
                 for d in details if d.submission_id and d.submission_id.startswith(prefix)}
 
     def submit(self, submission_id: str, entrypoint: str, *, runtime_env: dict | None = None,

@@ -38,6 +38,7 @@ from typing import Protocol
 from orchestrator import pipeline as pipemod
 from orchestrator import spec as specmod
 from orchestrator import storage
+from orchestrator.outcome import retryable
 from orchestrator.policy import (Admit, ClusterState, Grow, JobView, Node, PolicyConfig, Preempt,
                                  Quota, Reject, Requeue, RequestResources, Shrink, decide)
 from orchestrator.store import IllegalTransition, JobRecord, JobStore, UnknownJob
@@ -274,6 +275,11 @@ class Scheduler:
             self.store.transition(job.id, "cancelled", f"Ray job {job.submission_id} was stopped "
                                   "outside the orchestrator (ray job stop)", expect=job.state)
             self._event(f"{job.id} cancelled: stopped outside the orchestrator")
+        elif not retryable(rj.exit_code):
+            message = " ".join(f"Ray job {job.submission_id} failed: {rj.message}".split())[:400]
+            self.store.transition(job.id, "failed", f"not retried (exit code {rj.exit_code}: it would "
+                                  f"fail the same way): {message}", expect=job.state)
+            self._event(f"{job.id} failed, not retried: {message}")
         else:
             self._failed(job, f"Ray job {job.submission_id} failed: {rj.message}", now)
 

@@ -217,11 +217,28 @@ class DeepSpeed(Strict):
 
 
 class Optimizer(Strict):
+    """The optimizer and its learning-rate schedule, counted in optimizer steps (one per global
+    step: the global batch is the same whatever the world size, so a resize leaves it unchanged)."""
     name: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0, le=10)
+    lr: float = Field(1e-3, gt=0, le=10, description="peak learning rate (after warmup)")
     weight_decay: float = Field(0.0, ge=0, le=1)
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="linear warmup from lr/warmup_steps to lr")
+    schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="after warmup: stay at lr, or decay to min_lr (cosine or linear) over "
+        "decay_steps")
+    min_lr: float = Field(0.0, ge=0, le=10, description="the floor a decaying schedule ends at")
+    decay_steps: int | None = Field(None, ge=1, description="steps of decay after warmup (default: "
+                                    "the rest of the run)")
+    reference_batch_size: int | None = Field(
+        None, ge=1, description="the global batch lr was tuned for: lr (and min_lr) scale by "
+        "global_batch_size / reference_batch_size (linear scaling, for searches over the batch)")
+
+    @model_validator(mode="after")
+    def _floor(self):
+        if self.min_lr > self.lr:
+            raise field_error("min_lr", f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        return self
 
     @field_validator("betas")
     @classmethod
@@ -295,6 +312,9 @@ class TrainSpec(_JobBase):
                 "deepspeed.global_batch_size", f"deepspeed.global_batch_size ({ds.global_batch_size}) is not divisible by "
                 f"micro_batch_size x workers ({ds.micro_batch_size} x w) for any allowed worker "
                 f"count w in [{r.min_workers}, {r.max_workers}]")
+        if ds.precision == "fp16" and not r.gpus_per_worker:
+            raise field_error("deepspeed.precision", "fp16 needs a GPU (resources.gpus_per_worker > 0): "
+                              "its loss scaling and kernels are CUDA's; on CPU use bf16")
         p = self.dataset.shuffle.partitions
         if p is not None and ds.global_batch_size % p:
             raise field_error("dataset.shuffle.partitions", f"partitions ({p}) must divide deepspeed.global_batch_size "

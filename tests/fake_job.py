@@ -5,7 +5,8 @@ Jobs API rather than training. What it does comes from the spec's ``model.kwargs
 
 ``log``            file to append ``<name> <submission id> start|end|<event>`` lines to
 ``wait_for``       run until this file exists
-``fail_attempts``  exit 1 while the attempt number (from the submission id) is below this
+``fail_attempts``  exit ``fail_code`` (default 1) while the attempt number (from the submission id)
+                   is below this
 ``checkpoint``     print ``{"checkpoint": ...}`` last, as real entrypoints do
 ``honor_control``  for a train spec: answer the scheduler's checkpoint requests (the protocol of
                    ``actors.trainer.control``) by writing a step directory and the done record
@@ -42,7 +43,7 @@ def main() -> int:
     if attempt < int(kw.get("fail_attempts", 0)):
         note("fail")
         print(f"failing attempt {attempt} on purpose", flush=True)
-        return 1
+        return int(kw.get("fail_code", 1))
     ckpt_dir = spec.get("checkpoint", {}).get("url") if kw.get("honor_control") else None
     served = set()
     while kw.get("wait_for") and not os.path.exists(kw["wait_for"]):

@@ -224,3 +224,33 @@ def test_format_1_checkpoints_still_load(tmp_path):
     assert torch.equal(store.load_tensors(7)["w"]["fp32"], torch.ones(3))
     (d / "state.json").write_text('{"step": 8}')   # same size, different bytes: sha256 still checked
     assert store.latest_valid() is None
+
+
+@pytest.mark.parametrize("first, then", [(2, 1), (3, 2)])
+def test_a_step_saved_again_by_another_attempt_on_another_world_size_commits_a_checkpoint_that_verifies(
+        url, first, then):
+    """An attempt that crashed mid-save (every rank's shard written, no manifest) leaves records
+    behind. The next attempt, on another world size, saving the same step commits only its own
+    records: it waits for its ranks (the slow one here writes after the commit started), never
+    takes the stale records' checksums, and removes what the crashed attempt left."""
+    import threading
+    store = CheckpointStore(url)
+    names = {f"w{i}": 10 * (i + 1) for i in range(5)}
+
+    def write(world, rank, attempt, value):
+        owner = assign_params(names, world)
+        mine = {n: {"fp32": torch.full((names[n],), value)} for n in names if owner[n] == rank}
+        state = {"step": 8, "world_size": world, "data": {}} if rank == 0 else None
+        store.write_shard(SaveRequest(8, rank, world, mine, {"seed": rank}, state, attempt=attempt))
+
+    for r in range(first):
+        write(first, r, "crashed", 1.0)
+    for r in range(1, then):  # the new attempt's other ranks are slower than rank 0
+        threading.Timer(0.5, write, (then, r, "fresh", 2.0)).start()
+    write(then, 0, "fresh", 2.0)
+    store.commit(8, then, timeout_s=10, attempt="fresh")
+    man = store.verify(8)                                   # checksums match the files on disk
+    assert man["world_size"] == then
+    assert all(torch.equal(t["fp32"], torch.full_like(t["fp32"], 2.0)) for t in store.load_tensors(8).values())
+    left = set(store.storage.list(step_dir(8)))
+    assert f"params-r{first - 1:05d}.safetensors" not in left   # the crashed attempt's extra rank is gone

@@ -216,18 +216,20 @@ def _train_spec_file(tmp_path, url, **dataset):
     return str(path)
 
 
-def test_validate_says_which_shuffle_a_remote_dataset_gets_and_refuses_a_cache_below_a_block(big, tmp_path, capsys):
+def test_validate_says_which_shuffle_a_remote_dataset_gets_and_refuses_a_cache_below_a_block(s3, tmp_path, capsys):
     """Before anything starts: auto picks partitioned for a dataset 4x the cache, a limit below
     what one worker holds is an error naming dataset.cache_limit, and a global shuffle of a
     dataset larger than the cache is refused."""
+    from jobs.examples.datasets import classification
     from orchestrator.cli import main
-    url, m, _, _ = big
+    url = f"{s3}/cls"
+    m = write_shards(classification(20_000, in_dim=32), url, rows_per_shard=64, progress=False)
     assert main(["validate", _train_spec_file(tmp_path, url, cache_limit=m.total_bytes // 4)]) == 0
     out = capsys.readouterr().out
     assert "shuffle auto -> partitioned, 2 partitions" in out and "node cache limit" in out
     assert main(["validate", _train_spec_file(tmp_path, url, cache_limit=3 * m.shards[0].bytes)]) == 2
     err = capsys.readouterr().err
-    assert "dataset.cache_limit: dataset.cache_limit (0.2 MiB) is smaller than the working set" in err
+    assert "dataset.cache_limit: dataset.cache_limit (0.0 MiB) is smaller than the working set" in err
     assert main(["validate", _train_spec_file(tmp_path, url, cache_limit=m.total_bytes // 2,
                                               shuffle={"mode": "global"})]) == 2
     assert "a global shuffle reads any shard" in capsys.readouterr().err

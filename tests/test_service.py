@@ -215,6 +215,18 @@ def test_a_job_that_keeps_failing_fails_after_max_retries_with_the_reason(env):
     assert job.attempts == 1 and len(env.lines("broken")) == 4
 
 
+@pytest.mark.parametrize("code", [2, 3])
+def test_a_job_whose_entrypoint_says_a_retry_would_fail_the_same_way_is_not_retried(env, code):
+    """Exit 2 (bad spec) and 3 (a deterministic error before the first step) end the job at once,
+    whatever max_retries allows; exit 1 is retried (the test above)."""
+    jid = env.submit("doomed", retries=3, fail_attempts=99, fail_code=code)
+    env.until(lambda: env.state(jid) == "failed", 60, "the job to fail")
+    job = env.store.get(jid)
+    assert job.reason.startswith(f"not retried (exit code {code}: it would fail the same way)"), job.reason
+    assert job.attempts == 0 and [ln[2] for ln in env.lines("doomed")] == ["start", "fail"]
+    assert not [t for t in env.store.history(jid) if t.reason.startswith("retry ")]
+
+
 def test_a_spec_that_can_never_fit_the_cluster_is_rejected_with_the_reason(env):
     jid = env.submit("too-big", workers=3)
     env.sched.tick()

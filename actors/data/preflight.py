@@ -14,9 +14,11 @@ from orchestrator.storage import Storage, StorageError
 
 @dataclass
 class DataCheck:
-    """``errors``: ``(field path, reason)``; ``notes``: what the loader will do, for people."""
+    """``errors``: ``(field path, reason)``; ``notes``: what the loader will do, for people;
+    ``schema``: the dataset's columns (None when it could not be read)."""
     errors: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    schema: dict | None = None
 
 
 def check_dataset(spec: TrainSpec) -> DataCheck:
@@ -31,6 +33,7 @@ def check_dataset(spec: TrainSpec) -> DataCheck:
     except (ShardError, StorageError) as e:
         out.errors.append(("dataset.url", str(e)))
         return out
+    out.schema = m.schema
     if d.shuffle.tail == "drop" and ds.global_batch_size > m.num_samples:
         out.errors.append(("deepspeed.global_batch_size", f"global_batch_size ({ds.global_batch_size}) exceeds "
                            f"the dataset's {m.num_samples} samples: with shuffle.tail 'drop' no step fits in an epoch"))

@@ -89,6 +89,7 @@ class SaveRequest:
     rng: dict[str, Any]
     state: dict[str, Any] | None = None           # rank 0 only: state.json payload
     metrics: dict[str, float] = field(default_factory=dict)
+    attempt: str = ""   # the worker group's id: records of another attempt at this step are stale
 
 
 class CheckpointStore:
@@ -114,39 +115,48 @@ class CheckpointStore:
         with self.storage.open_atomic(f"{d}/{name}") as f:
             nbytes, digest = tensorfile.write_tensors(f, req.tensors, {"step": str(req.step),
                                                                          "rank": str(req.rank)})
-        self._done(d, "params", req.rank, name, nbytes, digest)
+        self._done(d, "params", req.rank, name, nbytes, digest, req.attempt)
         rng = _torch_bytes(req.rng)
         name = f"rng-r{req.rank:05d}.pt"
         self.storage.write_bytes(f"{d}/{name}", rng, fsync=False)
-        self._done(d, "rng", req.rank, name, len(rng), tensorfile.checksum(rng))
+        self._done(d, "rng", req.rank, name, len(rng), tensorfile.checksum(rng), req.attempt)
         if req.rank == 0 and req.state is not None:
             self.storage.write_text(f"{d}/{STATE}", json.dumps(req.state, sort_keys=True), fsync=False)
 
-    def _done(self, d: str, kind: str, rank: int, name: str, nbytes: int, digest: str) -> None:
+    def _done(self, d: str, kind: str, rank: int, name: str, nbytes: int, digest: str, attempt: str) -> None:
         self.storage.write_text(f"{d}/{kind}-r{rank:05d}.json", json.dumps(
-            {"file": name, "bytes": nbytes, tensorfile.CHECKSUM: digest}), fsync=False)
+            {"file": name, "bytes": nbytes, tensorfile.CHECKSUM: digest, "attempt": attempt}), fsync=False)
 
     def commit(self, step: int, world_size: int, metrics: dict[str, float] | None = None,
-               timeout_s: float = 600.0, poll_s: float = 0.05) -> str:
-        """Rank 0: wait until every rank's shard is done, then publish the manifest (atomically).
+               timeout_s: float = 600.0, poll_s: float = 0.05, attempt: str = "") -> str:
+        """Rank 0: wait until every rank's shard of this ``attempt`` is done, then publish the
+        manifest (atomically) and remove what an earlier attempt at this step left behind.
 
+        A step directory can hold another attempt's records: one that crashed before committing,
+        on another world size. They are never trusted: the manifest lists only this attempt's.
         Returns the committed checkpoint URL. Raises CheckpointError if shards do not appear in time.
         """
         d = step_dir(step)
         expected = [f"{k}-r{r:05d}.json" for r in range(world_size) for k in ("params", "rng")]
         deadline = time.monotonic() + timeout_s
+        records: dict[str, dict] = {}
         while True:
             present = set(self.storage.list(d))
-            if all(e in present for e in expected) and STATE in present:
+            for e in expected:
+                if e in present and e not in records:
+                    rec = self._record(f"{d}/{e}")
+                    if rec is not None and rec.get("attempt", "") == attempt:
+                        records[e] = rec
+            if len(records) == len(expected) and STATE in present:
                 break
             if time.monotonic() > deadline:
-                missing = sorted(set(expected + [STATE]) - present)
+                missing = sorted(set(expected) - set(records)) + ([] if STATE in present else [STATE])
                 raise CheckpointError(f"{self.storage.url(d)}: shards never completed: {missing}")
             time.sleep(poll_s)
         files = {}
         for e in expected:
-            rec = json.loads(self.storage.read_text(f"{d}/{e}"))
-            files[rec["file"]] = {k: v for k, v in rec.items() if k != "file"}
+            rec = records[e]
+            files[rec["file"]] = {k: v for k, v in rec.items() if k not in ("file", "attempt")}
         state_bytes = self.storage.read_bytes(f"{d}/{STATE}")
         files[STATE] = {"bytes": len(state_bytes), tensorfile.CHECKSUM: tensorfile.checksum(state_bytes)}
         manifest = {"format": FORMAT_VERSION, "step": step, "world_size": world_size,
@@ -154,10 +164,19 @@ class CheckpointStore:
         self.wait_durable()  # the previous step's fsync + retention finish first, in order
         self.storage.write_text(f"{d}/{MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True),
                                 fsync=False)
+        keep = set(files) | set(expected) | {MANIFEST}
+        for name in present - keep:  # an earlier attempt's shards and records (another world size)
+            self.storage.delete(f"{d}/{name}")
         self._durability.submit(lambda: self._make_durable(d))
         if not self.background_durability:
             self.wait_durable()
         return self.storage.url(d)
+
+    def _record(self, rel: str) -> dict | None:
+        try:
+            return json.loads(self.storage.read_text(rel))
+        except (StorageError, ValueError):
+            return None  # replaced while read (object stores) : read again next round
 
     def _make_durable(self, d: str) -> None:
         """fsync the committed step, then (only then) let retention delete older ones."""

@@ -17,6 +17,7 @@ import random
 import sys
 import tempfile
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from actors import warm
-from actors.trainer import spares, zero_state
+from actors.trainer import failures, spares, zero_state
 from actors.trainer.checkpoint import AsyncSaver, CheckpointStore, SaveRequest, assign_params
 from actors.trainer.control import JobControl
 from orchestrator.spec import TrainSpec, gradient_accumulation, parse_spec
@@ -63,12 +64,22 @@ def deepspeed_config(spec: TrainSpec, world_size: int) -> dict[str, Any]:
     return cfg
 
 
-def learning_rate(spec: TrainSpec, step: int) -> float:
-    """LR as a pure function of the global step (so it needs no checkpointed scheduler state)."""
+def learning_rate(spec: TrainSpec, step: int, total: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) of a ``total``-step run: a pure
+    function of the step, so a resume restores it exactly and a resize (same global batch) leaves
+    it unchanged. Linear warmup, then constant or a cosine / linear decay to ``min_lr``."""
     opt = spec.optimizer
+    scale = spec.deepspeed.global_batch_size / opt.reference_batch_size if opt.reference_batch_size else 1.0
+    peak, floor = opt.lr * scale, opt.min_lr * scale
     if opt.warmup_steps and step < opt.warmup_steps:
-        return opt.lr * (step + 1) / opt.warmup_steps
-    return opt.lr
+        return peak * (step + 1) / opt.warmup_steps
+    if opt.schedule == "constant":
+        return peak
+    span = opt.decay_steps or max(1, total - opt.warmup_steps)
+    done = min(1.0, (step - opt.warmup_steps) / span)
+    if opt.schedule == "cosine":
+        return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * done))
+    return peak + (floor - peak) * done
 
 
 def total_steps(spec: TrainSpec, steps_per_epoch: int) -> int:
@@ -258,8 +269,10 @@ class Worker:
     def restore(self) -> int:
         """Load the newest verified checkpoint into engine + loader. Returns the step to start at."""
         t0 = time.monotonic()
-        step = self.ckpt.latest_valid(deep=True) if self.rank == 0 else None
-        step = self._broadcast(step)
+        # rank 0's newest good checkpoint, and this worker group's id: a save of this attempt
+        # trusts only this attempt's shard records (not a crashed attempt's at the same step)
+        found = (self.ckpt.latest_valid(deep=True), uuid.uuid4().hex[:12]) if self.rank == 0 else None
+        step, self.attempt = self._broadcast(found)
         if step is None:
             return 0
         state = self.ckpt.load_state(step)
@@ -303,12 +316,12 @@ class Worker:
                      "metrics": metrics, "history": self.history[-HISTORY_CAP:],
                      "spec": self.spec.model_dump(mode="json"), "saved_at": time.time()}
         req = SaveRequest(step=step, rank=self.rank, world_size=self.world, tensors=mine,
-                          rng=rng_state(), state=state, metrics=metrics)
+                          rng=rng_state(), state=state, metrics=metrics, attempt=self.attempt)
 
         def write():
             self.ckpt.write_shard(req)
             if self.rank == 0:
-                return step, self.ckpt.commit(step, self.world, metrics)
+                return step, self.ckpt.commit(step, self.world, metrics, attempt=self.attempt)
             return None
 
         self.saver.submit(write)
@@ -334,6 +347,17 @@ class Worker:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict[str, Any]:
+        """Build, restore, train, checkpoint. A deterministic error before the first step of this
+        attempt is raised as :class:`SetupError`, which ends the run instead of a retry."""
+        self.stepped = False
+        try:
+            return self._run()
+        except BaseException as e:
+            if not self.stepped and failures.deterministic(e):
+                raise failures.as_setup_error(e, self.rank) from e
+            raise
+
+    def _run(self) -> dict[str, Any]:
         spec = self.spec
         t_enter = time.time()
         self.build()
@@ -366,7 +390,7 @@ class Worker:
                 _hold(hold_file, step, self.world, self.rank)
             t_step = time.monotonic()
             for g in self.optimizer.param_groups:
-                g["lr"] = learning_rate(spec, step)
+                g["lr"] = lr = learning_rate(spec, step, self.max_steps)
             micro_batches = self.loader.next_step()
             # loss, sum(id), sum(id^2), checkpoint requested (rank 0's flag rides the same all-reduce)
             # (on the engine's device: NCCL reduces GPU tensors only)
@@ -388,6 +412,7 @@ class Worker:
             dist.all_reduce(loss_sum)
             requested = bool(loss_sum[3] > 0)
             step += 1
+            self.stepped = True
             if step == start + 1:
                 self.spares.request()  # training: have the next group's processes warmed meanwhile
                 if self.rank == 0:
@@ -395,7 +420,7 @@ class Worker:
             self.spares.renew_if_due()
             n_last += spec.deepspeed.global_batch_size
             g_loss = float(loss_sum[0]) / (self.accum * self.world)
-            self.history.append({"step": step, "loss": g_loss, "world_size": self.world,
+            self.history.append({"step": step, "loss": g_loss, "world_size": self.world, "lr": lr,
                                  "ids_sum": int(loss_sum[1]), "ids_sqsum": int(loss_sum[2]),
                                  "t": time.time()})
             metrics = {"step": step, "loss": g_loss, "world_size": self.world,
@@ -478,8 +503,16 @@ def _hold(path: str, step: int, world: int, rank: int) -> None:
         time.sleep(0.1)
 
 
+def quiet_known_warnings() -> None:
+    """Silence a deprecation torch repeats at every ZeRO collective (hundreds per run): DeepSpeed
+    calls ``all_gather_into_tensor`` / ``reduce_scatter_tensor``, which warn on each use."""
+    import warnings
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point handed to ``TorchTrainer``: ``config = {"spec": <json>, "options": {...}}``."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    quiet_known_warnings()
     spec = parse_spec(config["spec"])
     Worker(spec, config.get("options", {})).run()

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ray.train.v2._internal.constants import HEALTH_CHECK_INTERVAL_S_ENV_VAR
+from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
 from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
 from ray.train.torch import TorchTrainer
 
-from actors.trainer import spares
+from actors.trainer import failures, spares
 from actors.trainer.checkpoint import CheckpointStore
 from actors.trainer.control import JobControl
 from actors.trainer.loop import train_loop_per_worker
@@ -35,6 +36,11 @@ def largest_feasible(n: int, feasible: list[int]) -> int:
     return max(fits) if fits else 0
 
 
+class _NoNews(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Did not detect any changes in the cluster resources")
+
+
 class BatchAwareScalingPolicy(ElasticScalingPolicy):
     """Ray Train's elastic policy, restricted to worker counts with an integer batch split.
 
@@ -48,6 +54,11 @@ class BatchAwareScalingPolicy(ElasticScalingPolicy):
     def __init__(self, scaling_config, feasible: list[int], job_name: str,
                  control: JobControl | None = None):
         super().__init__(scaling_config)
+        # the stock policy logs "Did not detect any changes in the cluster resources" at every
+        # resize check (once a second with a 1 s interval); nothing happened, so say nothing
+        stock = logging.getLogger(ElasticScalingPolicy.__module__)
+        if not any(isinstance(f, _NoNews) for f in stock.filters):
+            stock.addFilter(_NoNews())
         self.feasible = sorted(feasible)
         self.job_name = job_name
         self.control = control
@@ -85,8 +96,21 @@ class BatchAwareScalingPolicy(ElasticScalingPolicy):
         return w if w else -1  # below min_workers: Ray Train waits
 
 
+class SetupAwareFailurePolicy(DefaultFailurePolicy):
+    """Ray Train's failure policy, except that a run whose failed ranks all raised
+    :class:`~actors.trainer.failures.SetupError` (a deterministic error before the first step) ends
+    at once: retrying would repeat it ``max_failures`` times. Worker and node loss, preemption and
+    errors after the first step are decided by the stock policy."""
+
+    def make_decision(self, training_failed_error) -> FailureDecision:
+        if failures.setup_failure(training_failed_error) is not None:
+            return FailureDecision.RAISE
+        return super().make_decision(training_failed_error)
+
+
 class ElasticDeepSpeedTrainer(TorchTrainer):
-    """``TorchTrainer`` with :class:`BatchAwareScalingPolicy` in place of the stock elastic policy."""
+    """``TorchTrainer`` with :class:`BatchAwareScalingPolicy` in place of the stock elastic policy
+    and :class:`SetupAwareFailurePolicy` in place of the stock failure policy."""
 
     def __init__(self, *args, feasible_workers: list[int], job_name: str,
                  control: JobControl | None = None, **kwargs):
@@ -99,6 +123,7 @@ class ElasticDeepSpeedTrainer(TorchTrainer):
         if self.scaling_config.elasticity_enabled:
             kwargs["scaling_policy"] = BatchAwareScalingPolicy(
                 self.scaling_config, self._feasible, self._job_name, self._control)
+        kwargs["failure_policy"] = SetupAwareFailurePolicy(self.run_config.failure_config)
         return super()._initialize_and_run_controller(**kwargs)
 
 
