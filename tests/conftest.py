@@ -155,6 +155,19 @@ def ray_cluster(_s3_env):
         cluster.shutdown()
 
 
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test if anything tries to connect to or start Ray (specs refused before Ray)."""
+    import ray
+
+    import jobs.train
+
+    def refuse(*a, **k):
+        raise AssertionError("Ray was touched for a spec that should have been refused")
+    monkeypatch.setattr(jobs.train, "connect_ray", refuse)
+    monkeypatch.setattr(ray, "init", refuse)
+
+
 def pytest_collection_modifyitems(config, items):
     # Multi-node tests tear down the shared Ray: run them after everything that shares it.
     items.sort(key=lambda it: 1 if it.get_closest_marker("multinode") else 0)

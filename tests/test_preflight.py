@@ -20,18 +20,6 @@ def data(tmp_path_factory):
     return url
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    import ray
-
-    import jobs.train
-
-    def refuse(*a, **k):
-        raise AssertionError("Ray was touched for a spec that should have been refused")
-    monkeypatch.setattr(jobs.train, "connect_ray", refuse)
-    monkeypatch.setattr(ray, "init", refuse)
-
-
 def spec_file(tmp_path, data, **changes) -> str:
     spec = yaml.safe_load(open("jobs/examples/mlp_train.yaml"))
     spec["dataset"]["url"] = data

@@ -156,3 +156,52 @@ def test_jobs_train_exits_3_for_a_failure_a_retry_would_repeat(ray_local, data, 
     path.write_text(yaml.safe_dump(spec))
     assert main([str(path)]) == EXIT_NOT_RETRYABLE
     assert "MemoryError" in capsys.readouterr().err
+
+
+def test_setup_failures_are_told_apart_from_failures_a_retry_can_fix():
+    """The policy's rule on Ray Train's own error objects; and the Ray internals it reads (the
+    wrapped worker exception, the controller's failure_policy argument) are still where it reads
+    them: this fails loudly when an upgrade moves them."""
+    import inspect
+
+    from ray.exceptions import RayActorError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2._internal.execution.controller import TrainController
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from actors.trainer.failures import SetupError, as_setup_error, deterministic, setup_failure
+    assert "failure_policy" in inspect.signature(TrainController.__init__).parameters
+    setup = as_setup_error(MemoryError("too big"), 1)
+    both = WorkerGroupError("x", {0: UserExceptionWithTraceback(as_setup_error(ImportError("no"), 0), "tb"),
+                                  1: UserExceptionWithTraceback(setup, "tb")})
+    assert isinstance(setup_failure(both), SetupError)
+    mixed = WorkerGroupError("x", {0: UserExceptionWithTraceback(setup, "tb"), 1: RayActorError()})
+    assert setup_failure(mixed) is None                          # a lost worker: retry
+    assert deterministic(RuntimeError("mat1 and mat2 must have the same dtype, but got Float and BFloat16"))
+    assert not deterministic(RuntimeError("Connection closed by peer [127.0.0.1]:29500"))
+    assert not deterministic(ConnectionResetError()) and not deterministic(OSError("disk"))
+
+
+def test_the_two_log_lines_repeated_hundreds_of_times_per_run_are_gone(caplog):
+    """torch's deprecation warning at every ZeRO collective, and Ray Train's "no changes" line at
+    every resize check: silenced where they are emitted, and nothing else with them."""
+    import logging
+    import warnings
+
+    import ray.train
+    from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
+
+    from actors.trainer.loop import quiet_known_warnings
+    from actors.trainer.trainer import BatchAwareScalingPolicy
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_known_warnings()
+        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning)
+        warnings.warn("something else is deprecated", FutureWarning)
+    assert [str(w.message) for w in seen] == ["something else is deprecated"]
+    BatchAwareScalingPolicy(ray.train.ScalingConfig(num_workers=(1, 2)), [1, 2], "job")
+    stock = logging.getLogger(ElasticScalingPolicy.__module__)
+    with caplog.at_level(logging.INFO, logger=stock.name):
+        stock.info("Did not detect any changes in the cluster resources. Training will continue ...")
+        stock.info("Detected changes in the cluster resources.")
+    assert [r.getMessage() for r in caplog.records] == ["Detected changes in the cluster resources."]

@@ -89,19 +89,6 @@ def committed_steps(results_url: str, trial_id: str) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 # bad input: refused before Ray starts, naming the field
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Fail the test if anything tries to connect to or start Ray."""
-    import ray
-
-    import jobs.train
-
-    def refuse(*a, **k):
-        raise AssertionError("Ray was touched for a spec that should have been refused")
-    monkeypatch.setattr(jobs.train, "connect_ray", refuse)
-    monkeypatch.setattr(ray, "init", refuse)
-
-
 def write_yaml(tmp_path, spec: dict) -> str:
     path = tmp_path / "tune.yaml"
     path.write_text(yaml.safe_dump(spec))
