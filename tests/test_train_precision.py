@@ -141,7 +141,10 @@ def test_a_model_that_cannot_be_built_ends_the_run_after_one_attempt(ray_local, 
         run_train(spec)
     setup = setup_failure(exc.value)
     assert setup is not None and "MemoryError: pretend the model does not fit this worker" in str(setup)
-    assert len(log.read_text().split()) == 2                            # one attempt: each of 2 workers once
+    pids = log.read_text().split()
+    # one attempt: each of the 2 workers builds at most once (the group is torn down as soon as one
+    # fails, so the other may not have got as far); a retry would add up to 2 more per restart
+    assert 1 <= len(pids) <= 2 and len(set(pids)) == len(pids), pids
 
 
 @pytest.mark.slow
