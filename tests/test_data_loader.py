@@ -210,6 +210,34 @@ def test_prefetch_is_bounded_by_batches_and_megabytes(ray_local, tmp_path, trans
     dl2.close()
 
 
+@pytest.mark.parametrize("prefetch", [5, 8])
+def test_steps_asked_for_in_chunks_are_each_the_pure_order_slice_and_held_batches_stay_intact(
+        ray_local, dataset, tmp_path, transport, prefetch):
+    """Requests carry several steps each (half the prefetch depth, so the per-request cost is paid
+    once per chunk); every step is still its own slice of the pure order, across an epoch boundary
+    and a resume with chunks in flight, and batches the caller keeps are never written over."""
+    url, data = dataset
+    (dl,) = _loaders(url, 1, tmp_path, shuffle={"seed": 3}, transport=transport, prefetch_batches=prefetch)
+    assert dl.chunk == prefetch // 2
+    steps = dl.steps_per_epoch + 7                              # into the second epoch
+    held = [dl.next_step() for _ in range(steps)]
+    stats = dl.prefetch_stats()
+    assert stats["peak_inflight"] <= prefetch
+    assert stats["requests"] <= -(-(steps + prefetch) // dl.chunk) + 1  # chunks, not one call per step
+    for s, micro in enumerate(held):
+        ids = np.concatenate([b["id"].numpy() for b in micro])
+        epoch, step = divmod(s, dl.steps_per_epoch)
+        assert np.array_equal(ids, global_step_sample_ids(N, 3, epoch, global_batch_size=G, step=step)), s
+        for b in micro:
+            np.testing.assert_array_equal(b["x"].numpy(), data["x"][b["id"].numpy()])
+    state = dl.state_dict()
+    dl.next_step()                                              # chunks for later steps in flight
+    dl.load_state_dict(state)                                   # back to the saved cursor: dropped
+    ids = np.concatenate([b["id"].numpy() for b in dl.next_step()])
+    assert np.array_equal(ids, global_step_sample_ids(N, 3, 1, global_batch_size=G, step=7))
+    dl.close()
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(global_batch_size=25, micro_batch_size=2, world_size=2), r"global_batch_size \(25\).*micro_batch_size \(2\).*world_size \(2\)"),
     (dict(global_batch_size=24, micro_batch_size=2, world_size=2, shuffle={"mode": "random"}), "shuffle.mode: Input should be"),

@@ -139,6 +139,38 @@ def check_cache(order: EpochOrder, manifest: Manifest, lo: int, hi: int, cache_l
 # ---------------------------------------------------------------------------------------------
 # transports: how a step's rows reach the trainer
 # ---------------------------------------------------------------------------------------------
+class _IdsAhead:
+    """A rank's sample ids of upcoming steps, computed ``_IDS_AHEAD`` steps at a time in one
+    vectorised pass (numpy's per-call overhead dominates a single step)."""
+
+    def __init__(self, loader: "DataLoader"):
+        self.loader = loader
+        self._ids: dict[tuple, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, order: EpochOrder, c: plan.Cursor) -> np.ndarray:
+        dl = self.loader
+        with self._lock:
+            ids = self._ids.pop((order, c), None)
+            if ids is not None:
+                return ids
+            n, g, per_rank = dl.num_samples, dl.global_batch_size, dl.global_batch_size // dl.world_size
+            cursors, segs = [], []
+            for _ in range(max(1, min(_IDS_AHEAD, _IDS_AHEAD_ELEMENTS // per_rank))):
+                cursors.append(c)
+                segs += plan.rank_segments(c, n, g, dl.tail, dl.rank, dl.world_size)
+                c = plan.advance(c, n, g, dl.tail)
+            block = plan.segment_ids(order, segs).reshape(len(cursors), per_rank)
+            if len(self._ids) > 4 * _IDS_AHEAD:  # requests dropped by a load_state_dict
+                self._ids.clear()
+            self._ids.update(((order, k), b) for k, b in zip(cursors[1:], block[1:]))
+            return block[0]
+
+    def chunk(self, order: EpochOrder, cursors: list[plan.Cursor]) -> np.ndarray:
+        ids = [self(order, c) for c in cursors]
+        return ids[0] if len(ids) == 1 else np.concatenate(ids)
+
+
 class ObjectStoreTransport:
     """The loader actor gathers the rows and returns them through the Ray object store."""
 
@@ -146,14 +178,16 @@ class ObjectStoreTransport:
 
     def __init__(self, loader: "DataLoader"):
         self.loader = loader
+        self._ids = _IdsAhead(loader)  # the order is a pure function: computed here, not in the actor
+        self._got: tuple[Any, dict] | None = None  # the chunk being read, fetched once
 
-    def submit(self, order: EpochOrder, c: plan.Cursor, step: int):
-        dl = self.loader
-        segs = plan.rank_segments(c, dl.num_samples, dl.global_batch_size, dl.tail, dl.rank, dl.world_size)
-        return dl._actor.batch.remote(order, segs, step)
+    def submit(self, order: EpochOrder, cursors: list[plan.Cursor], steps: list[int]):
+        return self.loader._actor.rows.remote(self._ids.chunk(order, cursors), steps[-1], steps[0])
 
     def result(self, ref) -> dict[str, np.ndarray]:
-        return ray.get(ref)
+        if self._got is None or self._got[0] is not ref:
+            self._got = (ref, ray.get(ref))
+        return self._got[1]
 
     def cancel(self, ref) -> None:
         ray.cancel(ref)
@@ -162,7 +196,7 @@ class ObjectStoreTransport:
         pass  # the actor lets go of shards itself (it knows each request's step)
 
     def close(self) -> None:
-        pass
+        self._got = None
 
 
 class MmapTransport:
@@ -179,15 +213,14 @@ class MmapTransport:
                                 manifest=loader.manifest, cache_limit=actor_info["cache_limit"],
                                 cache_policy=loader.cache_policy,
                                 download=lambda i, tmp: ray.get(actor.download.remote(i, tmp)))
-        # batches in flight, the one the caller trains on, the one before it, and the gather
+        # chunks in flight, the one the caller trains on, the one before it, and the gather
         # threads' next: reused without page faults once the caller lets go
-        self.buffers = BufferPool(loader.max_inflight + gather_threads + 2)
+        self.buffers = BufferPool(-(-loader.max_inflight // loader.chunk) + gather_threads + 2)
         self.pool = ThreadPoolExecutor(max_workers=gather_threads, thread_name_prefix="reo-data-gather")
-        self._ids: dict[tuple, np.ndarray] = {}  # sample ids of upcoming requests
-        self._ids_lock = threading.Lock()
+        self._ids = _IdsAhead(loader)
 
-    def submit(self, order: EpochOrder, c: plan.Cursor, step: int):
-        return self.pool.submit(self._gather, order, c)
+    def submit(self, order: EpochOrder, cursors: list[plan.Cursor], steps: list[int]):
+        return self.pool.submit(self._gather, order, cursors)
 
     def result(self, fut) -> dict[str, np.ndarray]:
         return fut.result()
@@ -195,28 +228,8 @@ class MmapTransport:
     def cancel(self, fut) -> None:
         fut.cancel()
 
-    def _gather(self, order: EpochOrder, c: plan.Cursor) -> dict[str, np.ndarray]:
-        return self.store.gather(self._ids_of(order, c), self.buffers)
-
-    def _ids_of(self, order: EpochOrder, c: plan.Cursor) -> np.ndarray:
-        """This rank's sample ids of the step at ``c``; computed ``_IDS_AHEAD`` steps at a time
-        in one vectorised pass (numpy's per-call overhead dominates a single step)."""
-        dl = self.loader
-        with self._ids_lock:
-            ids = self._ids.pop((order, c), None)
-            if ids is not None:
-                return ids
-            n, g, per_rank = dl.num_samples, dl.global_batch_size, dl.global_batch_size // dl.world_size
-            cursors, segs = [], []
-            for _ in range(max(1, min(_IDS_AHEAD, _IDS_AHEAD_ELEMENTS // per_rank))):
-                cursors.append(c)
-                segs += plan.rank_segments(c, n, g, dl.tail, dl.rank, dl.world_size)
-                c = plan.advance(c, n, g, dl.tail)
-            block = plan.segment_ids(order, segs).reshape(len(cursors), per_rank)
-            if len(self._ids) > 4 * _IDS_AHEAD:  # requests dropped by a load_state_dict
-                self._ids.clear()
-            self._ids.update(((order, k), b) for k, b in zip(cursors[1:], block[1:]))
-            return block[0]
+    def _gather(self, order: EpochOrder, cursors: list[plan.Cursor]) -> dict[str, np.ndarray]:
+        return self.store.gather(self._ids.chunk(order, cursors), self.buffers)
 
     def after_step(self, step: int) -> None:
         """Unmap (and unpin) the shards no step from ``step`` to the last one in flight reads."""
@@ -252,6 +265,8 @@ class DataLoader:
     ``warm_spares``: after the first step, ask the loader actor's node to keep that many idle,
     preloaded processes (:mod:`actors.warm`), so the loader actor of a restarted trainer starts in
     one instead of a new process.
+    ``actor_node``: the Ray node id the loader actor (and so the node cache it reads through) runs
+    on; default this process's node. On another node the rows come through the object store.
 
     Raises ValueError naming the argument when the batch geometry, the cache or the state is
     invalid, and ShardError (naming the shard or the cache) when a shard is missing or corrupt or
@@ -263,7 +278,8 @@ class DataLoader:
                  prefetch_batches: int = 4, max_prefetch_mb: int = 256, cache_dir: str | None = None,
                  cache_limit: int | None = None, cache_policy: str = "belady",
                  name: str | None = None, state: dict | None = None, transport: str = "auto",
-                 gather_threads: int = 2, warm_spares: int = 0, warm_spare_keep_alive_s: float = 600.0):
+                 gather_threads: int = 2, warm_spares: int = 0, warm_spare_keep_alive_s: float = 600.0,
+                 actor_node: str | None = None):
         cfg = _shuffle_config(shuffle)
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
@@ -295,6 +311,9 @@ class DataLoader:
                                cache_limit=self.cache_limit)
         self.bytes_per_request = (global_batch_size // world_size) * self.manifest.row_bytes
         self.max_inflight = max(1, min(prefetch_batches, int(max_prefetch_mb * 2**20) // self.bytes_per_request))
+        # steps asked for in one request: the per-request work (a Python call in a gather thread
+        # or an actor call, the shard bookkeeping) is paid once per chunk, not once per step
+        self.chunk = max(1, self.max_inflight // 2)
         self._cursor = plan.Cursor()
         self._inflight: collections.deque = collections.deque()
         self._next_request = self._cursor
@@ -305,7 +324,7 @@ class DataLoader:
         else:
             self._set_order(self.order)
         self.actor_name = f"reo-data:{name}:rank{rank}:{uuid.uuid4().hex[:8]}" if name else None
-        self._actor = self._make_actor(cache_dir, cache_limit, cache_policy)
+        self._actor = self._make_actor(cache_dir, cache_limit, cache_policy, actor_node)
         # the actor's process starts in the background; the first request settles the transport,
         # so a trainer builds its engine meanwhile (a restart does not wait for it twice)
         self._want_transport = transport
@@ -359,12 +378,12 @@ class DataLoader:
                 else ObjectStoreTransport(self)
         return self._transport.name
 
-    def _make_actor(self, cache_dir, cache_limit, cache_policy):
+    def _make_actor(self, cache_dir, cache_limit, cache_policy, node: str | None):
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
         # on this node, firmly: with soft affinity Ray 2.60 placed the 0-CPU actor on another node
         # whenever this node's CPUs were all taken (by the trainers), and its cache went with it
         opts: dict[str, Any] = {"scheduling_strategy": NodeAffinitySchedulingStrategy(
-            node_id=ray.get_runtime_context().get_node_id(), soft=False)}
+            node_id=node or ray.get_runtime_context().get_node_id(), soft=False)}
         if self.actor_name:
             opts["name"] = self.actor_name  # unique: two live loaders never share an actor
         return ShardServer.options(**opts).remote(self.url, self.storage_options, cache_dir, cache_limit,
@@ -385,10 +404,18 @@ class DataLoader:
         n, g = self.num_samples, self.global_batch_size
         self.transport  # noqa: B018 - resolves it
         self._configure_actor()
-        while len(self._inflight) < self.max_inflight:
-            c = self._next_request
-            self._inflight.append((c, self._transport.submit(self.order, c, self._step_index(c))))
-            self._next_request = plan.advance(c, n, g, self.tail)
+        # whole chunks only, so every request is ``chunk`` steps (one buffer shape, one call each)
+        while True:
+            room = self.max_inflight - len(self._inflight)
+            if room <= 0 or (self._inflight and room < self.chunk):
+                break
+            k = min(self.chunk, room)
+            cursors = []
+            for _ in range(k):
+                cursors.append(self._next_request)
+                self._next_request = plan.advance(self._next_request, n, g, self.tail)
+            handle = self._transport.submit(self.order, cursors, [self._step_index(c) for c in cursors])
+            self._inflight.extend((c, handle, j) for j, c in enumerate(cursors))
             self._stats["requests"] += 1
         k = len(self._inflight)
         self._stats["peak_inflight"] = max(self._stats["peak_inflight"], k)
@@ -398,8 +425,11 @@ class DataLoader:
         """This rank's ``accumulation`` micro-batches of the next global step; advances the cursor."""
         import torch
         self._fill()
-        c, ref = self._inflight.popleft()
+        c, ref, j = self._inflight.popleft()
         rows = self._transport.result(ref)
+        per = self.global_batch_size // self.world_size
+        if len(next(iter(rows.values()))) != per:  # a chunk of steps: this step's rows
+            rows = {k: v[j * per:(j + 1) * per] for k, v in rows.items()}
         self._cursor = plan.advance(c, self.num_samples, self.global_batch_size, self.tail)
         step = self._step_index(self._cursor)
         self._transport.after_step(step)
@@ -485,7 +515,7 @@ class DataLoader:
         self._set_order(order_from_state(d))
         self._cursor = plan.normalise(plan.Cursor(d["epoch"], d["consumed"]), self.num_samples,
                                       self.global_batch_size, self.tail)
-        for _, ref in self._inflight:  # requests for the old position: dropped
+        for ref in {id(r): r for _, r, _ in self._inflight}.values():  # for the old position: dropped
             self._transport.cancel(ref)
         self._inflight.clear()
         self._next_request = self._cursor
@@ -495,7 +525,7 @@ class DataLoader:
         return self._actor
 
     def close(self) -> None:
-        for _, ref in self._inflight:
+        for ref in {id(r): r for _, r, _ in self._inflight}.values():
             self._transport.cancel(ref)
         self._inflight.clear()
         if self._transport is not None:

@@ -115,7 +115,7 @@ class _Prefetcher(threading.Thread):
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, concurrency_groups={"io": 4},
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, concurrency_groups={"io": 4, "batch": 2},
             runtime_env=warm.setup_hook_env(PRELOAD_HOOK))
 class ShardServer:
     """Serves exact slices of the order and keeps the node cache ahead of its rank."""
@@ -125,6 +125,8 @@ class ShardServer:
         self.store = ShardStore(url, storage_options, cache_dir, fetch_threads=fetch_threads,
                                 cache_limit=cache_limit, cache_policy=cache_policy)
         self._buffers = BufferPool(8)
+        self._serving: dict[int, int] = {}  # batch calls in progress: id -> first step they read
+        self._serving_lock = threading.Lock()
         self._prefetch: _Prefetcher | None = None
         self._schedule: plan.ShardSchedule | None = None
         self._geometry: tuple | None = None
@@ -184,15 +186,25 @@ class ShardServer:
             raise ShardError(f"shard cache {os.path.dirname(os.path.dirname(tmp))}: no space left on device "
                              f"while downloading shard {shard}: lower dataset.cache_limit or free disk space") from None
 
-    def batch(self, order: EpochOrder, segments: list[tuple[int, int, int]], step: int | None = None
-              ) -> dict[str, np.ndarray]:
-        """Rows at the given ``(epoch, start, end)`` position ranges of ``order`` (object-store
-        transport; ``step`` is the request's clock, so shards the rank is done with are let go)."""
-        # arrays from the pool: Ray copies the return value into the object store, then lets go
-        rows = self.store.gather(plan.segment_ids(order, segments), self._buffers)
-        if step is not None and self._schedule is not None and self.store.remote:
-            keep = set(self._schedule.needed(step + 1, step + 1 + self._keep).tolist())
-            self.store.release([s for s in list(self.store.readers) if s not in keep])
+    @ray.method(concurrency_group="batch")
+    def rows(self, ids: np.ndarray, step: int | None = None, first: int | None = None) -> dict[str, np.ndarray]:
+        """The rows of sample ``ids`` (object-store transport): one or more whole steps of a rank,
+        ``first`` to ``step``, the request's clock, so shards the rank is done with are let go.
+        Two calls run at once (the gathers release the GIL)."""
+        with self._serving_lock:
+            key = object()
+            self._serving[id(key)] = first if first is not None else step if step is not None else 0
+        try:
+            # arrays from the pool: Ray copies the return value into the object store, then lets go
+            rows = self.store.gather(np.asarray(ids, dtype=np.int64), self._buffers)
+        finally:
+            with self._serving_lock:  # a call registers (then maps what it reads) before or after this
+                del self._serving[id(key)]
+                if step is not None and self._schedule is not None and self.store.remote:
+                    # what a call still gathering reads stays mapped: keep from its first step on
+                    since = min([step + 1, *self._serving.values()])
+                    keep = set(self._schedule.needed(since, step + 1 + self._keep).tolist())
+                    self.store.release([s for s in list(self.store.readers) if s not in keep])
         return rows
 
     def gather(self, ids: np.ndarray) -> dict[str, np.ndarray]:

@@ -14,13 +14,16 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-OURS = ["ours-global-local", "ours-global-objstore-local", "ours-global-s3", "ours-local-local"]
+OURS = ["ours-global-local", "ours-global-objstore-local", "ours-global-objstore-2node-local", "ours-global-s3",
+        "ours-local-local"]
 RAW = ["raw-local", "raw-s3"]
+REF = ["take1-local", "take2-local"]  # numpy.take of a random permutation from anonymous memory
 RAY = ["ray-data-global-local", "ray-data-local-local"]
 PEERS = ["mosaic-local", "litdata-local"]
 
@@ -109,8 +112,9 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="/tmp/reo-bench-data")
     p.add_argument("--peer-python", default=os.environ.get("BENCH_PEER_PYTHON", sys.executable),
                    help="python of a venv with mosaicml-streaming / litdata (pip install '.[bench]')")
-    p.add_argument("--only", default="raw,ours,ray-data,peers",
-                   help="comma list of groups: raw, ours, ray-data, peers")
+    p.add_argument("--only", default="raw,ref,ours,ray-data,peers",
+                   help="comma list of groups: raw, ref (numpy.take reference, 1 and 2 threads), ours, "
+                        "ray-data, peers")
     p.add_argument("--json-out", help="write all results here as JSON")
     p.add_argument("--epochs", type=int, default=3,
                    help="epochs each contender reads: the first is timed with its start-up, the "
@@ -132,7 +136,8 @@ def main(argv=None) -> int:
     prepare(a, a.peer_python, peers)
     s3proc, endpoint = _start_s3()
     try:
-        contenders = (RAW if "raw" in a.only else []) + (OURS if "ours" in a.only else []) + \
+        contenders = (RAW if "raw" in a.only else []) + (REF if "ref" in a.only else []) + \
+                     (OURS if "ours" in a.only else []) + \
                      (RAY if "ray-data" in a.only else []) + peers
         if any(c.endswith("-s3") for c in contenders):
             from bench.data import prepare as prep
@@ -170,6 +175,7 @@ def main(argv=None) -> int:
             best["passes_later_epochs_samples_per_s"] = [r.get("later_epochs_samples_per_s") for r in runs[c]]
             results.append(best)
         print(table(results))
+        print(pass_ratios(runs))
         if a.json_out:
             json.dump({"args": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(a).items()},
                        "results": results}, open(a.json_out, "w"), indent=1)
@@ -182,6 +188,19 @@ def main(argv=None) -> int:
 def _speed(r: dict) -> float:
     """Steady-state samples/s (the epochs after the first) when measured, else the first epoch's."""
     return r.get("later_epochs_samples_per_s") or r["samples_per_s"]
+
+
+def pass_ratios(runs: dict[str, list[dict]]) -> str:
+    """Ours against raw and against the numpy.take reference, pass by pass (each pass runs every
+    contender once, in turn, so a ratio compares runs minutes apart, not a best against a best)."""
+    lines = []
+    for c in [c for c in runs if c.startswith("ours-") and c.endswith("-local")]:
+        for base in [b for b in ("raw-local", "take1-local", "take2-local") if b in runs]:
+            rs = [(_speed(o) / _speed(b)) for o, b in zip(runs[c], runs[base]) if "error" not in o and "error" not in b]
+            if rs:
+                lines.append(f"{c} / {base}, same pass, steady state: "
+                             + ", ".join(f"{r:.2f}x" for r in rs) + f" (median {statistics.median(rs):.2f}x)")
+    return "\n".join(lines)
 
 
 def table(results: list[dict]) -> str:

@@ -44,16 +44,80 @@ def _raw_batches(m, st, batch: int):
             yield {k: torch.from_numpy(v[lo:lo + batch]) for k, v in cols.items()}
 
 
-def _ours(url: str, storage_options, batch: int, mode: str, workdir: str, seed: int, transport: str = "auto"):
+def _reference_take(url: str, batch: int, threads: int, seed: int):
+    """The reference for a global shuffle: every column copied into anonymous memory first, then
+    each epoch's random permutation gathered ``batch`` rows at a time with ``numpy.take`` into
+    reused buffers, on ``threads`` threads (in order, ``2 x threads`` batches ahead). No loader, no
+    page-cache mappings: what a gather of the same rows costs at best on this machine."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow as pa
+    import torch
+
+    from actors.data import read_manifest
+    from actors.data.shards import column_view
+    m = read_manifest(url, None)
+    cols: dict[str, list] = {k: [] for k in m.schema}
+    for s in m.shards:
+        table = pa.ipc.open_file(pa.memory_map(os.path.join(url, s.name))).read_all()
+        for k, c in m.schema.items():
+            cols[k].append(np.array(column_view(table.column(k), c["dtype"], c["shape"])))
+    data = {k: np.concatenate(v) for k, v in cols.items()}
+    del cols
+    n = len(next(iter(data.values())))
+    depth = 2 * threads
+    ring = [{k: np.empty((batch, *v.shape[1:]), v.dtype) for k, v in data.items()} for _ in range(depth + 2)]
+    pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
+    epoch = [0]
+
+    def take(slot: int, idx: np.ndarray) -> dict:
+        out = ring[slot]
+        for k, v in data.items():
+            np.take(v, idx, axis=0, out=out[k], mode="clip")
+        return out
+
+    def batches():
+        perm = np.random.default_rng([seed, epoch[0]]).permutation(n)
+        epoch[0] += 1
+        steps = [perm[i * batch:(i + 1) * batch] for i in range(n // batch)]
+        if pool is None:
+            for i, idx in enumerate(steps):
+                yield {k: torch.from_numpy(v) for k, v in take(i % len(ring), idx).items()}
+            return
+        futs = [pool.submit(take, i % len(ring), steps[i]) for i in range(min(depth, len(steps)))]
+        for i in range(len(steps)):
+            out = futs[i].result()
+            if i + depth < len(steps):
+                futs.append(pool.submit(take, (i + depth) % len(ring), steps[i + depth]))
+            yield {k: torch.from_numpy(v) for k, v in out.items()}
+    return batches
+
+
+def _ours(url: str, storage_options, batch: int, mode: str, workdir: str, seed: int, transport: str = "auto",
+          nodes: int = 1):
+    """``nodes=2``: a two-node local cluster (``ray.cluster_utils.Cluster``, one CPU each), the
+    loader actor on the second node, this process (the trainer) on the head: every batch crosses
+    between the two nodes' object stores."""
     import ray
 
     from actors.data import DataLoader
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+    env = {"env_vars": {"PYTHONPATH": os.getcwd()}}
+    node = None
+    if nodes == 1:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=env)
+    else:
+        from ray.cluster_utils import Cluster
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        node = cluster.add_node(num_cpus=1).node_id
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False, runtime_env=env)
+        import atexit  # shutting the cluster down also forgets its address (a later ray.init starts its own)
+        atexit.register(cluster.shutdown)
     cache = os.path.join(workdir, "cache", str(os.getpid()))
     dl = DataLoader(url, global_batch_size=batch, micro_batch_size=batch, rank=0, world_size=1,
                     shuffle={"mode": mode, "seed": seed, "window": 16384}, storage_options=storage_options,
-                    cache_dir=cache, prefetch_batches=8, max_prefetch_mb=256, transport=transport)
+                    cache_dir=cache, prefetch_batches=8, max_prefetch_mb=256, transport=transport,
+                    actor_node=node)
     print(f"  transport: {dl.transport}", flush=True)
     return lambda: (dl.next_step()[0] for _ in range(dl.steps_per_epoch))
 
@@ -202,9 +266,13 @@ def main(argv=None) -> int:
     makers = {
         "raw-local": lambda: _raw(os.path.join(w, "ours"), None, a.batch),
         "raw-s3": lambda: _raw(a.s3_url, s3_opts, a.batch),
+        "take1-local": lambda: _reference_take(os.path.join(w, "ours"), a.batch, 1, a.seed),
+        "take2-local": lambda: _reference_take(os.path.join(w, "ours"), a.batch, 2, a.seed),
         "ours-global-local": lambda: _ours(os.path.join(w, "ours"), None, a.batch, "global", w, a.seed),
         "ours-global-objstore-local": lambda: _ours(os.path.join(w, "ours"), None, a.batch, "global", w, a.seed,
                                                     transport="object_store"),
+        "ours-global-objstore-2node-local": lambda: _ours(os.path.join(w, "ours"), None, a.batch, "global", w,
+                                                          a.seed, nodes=2),
         "ours-global-s3": lambda: _ours(a.s3_url, s3_opts, a.batch, "global", w, a.seed),
         "ours-local-local": lambda: _ours(os.path.join(w, "ours"), None, a.batch, "local", w, a.seed),
         "ray-data-global-local": lambda: _ray_data(os.path.join(w, "parquet"), a.batch, "global", a.seed),
