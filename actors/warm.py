@@ -18,6 +18,8 @@ start cold, as without spares.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 
 log = logging.getLogger("actors.warm")
@@ -104,3 +106,33 @@ def idle_spare_pids(hook: str) -> list[int]:
         except (psutil.Error, OSError):
             continue
     return out
+
+
+def lower_thread_priority(by: int = 10) -> None:
+    """Raise the calling thread's nice value by ``by`` (Linux: nice is per thread; threads it
+    starts inherit it). Best effort: no-op where unsupported."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+    except (OSError, AttributeError):
+        pass
+
+
+def at_low_priority(fn, by: int = 10):
+    """Run ``fn()`` in a thread of its own at a lower CPU priority and wait for it: work that must
+    not compete with a node's running trainers (a spare's preload) gets the cores only when they
+    would idle, while the process itself keeps its normal priority for the work it takes later."""
+    box: dict = {}
+
+    def run():
+        lower_thread_priority(by)
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            box["error"] = e
+    t = threading.Thread(target=run, name="reo-low-priority", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import pytest
 import torch
@@ -254,3 +255,27 @@ def test_a_step_saved_again_by_another_attempt_on_another_world_size_commits_a_c
     assert all(torch.equal(t["fp32"], torch.full_like(t["fp32"], 2.0)) for t in store.load_tensors(8).values())
     left = set(store.storage.list(step_dir(8)))
     assert f"params-r{first - 1:05d}.safetensors" not in left   # the crashed attempt's extra rank is gone
+
+
+def _nice() -> int:
+    import threading
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def test_background_work_runs_below_the_trainers_priority_and_the_caller_keeps_its_own():
+    """The async checkpoint writer and a spare's preload take only the CPU the trainers leave: their
+    threads run 10 nice levels lower; the training thread's own priority is unchanged; errors
+    still reach the caller."""
+    from actors import warm
+    from actors.trainer.checkpoint import AsyncSaver
+    before = _nice()
+    assert warm.at_low_priority(_nice) == min(19, before + 10)
+    saver, seen = AsyncSaver(), []
+    saver.submit(lambda: seen.append(_nice()))
+    saver.wait()
+    assert seen == [min(19, before + 10)] and _nice() == before
+
+    def boom():
+        raise RuntimeError("preload failed")
+    with pytest.raises(RuntimeError, match="preload failed"):
+        warm.at_low_priority(boom)

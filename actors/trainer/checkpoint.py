@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 import torch
 
+from actors import warm
 from actors.trainer import tensorfile
 from orchestrator.storage import Storage, StorageError
 
@@ -340,6 +341,8 @@ class AsyncSaver:
         self.wait()
 
         def run():
+            # the step goes on meanwhile: the writer takes the cores the trainers leave idle
+            warm.lower_thread_priority()
             try:
                 res = fn()
                 if res:

@@ -370,7 +370,7 @@ class Worker:
                         self.world, spec.deepspeed.micro_batch_size, self.accum, self.world,
                         spec.deepspeed.global_batch_size, spec.deepspeed.zero_stage,
                         spec.deepspeed.precision)
-        t_last, n_last = time.monotonic(), 0
+        t_last, n_last, wait_last = time.monotonic(), 0, 0.0
         step = start
         fail_at = self.options.get("fail_at_step")
         # Pacing for demos and chaos tests: stretch each step as if the model were bigger.
@@ -391,10 +391,13 @@ class Worker:
             t_step = time.monotonic()
             for g in self.optimizer.param_groups:
                 g["lr"] = lr = learning_rate(spec, step, self.max_steps)
+            t_data = time.monotonic()
             micro_batches = self.loader.next_step()
-            # loss, sum(id), sum(id^2), checkpoint requested (rank 0's flag rides the same all-reduce)
-            # (on the engine's device: NCCL reduces GPU tensors only)
-            loss_sum = torch.zeros(4, dtype=torch.float64, device=self.device)
+            t_data = time.monotonic() - t_data  # input stall: waiting for this step's batches
+            # loss, sum(id), sum(id^2), checkpoint requested (rank 0's flag rides the same
+            # all-reduce), seconds waited for data (on the engine's device: NCCL reduces GPU tensors only)
+            loss_sum = torch.zeros(5, dtype=torch.float64, device=self.device)
+            loss_sum[4] = t_data
             for mb in micro_batches:
                 out = self.engine(model_input(mb["x"], self.device, self.compute_dtype))
                 loss = compute_loss(spec.loss, out, mb["y"].to(self.device, non_blocking=True))
@@ -420,9 +423,11 @@ class Worker:
             self.spares.renew_if_due()
             n_last += spec.deepspeed.global_batch_size
             g_loss = float(loss_sum[0]) / (self.accum * self.world)
+            data_wait = float(loss_sum[4]) / self.world  # mean over the ranks
+            wait_last += data_wait
             self.history.append({"step": step, "loss": g_loss, "world_size": self.world, "lr": lr,
                                  "ids_sum": int(loss_sum[1]), "ids_sqsum": int(loss_sum[2]),
-                                 "t": time.time()})
+                                 "data_wait_s": data_wait, "t": time.time()})
             metrics = {"step": step, "loss": g_loss, "world_size": self.world,
                        "epoch": self.loader.state_dict().get("epoch", 0)}
             if step % spec.checkpoint.interval_steps == 0 or step == self.max_steps or requested:
@@ -434,12 +439,13 @@ class Worker:
             if step % spec.log_interval == 0 or step == self.max_steps:
                 dt = time.monotonic() - t_last
                 metrics["samples_per_s"] = n_last / dt if dt > 0 else 0.0
+                metrics["input_stall"] = wait_last / dt if dt > 0 else 0.0  # share of the time
                 if self.rank == 0:
                     log.warning("[%s] step %d/%d loss %.4f %.0f samples/s workers %d",
                                 spec.name, step, self.max_steps, g_loss, metrics["samples_per_s"],
                                 self.world)
                 self.report(metrics)
-                t_last, n_last = time.monotonic(), 0
+                t_last, n_last, wait_last = time.monotonic(), 0, 0.0
             if fail_at is not None and step == fail_at and self.rank == self.world - 1 and \
                     not getattr(self, "resumed_from", None):
                 os._exit(1)  # test hook: a worker process dies mid-run

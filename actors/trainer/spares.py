@@ -35,19 +35,25 @@ def preload() -> None:
     """
     global PRELOADED_AT
     try:
-        from actors.trainer import loop
-        loop.import_deepspeed()
-        import ray.train.torch  # noqa: F401
-        import torch
-
-        import actors.data  # noqa: F401
-        p = torch.nn.Parameter(torch.zeros(2))
-        opt = torch.optim.AdamW([p])
-        p.grad = torch.ones(2)
-        opt.step()
-        if not torch.cuda.is_available():
-            from deepspeed.comm.torch import build_shm_op
-            build_shm_op()
+        # spares warm up while a group trains on the same cores: at a lower priority they take
+        # only what the trainers leave (the process itself keeps its priority for training)
+        warm.at_low_priority(_preload)
     except Exception as e:  # noqa: BLE001
         log.warning("trainer preload incomplete (%s: %s)", type(e).__name__, e)
     PRELOADED_AT = time.time()
+
+
+def _preload() -> None:
+    from actors.trainer import loop
+    loop.import_deepspeed()
+    import ray.train.torch  # noqa: F401
+    import torch
+
+    import actors.data  # noqa: F401
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([p])
+    p.grad = torch.ones(2)
+    opt.step()
+    if not torch.cuda.is_available():
+        from deepspeed.comm.torch import build_shm_op
+        build_shm_op()
