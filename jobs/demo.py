@@ -76,6 +76,9 @@ def start_ray(num_cpus: int | None):
             raise SystemExit("demo: port 52365 (Ray's dashboard agent, which the Jobs API needs) is "
                              "taken: another Ray instance is running. Stop it (`ray stop`) or point "
                              "the demo at it with RAY_ADDRESS=<head ip>:6379.") from None
+    from actors.serve.ingress import start_env
+    # the serve stage's ingress (auto): Serve reads it from the environment Ray starts with
+    os.environ.update(start_env("auto")[1])
     ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=True,
              dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=env)
     return ray

@@ -1,16 +1,19 @@
 """Serve a checkpoint over HTTP: ``python -m jobs.serve SPEC.yaml [--checkpoint URL] [--detach]``.
 
-Connects to Ray (``RAY_ADDRESS`` or a local instance), deploys the spec's checkpoint as a Ray Serve
-application (:mod:`actors.serve.deployment`), prints the endpoint URL and keeps the application
-running until interrupted (``--detach`` returns at once and leaves it running).
+Connects to Ray (``RAY_ADDRESS`` or a local instance; a Ray it starts itself gets the spec's
+``ingress``), deploys the spec's checkpoint as a Ray Serve application
+(:mod:`actors.serve.deployment`), prints the endpoint URL and which ingress serves it, and keeps
+the application running until interrupted (``--detach`` returns at once and leaves it running).
 
 Python callers (Tune, the pipeline) use :func:`deploy` and :func:`rollout`:
 
-* ``deploy(spec, checkpoint_url=None) -> endpoint URL`` (Serve's HTTP proxy)
-* ``replica_endpoints(spec) -> [URL, ...]``: with Serve's direct ingress enabled on the cluster
-  (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` in the environment of ``ray start``, or of this process
-  when it starts a local Ray), each replica also answers HTTP itself, without the proxy hop: the
-  faster path for a load balancer in front of the replicas (measured in ``bench.serve``)
+* ``deploy(spec, checkpoint_url=None) -> Endpoint``: the endpoint URL (a ``str``), with the
+  ingress that serves it (:mod:`actors.serve.ingress`). Where this process starts Ray, it starts
+  it with the spec's ``ingress`` (``auto``: Serve's HAProxy ingress where HAProxy runs, else
+  direct ingress); a running cluster keeps its own, and ``Endpoint.note`` says which and why
+* ``replica_endpoints(spec) -> [URL, ...]``: with Serve's direct ingress (and not HAProxy) on the
+  cluster, each replica also answers HTTP itself, without the proxy hop: for a load balancer of
+  your own in front of the replicas (measured in ``bench.serve``)
 * ``rollout(spec, new_checkpoint_url, canary=None) -> RolloutResult``: a rolling in-place update,
   or, with a :class:`~orchestrator.spec.Canary` config (or the spec's), a canary that is promoted or
   rolled back by :func:`actors.serve.canary.canary_decision`.
@@ -29,6 +32,7 @@ from typing import Any
 import ray
 from ray import serve
 
+from actors.serve import ingress
 from actors.serve.canary import ArmStats, Decision, canary_decision
 from actors.serve.checkpoint import CheckpointError, load_served_model
 from actors.serve.deployment import (STATS_NAMESPACE, CanaryStatsCollector, build_app,
@@ -49,9 +53,70 @@ class RolloutResult:
     canary: dict[str, Any] = field(default_factory=dict)
 
 
-def _connect() -> None:
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
+class Endpoint(str):
+    """An endpoint URL, and what serves it: ``ingress`` (``haproxy``, ``direct`` or ``proxy``) and
+    ``note``, one line saying so (and, where it is not HAProxy under ``ingress: auto``, why, and how
+    to get it)."""
+    ingress: ingress.Running
+    note: str
+
+    def __new__(cls, url: str, running: ingress.Running, note: str) -> Endpoint:
+        self = super().__new__(cls, url)
+        self.ingress, self.note = running, note
+        return self
+
+    def __getnewargs__(self) -> tuple[str, str, str]:  # pickles (to a Ray task) as what it is
+        return str(self), self.ingress, self.note
+
+
+@dataclass
+class _Start:
+    """How :func:`connect` reached Ray: ``ingress`` is what it started Ray with (None: it joined a
+    running Ray) and ``why`` says why that is not HAProxy under ``ingress: auto``."""
+    ingress: ingress.Running | None = None
+    why: str = ""
+
+
+def connect(spec: ServeSpec) -> _Start:
+    """Join Ray (already connected, ``RAY_ADDRESS``, or a local cluster started with ``ray start``),
+    else start a local Ray with the spec's ``ingress``. Raises SpecError naming ``ingress`` when
+    it is ``haproxy`` and this process would start Ray without a HAProxy binary that runs."""
+    address = os.environ.get("RAY_ADDRESS") or None
+    if ray.is_initialized() or address not in (None, "local"):
+        if not ray.is_initialized():
+            ray.init(address=address)
+        return _Start()
+    try:
+        running, env, why = ingress.start_env(spec.ingress)
+    except FileNotFoundError as e:
+        raise SpecError([("ingress", f"haproxy: {e}; use ingress: auto to fall back to direct ingress "
+                                     "without it")]) from None
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # Ray's processes inherit it: Serve reads its ingress there
+    try:
+        ray.init(address=address)  # without an address, a `ray start` cluster here is joined
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return _Start(running, why)
+
+
+def _ingress_note(spec: ServeSpec, start: _Start, running: ingress.Running) -> str:
+    """One line: what serves the port and, when that is not what the spec asked for, why."""
+    what = ingress.SERVED_BY[running]
+    if running == spec.ingress or (spec.ingress == "auto" and running == "haproxy"):
+        return what
+    if start.ingress == running:  # this process started Ray, without a HAProxy that runs
+        return f"{what}; fell back from HAProxy because {start.why}"
+    fast = f". For the fast path, start Ray with {ingress.FAST_ENV}" if running != "haproxy" else ""
+    if spec.ingress == "auto":
+        return (f"{what}; fell back from HAProxy because the running Ray cluster this joined was "
+                f"started without RAY_SERVE_ENABLE_HA_PROXY=1{fast}")
+    return (f"{what}; not {spec.ingress}, because the running Ray cluster this joined keeps the "
+            f"ingress it was started with (ingress: {spec.ingress} applies where jobs.serve starts Ray){fast}")
 
 
 def _key_digest(spec: ServeSpec) -> str | None:
@@ -75,33 +140,40 @@ def _apply(spec: ServeSpec, config: dict[str, Any]) -> None:
     serve.run(build_app(spec, config), name=spec.name, route_prefix=spec.route_prefix, blocking=False)
 
 
-def deploy(spec: ServeSpec, checkpoint_url: str | None = None, *, host: str = "127.0.0.1") -> str:
-    """Deploy ``checkpoint_url`` (default: the spec's) and return the endpoint URL.
+def deploy(spec: ServeSpec, checkpoint_url: str | None = None, *, host: str = "127.0.0.1") -> Endpoint:
+    """Deploy ``checkpoint_url`` (default: the spec's) and return the endpoint.
 
-    Starts Serve's HTTP proxy on ``host:spec.http_port`` if Serve is not running yet (a running
-    Serve keeps its address). Raises CheckpointError for an unusable checkpoint and SpecError when
-    ``api_key_env`` names an unset variable, before anything is deployed.
+    Starts Ray with the spec's ``ingress`` if it is not running (see :func:`connect`), and Serve
+    on ``host:spec.http_port`` if Serve is not running yet (a running Serve keeps its address and
+    ingress). Raises CheckpointError for an unusable checkpoint, and SpecError when
+    ``api_key_env`` names an unset variable or ``ingress: haproxy`` cannot be had, before
+    anything is deployed.
     """
-    _connect()
     url = checkpoint_url or spec.checkpoint_url
-    config = user_config(spec, _checked(spec, url, spec.model), api_key_sha256=_key_digest(spec))
+    digest = _key_digest(spec)
+    checked = _checked(spec, url, spec.model)
+    start = connect(spec)
     serve.start(http_options={"host": host, "port": spec.http_port})
-    _apply(spec, config)
-    return f"http://{host}:{spec.http_port}{spec.route_prefix}"
+    if spec.ingress == "haproxy" and not ingress.runs_haproxy():
+        raise SpecError([("ingress", "haproxy: the running Ray cluster was started without "
+                                     f"RAY_SERVE_ENABLE_HA_PROXY=1; start it with {ingress.FAST_ENV}, "
+                                     "or use ingress: auto to fall back to what it runs")])
+    _apply(spec, user_config(spec, checked, api_key_sha256=digest))
+    running = ingress.running_ingress(spec.name)
+    return Endpoint(f"http://{host}:{spec.http_port}{spec.route_prefix}", running,
+                    _ingress_note(spec, start, running))
 
 
 def replica_endpoints(app: ServeSpec | str, timeout_s: float = 30.0) -> list[str]:
     """URLs at which the replicas of a spec's (or a named) application answer HTTP directly
-    (Serve's direct ingress), one per running replica; empty without direct ingress."""
-    from ray.serve.context import _get_global_client
+    (Serve's direct ingress), one per running replica; empty without direct ingress, and behind
+    HAProxy (its port, the endpoint, is then the way in)."""
     name = app if isinstance(app, str) else app.name
-    client = _get_global_client()
-    bind = client.http_config.host
+    bind = ingress.http_host()
     deadline = time.monotonic() + timeout_s
     while True:
-        groups = ray.get(client._controller.get_target_groups.remote(app_name=name))
-        # without direct ingress there is only the proxy's catch-all group (no app name)
-        mine = [g for g in groups if g.app_name == name and g.protocol == "HTTP"]
+        # without direct ingress (or behind HAProxy) there is only Serve's front door (no app name)
+        mine = [g for g in ingress.target_groups(name) if g.app_name == name]
         urls = [f"http://{t.ip if bind in ('0.0.0.0', '::') else bind}:{t.port}{g.route_prefix}"
                 for g in mine for t in g.targets if t.name.startswith("SERVE_REPLICA::")]
         if urls or not mine or time.monotonic() > deadline:
@@ -126,7 +198,7 @@ def rollout(spec: ServeSpec, new_checkpoint_url: str, canary: Canary | bool | No
     to the candidate until both arms have ``min_requests`` requests, then the gate promotes or
     rolls back; a canary that does not get enough traffic within ``timeout_s`` is rolled back.
     """
-    _connect()
+    connect(spec)
     cfg = spec.canary if canary is None else (canary or None)
     digest = _key_digest(spec)
     now = served(spec)
@@ -195,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     print(f"serving {args.checkpoint or spec.checkpoint_url} at {endpoint}", flush=True)
+    print(f"  ingress: {endpoint.note}", flush=True)
     for url in replica_endpoints(spec):
         print(f"  replica (direct ingress): {url}", flush=True)
     if args.detach:

@@ -457,6 +457,12 @@ class ServeSpec(_JobBase):
     access_log: bool = Field(False, description="Serve's per-request access log line in the replica log")
     graph_mode: Literal["auto", "torchscript", "eager"] = Field(
         "auto", description="run the model as a traced TorchScript graph (auto: when it checks out)")
+    ingress: Literal["auto", "haproxy", "direct", "proxy"] = Field(
+        "auto", description="how requests reach the replicas when jobs.serve starts Ray: haproxy "
+        "(Serve's HAProxy ingress on http_port; an error where it cannot be had), direct (Serve's "
+        "proxy on http_port, and each replica on its own port), proxy (Serve's proxy only), auto "
+        "(haproxy where its binary runs, else direct). A running cluster keeps the ingress it was "
+        "started with; only haproxy refuses one without it")
     canary: Canary | None = None
 
     _check_url = field_validator("checkpoint_url")(classmethod(lambda cls, v: _url(v)))

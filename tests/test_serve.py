@@ -321,64 +321,111 @@ def test_without_direct_ingress_there_are_no_replica_endpoints(app):
     assert replica_endpoints(app[0]) == []
 
 
+def test_on_a_running_ray_without_haproxy_the_endpoint_falls_back_to_the_proxy_and_says_why(app):
+    """The session's Ray was started without Serve's ingress flags: ``ingress: auto`` cannot change
+    that, so the port is Serve's proxy, and the endpoint says so, why, and how to get HAProxy."""
+    from actors.serve.ingress import FAST_ENV
+    spec, url, _ = app
+    assert spec.ingress == "auto" and url.ingress == "proxy"
+    assert url.note.startswith("Serve's HTTP proxy; fell back from HAProxy because the running Ray "
+                               "cluster this joined was started without RAY_SERVE_ENABLE_HA_PROXY=1")
+    assert FAST_ENV in url.note
+
+
+def test_ingress_haproxy_that_cannot_be_had_is_refused_naming_the_field_before_deploying(
+        app, checkpoints, tmp_path, monkeypatch, capsys):
+    import ray
+    import yaml
+    from ray import serve
+    from jobs.serve import deploy, main
+    from orchestrator.spec import SpecError
+    spec = _spec(app[0].http_port, name="serve-haproxy", route="/haproxy", ingress="haproxy")
+    ckpt = next(iter(checkpoints[0]))
+    with pytest.raises(SpecError) as e:  # the running Ray has no HAProxy ingress
+        deploy(spec, ckpt)
+    assert [f for f, _ in e.value.errors] == ["ingress"] and "RAY_SERVE_ENABLE_HA_PROXY=1" in str(e.value)
+    assert "serve-haproxy" not in serve.status().applications
+    # where jobs.serve would start Ray itself, a HAProxy binary that does not run stops it first
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "no-haproxy"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started for a refused spec"))
+    assert main([str(path), "--checkpoint", ckpt]) == 2
+    assert "  ingress: haproxy: RAY_SERVE_HAPROXY_BINARY_PATH=" in capsys.readouterr().err
+
+
 _INGRESS_SCRIPT = """
 import json, os, sys
-os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
-if sys.argv[3] == "haproxy":
-    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
-import numpy as np, psutil, ray, requests, torch
-ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-         runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
+import numpy as np, psutil, requests, torch
 from actors.serve.checkpoint import load_served_model
-from jobs.serve import deploy, replica_endpoints
-from orchestrator.spec import parse_spec
-spec = parse_spec({"kind": "serve", "name": "direct", "checkpoint_url": sys.argv[1],
-                   "model": {"factory": "jobs.examples.models:mlp", "kwargs": {"in_dim": 32}},
-                   "input_shape": [32], "http_port": int(sys.argv[2]), "api_key_env": "DIRECT_KEY",
-                   "replicas": {"min_replicas": 1, "max_replicas": 1, "cpus_per_replica": 0.5}})
-proxy = deploy(spec)
+from jobs.serve import main, replica_endpoints
+from orchestrator.spec import load_spec
+spec = load_spec(sys.argv[1])
+assert main([sys.argv[1], "--detach"]) == 0  # as a user runs it: jobs.serve starts Ray itself
+endpoint = f"http://127.0.0.1:{spec.http_port}{spec.route_prefix}"
 direct = replica_endpoints(spec)
-front = direct[0] if direct else proxy  # with HAProxy, Serve's port is HAProxy itself
 x = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
 key = {"x-api-key": os.environ["DIRECT_KEY"]}
-out = {"direct": direct, "proxy": requests.post(proxy, json={"inputs": x.tolist()}, headers=key).json()["outputs"]}
-r = requests.post(front, json={"inputs": x.tolist()}, headers=key)
-out["front_status"], out["front_outputs"] = r.status_code, r.json()["outputs"]
+out = {"direct": direct}
+for name, url in [("endpoint", endpoint)] + [("replica", u) for u in direct]:
+    r = requests.post(url, json={"inputs": x.tolist()}, headers=key)
+    out[name] = [r.status_code, r.json()["outputs"],
+                 requests.post(url, json={"inputs": x.tolist()}).status_code,
+                 requests.post(url, json={"inputs": [[1.0, 2.0]]}, headers=key).status_code]
 with torch.inference_mode():
-    out["model"] = load_served_model(sys.argv[1])(torch.from_numpy(x)).tolist()
-out["no_key"] = requests.post(front, json={"inputs": x.tolist()}).status_code
-out["bad_shape"] = requests.post(front, json={"inputs": [[1.0, 2.0]]}, headers=key).status_code
-out["after"] = requests.post(front, json={"inputs": x.tolist()}, headers=key).status_code
-out["haproxy_running"] = any(p.info["name"] == "haproxy" for p in psutil.process_iter(["name"]))
-print(json.dumps(out))
+    out["model"] = load_served_model(spec.checkpoint_url)(torch.from_numpy(x)).tolist()
+out["haproxy_listens"] = any(c.status == psutil.CONN_LISTEN and c.laddr.port == spec.http_port
+                             for p in psutil.process_iter(["name"]) if p.info["name"] == "haproxy"
+                             for c in p.net_connections("tcp"))
+print("RESULT " + json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("ingress", ["direct", "haproxy"])
-def test_direct_ingress_replicas_answer_like_the_proxy_with_the_same_checks(tmp_path, ingress):
-    """With Serve's direct ingress on, each replica's own HTTP port serves the same predictions,
-    API key check and 4xx validation as the proxy path. With Serve's HAProxy ingress
-    (``RAY_SERVE_ENABLE_HA_PROXY=1``), Serve's port is HAProxy forwarding to those replica ports,
-    and the same holds there."""
+@pytest.mark.parametrize("haproxy", ["runs", "missing"])
+def test_jobs_serve_starting_ray_serves_the_port_through_haproxy_else_direct_ingress(tmp_path, haproxy):
+    """``python -m jobs.serve`` with the default ``ingress: auto``, where it starts Ray itself:
+    Serve's port is HAProxy, forwarding to the replica's own port; where HAProxy does not run, it
+    falls back to direct ingress (Serve's proxy on the port, each replica on its own) and says so.
+    Either way the port (and the replica port) give the model's answers, the API key check and
+    the 4xx validation."""
     import os
     import subprocess
     import sys
+
+    import yaml
     ckpt = str(tmp_path / "ckpt")
     save_served_model(mlp(in_dim=32), ckpt, "jobs.examples.models:mlp", {"in_dim": 32})
+    spec = {"kind": "serve", "name": "ingress", "checkpoint_url": ckpt,
+            "model": {"factory": "jobs.examples.models:mlp", "kwargs": {"in_dim": 32}},
+            "input_shape": [32], "http_port": free_port(), "api_key_env": "DIRECT_KEY",
+            "replicas": {"min_replicas": 1, "max_replicas": 1, "cpus_per_replica": 0.5}}
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(spec))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root, DIRECT_KEY="s3cret", RAY_ADDRESS="")
-    proc = subprocess.run([sys.executable, "-c", _INGRESS_SCRIPT, ckpt, str(free_port()), ingress], env=env,
+    # RAY_ADDRESS=local: a new local Ray, as with no address where no `ray start` cluster runs
+    env = dict(os.environ, PYTHONPATH=root, DIRECT_KEY="s3cret", RAY_ADDRESS="local")
+    if haproxy == "missing":
+        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(tmp_path / "no-haproxy")
+    proc = subprocess.run([sys.executable, "-c", _INGRESS_SCRIPT, str(tmp_path / "serve.yaml")], env=env,
                           capture_output=True, text=True, timeout=300, cwd=root)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    if ingress == "direct":
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    lines = proc.stdout.splitlines()
+    out = json.loads(next(ln for ln in lines if ln.startswith("RESULT "))[len("RESULT "):])
+    said = next(ln for ln in lines if ln.startswith("  ingress: "))
+    if haproxy == "runs":  # Serve lists only its front door, HAProxy, which holds the port
+        assert said == ("  ingress: HAProxy (Serve's HAProxy ingress), forwarding each request straight "
+                        "to a replica's own port")
+        assert out["direct"] == [] and out["haproxy_listens"]
+    else:
+        assert said.startswith("  ingress: Serve's HTTP proxy; each replica also answers on its own port "
+                               "(direct ingress); fell back from HAProxy because RAY_SERVE_HAPROXY_BINARY_PATH=")
         assert len(out["direct"]) == 1 and out["direct"][0].startswith("http://127.0.0.1:")
-    else:  # Serve lists only its front door, HAProxy, which runs
-        assert out["direct"] == [] and out["haproxy_running"]
-    assert out["front_status"] == 200
-    np.testing.assert_allclose(out["front_outputs"], out["model"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(out["proxy"], out["model"], rtol=1e-5, atol=1e-6)
-    assert (out["no_key"], out["bad_shape"], out["after"]) == (401, 400, 200)
+        assert not out["haproxy_listens"]
+    for name in ["endpoint"] + (["replica"] if out["direct"] else []):
+        status, outputs, no_key, bad_shape = out[name]
+        assert (status, no_key, bad_shape) == (200, 401, 400), name
+        np.testing.assert_allclose(outputs, out["model"], rtol=1e-5, atol=1e-6)
 
 
 def test_concurrent_requests_are_batched(app):

@@ -175,6 +175,18 @@ def test_serve_spec_bounds():
     assert {"replicas.min_replicas", "input_shape", "graph_mode", "access_log"} <= fields
 
 
+def test_serve_spec_ingress_defaults_to_auto_and_names_the_field_for_an_unknown_one():
+    base = {"kind": "serve", "name": "s", "checkpoint_url": "memory://c",
+            "model": {"factory": "jobs.examples.models:mlp"}, "input_shape": [32]}
+    assert S.parse_spec(base).ingress == "auto"
+    for choice in ("haproxy", "direct", "proxy"):
+        assert S.parse_spec(dict(base, ingress=choice)).ingress == choice
+    with pytest.raises(S.SpecError) as exc:
+        S.parse_spec(dict(base, ingress="nginx"))
+    assert [f for f, _ in exc.value.errors] == ["ingress"]
+    assert "'auto', 'haproxy', 'direct' or 'proxy'" in exc.value.errors[0][1]
+
+
 def test_pipeline_rejects_cycles_and_unknown_dependencies():
     stage = lambda n, deps: {"name": n, "depends_on": deps, "spec": copy.deepcopy(TRAIN)}  # noqa: E731
     cyc = {"kind": "pipeline", "name": "p", "stages": [stage("a", ["b"]), stage("b", ["a"])]}

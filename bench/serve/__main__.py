@@ -15,6 +15,10 @@
 * ``haproxy``: Serve's HAProxy ingress (``RAY_SERVE_ENABLE_HA_PROXY=1``): Serve's HTTP port is
   HAProxy, which forwards to the replica ports (``deployment_haproxy``)
 * ``proxy``: Serve's HTTP proxy only (``deployment``)
+* ``default``: what ``python -m jobs.serve`` gives a user by default: Ray started the way
+  ``jobs.serve`` starts it for the spec's default ``ingress: auto`` (``deployment_default``; the
+  report says which ingress that was: HAProxy where its binary runs, else direct ingress, which
+  adds ``deployment_direct``)
 
 The load is ``--concurrency`` closed-loop HTTP/1.1 keep-alive clients, each posting one request
 (``--examples`` examples) and waiting for the reply, for ``--duration`` seconds per target after a
@@ -211,9 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (and CPUs) per replica")
     p.add_argument("--graph-mode", default="auto", choices=["auto", "torchscript", "eager"],
                    help="our deployment's graph_mode (actors/serve/graph.py)")
-    p.add_argument("--ingress", default="direct", choices=["direct", "haproxy", "proxy"],
+    p.add_argument("--ingress", default="direct", choices=["direct", "haproxy", "proxy", "default"],
                    help="direct: Serve's proxy and the replica ports; haproxy: Serve's HAProxy "
-                        "ingress; proxy: Serve's proxy only")
+                        "ingress; proxy: Serve's proxy only; default: what `python -m jobs.serve` "
+                        "gives by default")
     p.add_argument("--only", default="limit,deployment,plain,serve_noop",
                    help="comma-separated targets to run (ratios need the targets they compare)")
     p.add_argument("--out", help="write the JSON report here too")
@@ -228,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     from actors.serve.checkpoint import load_served_model, save_served_model
     from actors.serve.deployment import REPLICA_ENV, json_response
     from jobs.examples.models import mlp
-    from jobs.serve import deploy, replica_endpoints
+    from jobs.serve import connect, deploy, replica_endpoints
     from orchestrator.spec import parse_spec
 
     kwargs = {"in_dim": args.in_dim, "hidden": args.hidden, "depth": args.depth, "num_classes": 16}
@@ -255,12 +260,25 @@ def main(argv: list[str] | None = None) -> int:
             k: v["requests_per_s"] for k, v in runs.items()}}
         print("limit", report["results"]["limit"], file=sys.stderr, flush=True)
 
+    with socket.socket() as sock:  # a free loopback port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    spec = parse_spec({
+        "kind": "serve", "name": "bench-deployment", "checkpoint_url": ckpt,
+        "model": {"factory": "jobs.examples.models:mlp", "kwargs": kwargs},
+        "input_shape": [args.in_dim], "http_port": port, "route_prefix": "/deployment",
+        "replicas": {"min_replicas": 1, "max_replicas": 1, "cpus_per_replica": args.threads},
+        "batching": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s},
+        "graph_mode": args.graph_mode})
     if args.ingress in ("direct", "haproxy"):  # replicas answer HTTP themselves
         os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     if args.ingress == "haproxy":  # ... behind HAProxy on Serve's port instead of Serve's proxy
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
-    front = "_haproxy" if args.ingress == "haproxy" else ""
-    ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    front = {"haproxy": "_haproxy", "default": "_default"}.get(args.ingress, "")
+    if args.ingress == "default":  # Ray as jobs.serve starts it for this spec (ingress: auto)
+        connect(spec)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
     import orjson
     from starlette.requests import Request
 
@@ -289,16 +307,6 @@ def main(argv: list[str] | None = None) -> int:
             n = len(orjson.loads(await request.body())["inputs"])
             return json_response({"outputs": np.zeros((n, 16), np.float32)})
 
-    with socket.socket() as sock:  # a free loopback port
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    spec = parse_spec({
-        "kind": "serve", "name": "bench-deployment", "checkpoint_url": ckpt,
-        "model": {"factory": "jobs.examples.models:mlp", "kwargs": kwargs},
-        "input_shape": [args.in_dim], "http_port": port, "route_prefix": "/deployment",
-        "replicas": {"min_replicas": 1, "max_replicas": 1, "cpus_per_replica": args.threads},
-        "batching": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s},
-        "graph_mode": args.graph_mode})
     apps = {"deployment": spec.name, "plain": "bench-plain", "serve_noop": "bench-noop"}
     try:
         previous = None
@@ -310,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             previous = name
             if name == "deployment":
                 url = deploy(spec)
+                report["ingress"] = {"ingress": url.ingress, "note": url.note}
+                print("ingress:", url.note, file=sys.stderr, flush=True)
             elif name == "plain":
                 serve.run(Plain.bind(ckpt, args.threads), name=apps[name], route_prefix="/plain")
                 url = f"http://127.0.0.1:{port}/plain"
@@ -331,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     rps = {k: v["requests_per_s"] for k, v in report["results"].items()}
     report["ratios"] = {}
-    for path in ("", "_direct", "_haproxy"):  # each Serve path against the limit, ours against plain
+    for path in ("", "_direct", "_haproxy", "_default"):  # each Serve path against the limit, ours against plain
         for a, b in (("deployment", "limit"), ("deployment", "plain"), ("deployment", "serve_noop"),
                      ("serve_noop", "limit")):
             a_key, b_key = a + path, b if b == "limit" else b + path
