@@ -283,18 +283,21 @@ class Storage:
         if self.scheme != "file":
             return
         base = self._p(rel)
+        files, dirs = [], []
         for dirpath, _, names in os.walk(base):
-            for n in names:
-                fd = os.open(os.path.join(dirpath, n), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            fd = os.open(dirpath, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            files += [os.path.join(dirpath, n) for n in names]
+            dirs.append(dirpath)
+        # all at once: the filesystem commits concurrent fsyncs together (one journal commit for
+        # the lot, not one per small file), then the directory entries, deepest first
+        if len(files) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
+                list(pool.map(_fsync_path, files))
+        else:
+            for f in files:
+                _fsync_path(f)
+        for d in reversed(dirs):
+            _fsync_path(d)
 
     def write_from_file(self, rel: str, local_path: str) -> None:
         """Upload a local file atomically (streaming; no full copy in memory for object stores)."""
@@ -358,3 +361,11 @@ def sha256_file(fobj: io.BufferedIOBase, chunk: int = 1 << 22) -> str:
         if not b:
             return h.hexdigest()
         h.update(b)
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
