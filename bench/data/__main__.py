@@ -155,7 +155,8 @@ def main(argv=None) -> int:
                    "--rows-per-shard", str(a.rows_per_shard), "--s3-url", "s3://bench/ours",
                    "--endpoint-url", endpoint, "--epochs", str(a.epochs), "--out", out]
             print(f"running {c} (pass {rep + 1}/{a.repeats}) ...", flush=True)
-            env = dict(os.environ, PYTHONPATH=ROOT, RAY_USAGE_STATS_ENABLED="0")
+            # RAY_ADDRESS=local: each contender starts its own Ray, never joining one another left
+            env = dict(os.environ, PYTHONPATH=ROOT, RAY_USAGE_STATS_ENABLED="0", RAY_ADDRESS="local")
             r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             if r.returncode != 0:
                 print(f"  {c} failed:\n{r.stderr[-2000:]}")

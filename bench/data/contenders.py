@@ -44,6 +44,9 @@ def _raw_batches(m, st, batch: int):
             yield {k: torch.from_numpy(v[lo:lo + batch]) for k, v in cols.items()}
 
 
+_CLEANUP: list = []  # run when the contender is done
+
+
 def _reference_take(url: str, batch: int, threads: int, seed: int):
     """The reference for a global shuffle: every column copied into anonymous memory first, then
     each epoch's random permutation gathered ``batch`` rows at a time with ``numpy.take`` into
@@ -111,8 +114,8 @@ def _ours(url: str, storage_options, batch: int, mode: str, workdir: str, seed: 
         node = cluster.add_node(num_cpus=1).node_id
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False, runtime_env=env)
-        import atexit  # shutting the cluster down also forgets its address (a later ray.init starts its own)
-        atexit.register(cluster.shutdown)
+        # shutting the cluster down also forgets its address, so a later ray.init starts its own
+        _CLEANUP.extend([cluster.shutdown, ray.shutdown])
     cache = os.path.join(workdir, "cache", str(os.getpid()))
     dl = DataLoader(url, global_batch_size=batch, micro_batch_size=batch, rank=0, world_size=1,
                     shuffle={"mode": mode, "seed": seed, "window": 16384}, storage_options=storage_options,
@@ -283,7 +286,11 @@ def main(argv=None) -> int:
     if a.name not in makers:
         print(f"unknown contender {a.name!r}; one of {sorted(makers)}", file=sys.stderr)
         return 2
-    result = {"name": a.name, **measure(makers[a.name](), a.rows_per_shard, a.batch, a.epochs)}
+    try:
+        result = {"name": a.name, **measure(makers[a.name](), a.rows_per_shard, a.batch, a.epochs)}
+    finally:
+        for fn in reversed(_CLEANUP):
+            fn()
     with open(a.out, "w") as f:
         json.dump(result, f)
     return 0
