@@ -106,7 +106,8 @@ class CheckpointStore:
         self.best_metric = best_metric
         self.best_mode = best_mode
         self.background_durability = background_durability
-        self._durability = AsyncSaver()  # one fsync + retention in flight at a time, errors kept
+        self._durability = AsyncSaver()  # one fsync in flight at a time, errors kept
+        self._retention = AsyncSaver()   # deletes older checkpoints once the new one is on disk
 
     # ------------------------------------------------------------------ writing
     def write_shard(self, req: SaveRequest) -> None:
@@ -182,11 +183,16 @@ class CheckpointStore:
     def _make_durable(self, d: str) -> None:
         """fsync the committed step, then (only then) let retention delete older ones."""
         self.storage.sync(d)
-        self.apply_retention()
+        self._retention.submit(self.apply_retention)
+
+    def wait_synced(self) -> None:
+        """Block until the last commit is on disk (retention may still be running)."""
+        self._durability.wait()
 
     def wait_durable(self) -> None:
         """Block until the last commit is on disk and retention has run; re-raise its failure."""
         self._durability.wait()
+        self._retention.wait()
 
     # ------------------------------------------------------------------ reading
     def steps(self) -> list[int]:

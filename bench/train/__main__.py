@@ -564,7 +564,7 @@ def _finish(a, report: dict) -> None:
     for k, v in verdict.items():
         print(f"target {k}: {v['ratio']:.2f}x {v['target']}: {'met' if v['met'] else 'NOT met'}")
     print(f"ours per save: {sv['median_s']['ours']:.3f} s median until committed, "
-          f"{sv['median_s']['ours+durable']:.3f} s until fsynced; xxh3-128 of the largest shard "
+          f"{sv['median_s']['ours+durable']:.3f} s until fsynced (then retention {sv.get('retention_s', 0):.3f} s); xxh3-128 of the largest shard "
           f"{sv['checksum_s']:.3f} s (sha256 would take {sv['sha256_s']:.3f} s); ZeRO gather before it, "
           f"not in the figure: {sv['gather_s']:.2f} s")
     print("recovery: " + "; ".join(f"killed after commit {k['after_commit_step']}, resumed from "

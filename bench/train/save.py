@@ -10,7 +10,9 @@ then times, interleaved over ``reps`` rounds:
                     shards streamed from the tensors' memory with an xxh3-128 checksum on the same
                     pass, atomic renames, done records, manifest): the time until the checkpoint is
                     committed and loadable; its fsync + retention then run in the background;
-* ``ours+durable``  the same until that fsync + retention has finished too (``wait_durable``);
+* ``ours+durable``  the same until that fsync has finished too (``wait_synced``; retention, which
+                    deletes older checkpoints only then, follows in the background and is
+                    timed on its own: ``retention_s``);
 * ``fsspec``        ``fsspec.open(url, "wb").write(...)`` of exactly the bytes ``ours`` left on
                     storage (the same files, already serialized): the issue's baseline;
 * ``fsspec+fsync``  the same, plus flush + ``os.fsync`` per file (local URLs only): the durability
@@ -85,6 +87,7 @@ def main() -> None:
     if not local:
         del times["fsspec+fsync"]
     files: dict[str, bytes] = {}
+    retention_s: list[float] = []
 
     def write_plain(sub: str, rep: int, sync: bool) -> None:
         for name, data in files.items():
@@ -101,8 +104,11 @@ def main() -> None:
                                       state=dict(state, step=step), metrics={"loss": 1.0}))
         store.commit(step, 1, {"loss": 1.0})
         times["ours"].append(time.perf_counter() - t)
-        store.wait_durable()  # nothing of ours runs while the baselines are timed
+        store.wait_synced()
         times["ours+durable"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        store.wait_durable()  # nothing of ours runs while the baselines are timed
+        retention_s.append(time.perf_counter() - t)
         if not files:  # the bytes ours left on storage, read back once
             d = step_dir(step)
             files = {n: store.storage.read_bytes(f"{d}/{n}") for n in store.storage.list(d)}
@@ -144,7 +150,8 @@ def main() -> None:
               "median_s": {k: statistics.median(v) for k, v in times.items()},
               "bytes_per_s": {k: sizes[k] / statistics.median(v) for k, v in times.items()},
               "torch_save_bytes": torch_save_bytes,
-              "checksum_s": checksum_s, "sha256_s": sha256_s, "checksum_bytes": len(blob)}
+              "checksum_s": checksum_s, "sha256_s": sha256_s, "checksum_bytes": len(blob),
+              "retention_s": statistics.median(retention_s)}
     with open(cfg["out"], "w") as f:
         json.dump(report, f, indent=1)
 
