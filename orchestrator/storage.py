@@ -12,6 +12,7 @@ logged: :func:`redact` is the only way options are ever rendered.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
@@ -149,11 +150,18 @@ class Storage:
         return bool(self.fs.exists(self._p(rel)))
 
     def read_bytes(self, rel: str) -> bytes:
-        try:
-            with self.fs.open(self._p(rel), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            raise StorageError(f"not found: {self.url(rel)}") from None
+        """The whole object. On an object store a writer may replace it between the open (which
+        pins its version) and the read: then the new version is read (a few tries)."""
+        for attempt in range(3):
+            try:
+                with self.fs.open(self._p(rel), "rb") as f:
+                    return f.read()
+            except FileNotFoundError:
+                raise StorageError(f"not found: {self.url(rel)}") from None
+            except OSError as e:
+                if not _replaced_while_read(e) or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
@@ -369,3 +377,8 @@ def _fsync_path(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _replaced_while_read(e: OSError) -> bool:
+    """s3fs's FileExpired (errno EBUSY): the object changed under an open reader."""
+    return e.errno == errno.EBUSY or type(e).__name__ == "FileExpired"

@@ -138,3 +138,21 @@ def test_storage_pickles_for_ray_workers(tmp_path):
     st2 = pickle.loads(pickle.dumps(st))
     st.write_text("a", "1")
     assert st2.read_text("a") == "1"
+
+
+def test_an_object_replaced_while_it_is_read_is_read_again(tmp_path, monkeypatch):
+    """s3fs pins an object's version when it opens it; a writer replacing it before the read
+    makes the read fail with FileExpired (EBUSY). The new version is read instead."""
+    import errno
+
+    st = Storage(str(tmp_path))
+    st.write_text("rec.json", '{"v": 2}')
+    real_open, calls = st.fs.open, []
+
+    def flaky_open(path, mode="rb", **kw):
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(errno.EBUSY, "the remote file no longer exists")
+        return real_open(path, mode, **kw)
+    monkeypatch.setattr(st.fs, "open", flaky_open)
+    assert st.read_text("rec.json") == '{"v": 2}' and len(calls) == 2
