@@ -427,9 +427,8 @@ class DataLoader:
         self._fill()
         c, ref, j = self._inflight.popleft()
         rows = self._transport.result(ref)
-        per = self.global_batch_size // self.world_size
-        if len(next(iter(rows.values()))) != per:  # a chunk of steps: this step's rows
-            rows = {k: v[j * per:(j + 1) * per] for k, v in rows.items()}
+        per = self.global_batch_size // self.world_size  # step j of its chunk (views, no copy)
+        rows = {k: v[j * per:(j + 1) * per] for k, v in rows.items()}
         self._cursor = plan.advance(c, self.num_samples, self.global_batch_size, self.tail)
         step = self._step_index(self._cursor)
         self._transport.after_step(step)

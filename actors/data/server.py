@@ -14,6 +14,7 @@ Requests name everything they need, so a restarted actor (``max_restarts=-1``,
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import threading
@@ -127,6 +128,7 @@ class ShardServer:
         self._buffers = BufferPool(8)
         self._serving: dict[int, int] = {}  # batch calls in progress: id -> first step they read
         self._serving_lock = threading.Lock()
+        self._calls = itertools.count()
         self._prefetch: _Prefetcher | None = None
         self._schedule: plan.ShardSchedule | None = None
         self._geometry: tuple | None = None
@@ -192,23 +194,20 @@ class ShardServer:
         ``first`` to ``step``, the request's clock, so shards the rank is done with are let go.
         Two calls run at once (the gathers release the GIL)."""
         with self._serving_lock:
-            key = object()
-            self._serving[id(key)] = first if first is not None else step if step is not None else 0
+            key = next(self._calls)
+            self._serving[key] = first if first is not None else step if step is not None else 0
         try:
             # arrays from the pool: Ray copies the return value into the object store, then lets go
             rows = self.store.gather(np.asarray(ids, dtype=np.int64), self._buffers)
         finally:
             with self._serving_lock:  # a call registers (then maps what it reads) before or after this
-                del self._serving[id(key)]
+                del self._serving[key]
                 if step is not None and self._schedule is not None and self.store.remote:
                     # what a call still gathering reads stays mapped: keep from its first step on
                     since = min([step + 1, *self._serving.values()])
                     keep = set(self._schedule.needed(since, step + 1 + self._keep).tolist())
                     self.store.release([s for s in list(self.store.readers) if s not in keep])
         return rows
-
-    def gather(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        return self.store.gather(np.asarray(ids, dtype=np.int64))
 
 
 def _peak_rss_kb() -> int:

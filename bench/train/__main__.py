@@ -562,7 +562,8 @@ def _finish(a, report: dict) -> None:
         rs = "-" if r is None else f"{r:.2f}x"
         print(f"{label:26}{ours:>16}  {base:<30}{rs:>8}  {tgt}")
     for k, v in verdict.items():
-        print(f"target {k}: {v['ratio']:.2f}x {v['target']}: {'met' if v['met'] else 'NOT met'}")
+        fig = f"{v['ratio']:.2%}" if k == "input_stall_share" else f"{v['ratio']:.2f}x"
+        print(f"target {k}: {fig} {v['target']}: {'met' if v['met'] else 'NOT met'}")
     print(f"ours per save: {sv['median_s']['ours']:.3f} s median until committed, "
           f"{sv['median_s']['ours+durable']:.3f} s until fsynced (then retention {sv.get('retention_s', 0):.3f} s); xxh3-128 of the largest shard "
           f"{sv['checksum_s']:.3f} s (sha256 would take {sv['sha256_s']:.3f} s); ZeRO gather before it, "
