@@ -251,6 +251,13 @@ def test_bad_loader_arguments_are_rejected_by_name(ray_local, dataset, kwargs, m
         DataLoader(dataset[0], rank=0, **kwargs)
 
 
+def test_actor_node_that_is_not_an_alive_node_is_rejected_by_name(ray_local, dataset, tmp_path):
+    url, _ = dataset
+    with pytest.raises(ValueError, match="actor_node 'f00d' is not an alive Ray node"):
+        DataLoader(url, global_batch_size=G, micro_batch_size=MICRO, rank=0, world_size=1,
+                   cache_dir=str(tmp_path), actor_node="f00d")
+
+
 def test_state_from_another_dataset_is_rejected(ray_local, dataset, tmp_path):
     (dl,) = _loaders(dataset[0], 1, tmp_path)
     bad = dict(dl.state_dict(), num_samples=N + 1)

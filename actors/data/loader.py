@@ -380,6 +380,9 @@ class DataLoader:
 
     def _make_actor(self, cache_dir, cache_limit, cache_policy, node: str | None):
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        if node is not None and node not in {n["NodeID"] for n in ray.nodes() if n["Alive"]}:
+            # hard affinity to a node that is not there would wait for it forever
+            raise ValueError(f"actor_node {node!r} is not an alive Ray node")
         # on this node, firmly: with soft affinity Ray 2.60 placed the 0-CPU actor on another node
         # whenever this node's CPUs were all taken (by the trainers), and its cache went with it
         opts: dict[str, Any] = {"scheduling_strategy": NodeAffinitySchedulingStrategy(
