@@ -70,6 +70,40 @@ class WarmSpares:
             self.request(*self._args)
 
 
+class StandbySpares:
+    """:class:`WarmSpares` on nodes that run none of a group: a node loss takes that node's spares
+    with it, and its replacements start on other nodes, which then have warm processes too."""
+
+    def __init__(self, count: int, keep_alive_s: float, what: str = "workers"):
+        self.count, self.keep_alive_s, self.what = int(count), float(keep_alive_s), what
+        self.nodes: dict[str, WarmSpares] = {}
+
+    def request(self, runtime_env: str | None, node_ids: list[str]) -> None:
+        for node_id in node_ids:
+            if node_id not in self.nodes:
+                spares = WarmSpares(self.count, self.keep_alive_s, f"{self.what} (standby node {node_id[:8]})")
+                if spares.request(runtime_env, node_id):
+                    self.nodes[node_id] = spares
+
+    def renew_if_due(self) -> None:
+        for spares in self.nodes.values():
+            spares.renew_if_due()
+
+
+def standby_nodes(busy: list[str], need: dict[str, float]) -> list[str]:
+    """Where a lost node's replacements would start: alive nodes that run none of ``busy`` (node
+    ids of a group, one entry per member) and have the resources of one member (``need``), as
+    many as the most members any one node runs (the most a node loss can take), in a fixed order."""
+    import ray
+    per_node: dict[str, int] = {}
+    for n in busy:
+        per_node[n] = per_node.get(n, 0) + 1
+    free = [n["NodeID"] for n in ray.nodes()
+            if n.get("Alive") and n["NodeID"] not in per_node
+            and all(n.get("Resources", {}).get(k, 0.0) >= v for k, v in need.items() if v > 0)]
+    return sorted(free)[:max(per_node.values(), default=0)]
+
+
 def prestart(count: int, keep_alive_s: float, runtime_env: str | None = None,
              node_id: str | None = None) -> None:
     """Ask ``node_id``'s raylet for ``count`` idle workers of this job with ``runtime_env`` (a

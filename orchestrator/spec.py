@@ -73,7 +73,8 @@ class Resources(Strict):
         "a lost worker goes unnoticed (Ray Train's own default is 2 s)")
     warm_spares: int = Field(
         1, ge=0, le=64, description="idle, preloaded worker processes kept per training worker on its "
-        "node, so a restart skips process start-up and imports; 0 turns them off")
+        "node (and on as many standby nodes as one node runs workers, for a node loss), so a restart "
+        "skips process start-up and imports; 0 turns them off")
     warm_spare_keep_alive_s: float = Field(
         600.0, ge=10, le=86400, description="how long the raylet keeps an unused spare; renewed while training")
 
@@ -255,7 +256,9 @@ class Checkpoint(Strict):
     keep_best: int = Field(0, ge=0, le=1000)
     best_metric: str = "loss"
     best_mode: Literal["min", "max"] = "min"
-    async_save: bool = False
+    async_save: bool = Field(
+        False, description="write and commit each checkpoint in a background thread; training waits "
+        "only for the copy of each rank's share of the state (the last save and a requested one stay sync)")
 
     _check_url = field_validator("url")(classmethod(lambda cls, v: _url(v)))
 

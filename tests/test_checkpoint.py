@@ -133,7 +133,7 @@ def test_manifest_lists_sizes_and_checksums(tmp_path):
     for name, rec in man["files"].items():
         assert store.storage.size(f"{step_dir(10)}/{name}") == rec["bytes"]
         assert len(rec["xxh3_128"]) == 32
-    assert man["format"] == 2
+    assert man["format"] == 3
 
 
 def test_shards_are_safetensors_files_any_reader_opens(tmp_path):
@@ -279,3 +279,54 @@ def test_background_work_runs_below_the_trainers_priority_and_the_caller_keeps_i
         raise RuntimeError("preload failed")
     with pytest.raises(RuntimeError, match="preload failed"):
         warm.at_low_priority(boom)
+
+
+def _save_fragments(store, step: int, cuts: dict[str, list[int]], full: dict[str, torch.Tensor]) -> None:
+    """Each rank r writes elements [cuts[name][r], cuts[name][r + 1]) of every parameter (an empty
+    slice is not written), the way ZeRO partitions hand them out."""
+    world = len(next(iter(cuts.values()))) - 1
+    for r in range(world):
+        tensors, frags = {}, {}
+        for name, c in cuts.items():
+            if c[r + 1] > c[r]:
+                flat = full[name].reshape(-1)
+                tensors[name] = {"fp32": flat[c[r]:c[r + 1]].clone(), "exp_avg": -flat[c[r]:c[r + 1]]}
+                frags[name] = [c[r], list(full[name].shape)]
+        state = {"step": step, "world_size": world, "optimizer_step": step, "data": {}} if r == 0 else None
+        store.write_shard(SaveRequest(step, r, world, tensors, {"seed": r}, state, fragments=frags))
+    store.commit(step, world, timeout_s=5)
+
+
+@pytest.mark.parametrize("cuts", [
+    {"a": [0, 7, 20], "b": [0, 0, 6]},          # two ranks; one holds nothing of "b"
+    {"a": [0, 7, 13, 20], "b": [0, 6, 6, 6]},   # three ranks; uneven, one parameter whole on rank 0
+])
+def test_slices_saved_by_every_rank_assemble_into_full_tensors(tmp_path, cuts):
+    full = {"a": torch.arange(20.0).reshape(4, 5), "b": torch.arange(100.0, 106.0).reshape(2, 3)}
+    store = CheckpointStore(str(tmp_path))
+    _save_fragments(store, 4, cuts, full)
+    assert store.latest_valid() == 4
+    got = store.load_tensors(4)
+    for name, t in full.items():
+        assert torch.equal(got[name]["fp32"], t) and torch.equal(got[name]["exp_avg"], -t)
+
+
+@pytest.mark.parametrize("slices, problem", [
+    ([(0, 7), (7, 13), (13, 20)], None),
+    ([(0, 7), (9, 13), (13, 20)], "a gap at element 7"),
+    ([(0, 9), (7, 13), (13, 20)], "overlap at element 9"),
+    ([(0, 7), (7, 13), (13, 19)], "hold 19 of its 20 elements"),
+])
+def test_slices_that_do_not_cover_a_parameter_exactly_once_are_refused_by_name(tmp_path, slices, problem):
+    full = torch.arange(20.0).reshape(4, 5)
+    store = CheckpointStore(str(tmp_path))
+    for r, (lo, hi) in enumerate(slices):
+        state = {"step": 4, "world_size": 3, "optimizer_step": 4, "data": {}} if r == 0 else None
+        store.write_shard(SaveRequest(4, r, 3, {"a": {"fp32": full.reshape(-1)[lo:hi].clone()}}, {}, state,
+                                      fragments={"a": [lo, [4, 5]]}))
+    store.commit(4, 3, timeout_s=5)
+    if problem is None:
+        assert torch.equal(store.load_tensors(4)["a"]["fp32"], full)
+    else:
+        with pytest.raises(CheckpointError, match=rf"step-00000004: a: .*{problem}"):
+            store.load_tensors(4)

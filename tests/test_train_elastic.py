@@ -143,6 +143,73 @@ def test_restart_after_worker_death_runs_in_the_warm_spare_processes(dataset, tm
         f"restarted loader actors {second_loaders} did not run in the loader spares {loader_spares}"
 
 
+def _node_running(cluster, pid: int):
+    """The node of ``cluster`` whose raylet started process ``pid``."""
+    import psutil
+    for node in [cluster.head_node, *cluster.worker_nodes]:
+        raylet = node.all_processes["raylet"][0].process.pid
+        if pid in {c.pid for c in psutil.Process(raylet).children(recursive=True)}:
+            return node
+    raise AssertionError(f"no node runs pid {pid}")
+
+
+@pytest.mark.slow
+@pytest.mark.multinode
+def test_node_loss_restarts_its_workers_in_standby_spares_on_another_node(dataset, ray_cluster, tmp_path):
+    """Spares on a worker's own node die with the node; a node that runs none of the group keeps
+    spares too. Two workers on a three-node cluster: the node of one is removed, and the
+    replacement group (same size, on the two survivors) runs only in spares that waited before the
+    loss, one of them on the node that had no worker; every step sees the samples it should."""
+    from actors.trainer.spares import HOOK
+    from actors.trainer.trainer import run_train
+    from actors.warm import idle_spare_pids
+    for _ in range(2):
+        ray_cluster.add_node(num_cpus=1)
+    ray_cluster.wait_for_nodes()
+    spec = make_spec(dataset, str(tmp_path / "ckpt"), steps=6, interval=2)
+    hold, held, pid_dir = tmp_path / "hold", tmp_path / "hold.held", tmp_path / "pids"
+    hold.write_text("3")
+    out: dict = {}
+
+    def fit():
+        try:
+            out["result"] = run_train(spec, options={"hold_file": str(hold), "pid_dir": str(pid_dir)})
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            out["error"] = e
+
+    def held_at():
+        return tuple(map(int, held.read_text().split())) if held.exists() else None
+
+    def ranks() -> list[int]:
+        return [int((pid_dir / f"rank-{r}.pid").read_text()) for r in (0, 1)]
+
+    t = threading.Thread(target=fit, daemon=True)
+    t.start()
+    wait_until(lambda: held_at() == (3, 2), 300, 0.2, "2 workers holding at step 3")
+    first = ranks()
+    nodes = {_node_running(ray_cluster, p).unique_id for p in first}
+    standby = next(n for n in [ray_cluster.head_node, *ray_cluster.worker_nodes] if n.unique_id not in nodes)
+    spares = wait_until(lambda: (lambda s: s if len(s) >= 3 and _quiet(s) else None)(
+        set(idle_spare_pids(HOOK)) - set(first)), 180, 0.2, "3 idle trainer spares")
+    assert standby.unique_id in {_node_running(ray_cluster, p).unique_id for p in spares}
+    victim = next(_node_running(ray_cluster, p) for p in first
+                  if _node_running(ray_cluster, p) is not ray_cluster.head_node)
+    held.unlink()
+    ray_cluster.remove_node(victim, allow_graceful=False)
+    wait_until(lambda: held_at() == (3, 2), 300, 0.2, "2 restarted workers holding at step 3")
+    second = ranks()
+    second_nodes = {_node_running(ray_cluster, p).unique_id for p in second}
+    hold.unlink()
+    t.join(600)
+    assert not t.is_alive(), "training did not finish"
+    assert "error" not in out, out.get("error")
+    result = out["result"]
+    assert result.final_step == 6 and [h["step"] for h in result.history] == list(range(1, 7))
+    assert_exact_sample_order(result.history, spec.dataset.url)
+    assert set(second) <= spares, f"restarted workers {second} did not run in the spares {spares}"
+    assert standby.unique_id in second_nodes
+
+
 @pytest.mark.slow
 @pytest.mark.multinode
 def test_node_loss_shrinks_then_grows_back_with_same_samples(baseline, ray_cluster, tmp_path):

@@ -68,11 +68,11 @@ def save(engine, spec, step, rank, world):
     keys = zero_state.optimizer_state_keys("adamw")
     sizes = {n: getattr(p, "ds_numel", p.numel()) for n, p in engine.module.named_parameters()}
     owner = assign_params(sizes, world)
-    mine = {n: t for n, t in zero_state.iter_full_state(engine, keys) if owner[n] == rank}
+    mine, fragments = zero_state.local_fragments(engine, keys, owns=lambda n: owner[n] == rank)
     store = CheckpointStore(spec.checkpoint.url)
     state = {"step": step, "world_size": world, "optimizer_step": zero_state.optimizer_step_count(engine),
              "data": {}, "spec": spec.model_dump(mode="json")} if rank == 0 else None
-    store.write_shard(SaveRequest(step, rank, world, mine, rng_state(), state))
+    store.write_shard(SaveRequest(step, rank, world, mine, rng_state(), state, fragments=fragments))
     if rank == 0:
         store.commit(step, world)
     dist.barrier()

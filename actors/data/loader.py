@@ -332,6 +332,7 @@ class DataLoader:
         self._gather_threads = gather_threads
         # after the first step: idle, preloaded processes for the next loader actor on its node
         self._spares = warm.WarmSpares(warm_spares, warm_spare_keep_alive_s, "loader actors")
+        self._standby = warm.StandbySpares(warm_spares, warm_spare_keep_alive_s, "loader actors")
         self._pending: list = []
         self._notify_lock = threading.Lock()
         self._progress_sent = 0.0
@@ -442,8 +443,10 @@ class DataLoader:
         self._stats["steps"] += 1
         if self._stats["steps"] == 1 and self._spares.count:
             info = self.actor_info()
+            self._runtime_env = info["runtime_env"]
             self._spares.request(info["runtime_env"], info["node_id"])
         self._spares.renew_if_due()
+        self._standby.renew_if_due()
         self._stats["measured_request_bytes"] = sum(a.nbytes for a in rows.values())
         m = self.micro_batch_size
         with warnings.catch_warnings():  # object-store arrays are flagged read-only; they are ours alone
@@ -462,6 +465,13 @@ class DataLoader:
             self._pending.append(ref)
             if len(self._pending) >= 64:
                 _, self._pending = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
+
+    def keep_standby_spares(self, node_ids: list[str]) -> None:
+        """Keep ``warm_spares`` idle loader processes on each of ``node_ids`` too (nodes a lost
+        node's trainers would restart on); call after the first step."""
+        env = getattr(self, "_runtime_env", None)
+        if env is not None and self._spares.count:
+            self._standby.request(env, node_ids)
 
     def actor_info(self) -> dict[str, Any]:
         """The loader actor's pid, node id, runtime env, open shards and cache figures."""

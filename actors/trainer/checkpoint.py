@@ -3,15 +3,18 @@
 Layout under the spec's checkpoint URL::
 
     step-00000040/
-        params-r00000.safetensors   this rank's share of full fp32 weights + optimizer moments
-                                    (``<param>/<kind>`` tensors, safetensors layout: ``tensorfile``)
+        params-r00000.safetensors   this rank's share of the fp32 weights + optimizer moments
+                                    (``<param>/<kind>`` tensors, safetensors layout: ``tensorfile``):
+                                    the slices its ZeRO partition holds, flat, each with its offset
+                                    in the parameter (header metadata ``fragments``)
         params-r00000.json          "done" record of that shard: bytes and xxh3-128 checksum
         rng-r00000.pt               this rank's RNG states (restored only on the same world size)
         state.json                  step, world size, data-loader state, optimizer step, metrics, spec
         MANIFEST.json               written last, by rank 0, once every shard is done: sizes, checksums
 
-Shards are keyed by parameter name and hold full tensors, so any world size and any ZeRO stage can
-load them (see ``zero_state``). A reader trusts a step directory only if its manifest verifies; a
+Shards are keyed by parameter name; a reader assembles every parameter's full tensors from the
+ranks' slices, so any world size and any ZeRO stage can load them (see ``zero_state``). Saving
+needs no collective: each rank copies the slices it already holds. A reader trusts a step directory only if its manifest verifies; a
 corrupt or partial one is skipped with a warning and the previous good checkpoint is used.
 
 Durability: shards are streamed (no in-memory copy) into the page cache and the manifest is
@@ -20,7 +23,8 @@ loses a committed checkpoint. On local disk the step directory is then fsynced, 
 that are older checkpoints deleted by retention: if the machine itself goes down before the fsync
 finishes, the new checkpoint fails its checksums on the next start and the previous one, still on
 disk, is used. With ``background_durability`` that fsync-then-retention runs in a thread, off the
-training path (Format 1 checkpoints, ``params-*.pt`` with sha256, still load.)
+training path. (Format 2, whole tensors per shard, and format 1, ``params-*.pt`` with sha256, still
+load.)
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -45,7 +50,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 STATE = "state.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 
 
@@ -86,11 +91,12 @@ class SaveRequest:
     step: int
     rank: int
     world_size: int
-    tensors: dict[str, dict[str, torch.Tensor]]   # this rank's share
+    tensors: dict[str, dict[str, torch.Tensor]]   # this rank's share (flat slices if ``fragments``)
     rng: dict[str, Any]
     state: dict[str, Any] | None = None           # rank 0 only: state.json payload
     metrics: dict[str, float] = field(default_factory=dict)
     attempt: str = ""   # the worker group's id: records of another attempt at this step are stale
+    fragments: dict[str, list] | None = None  # name -> [offset in the flat parameter, full shape]
 
 
 class CheckpointStore:
@@ -114,9 +120,11 @@ class CheckpointStore:
         """Write this rank's files, then its done records (shards before any manifest)."""
         d = step_dir(req.step)
         name = f"params-r{req.rank:05d}.safetensors"
+        meta = {"step": str(req.step), "rank": str(req.rank)}
+        if req.fragments is not None:
+            meta["fragments"] = json.dumps(req.fragments, separators=(",", ":"))
         with self.storage.open_atomic(f"{d}/{name}") as f:
-            nbytes, digest = tensorfile.write_tensors(f, req.tensors, {"step": str(req.step),
-                                                                         "rank": str(req.rank)})
+            nbytes, digest = tensorfile.write_tensors(f, req.tensors, meta)
         self._done(d, "params", req.rank, name, nbytes, digest, req.attempt)
         rng = _torch_bytes(req.rng)
         name = f"rng-r{req.rank:05d}.pt"
@@ -243,18 +251,27 @@ class CheckpointStore:
         return json.loads(self.storage.read_text(f"{step_dir(step)}/{STATE}"))
 
     def load_tensors(self, step: int) -> dict[str, dict[str, torch.Tensor]]:
-        """All parameters' full tensors, merged from every writer rank's shard."""
+        """All parameters' full tensors, assembled from every writer rank's shard.
+
+        Raises CheckpointError naming the parameter if the slices do not cover it exactly once.
+        """
         man = self.read_manifest(step)
         d = step_dir(step)
         out: dict[str, dict[str, torch.Tensor]] = {}
+        asm = _Assembler(self.storage.url(d))
         for r in range(man["world_size"]):
             new = f"params-r{r:05d}.safetensors"
             if new in man["files"]:
-                out.update(tensorfile.read_tensors(self.storage.read_bytes(f"{d}/{new}"),
-                                                   self.storage.url(f"{d}/{new}")))
+                where = self.storage.url(f"{d}/{new}")
+                tensors, meta = tensorfile.read_shard(self.storage.read_bytes(f"{d}/{new}"), where)
+                if "fragments" in meta:
+                    asm.add(tensors, json.loads(meta["fragments"]), where)
+                else:  # format 2: whole tensors
+                    out.update(tensors)
             else:  # format 1
                 data = self.storage.read_bytes(f"{d}/params-r{r:05d}.pt")
                 out.update(torch.load(io.BytesIO(data), weights_only=True, map_location="cpu"))
+        out.update(asm.finish())
         return out
 
     def load_rng(self, step: int, rank: int) -> dict | None:
@@ -328,6 +345,51 @@ class CheckpointStore:
             if v is not None:
                 scored.append((v if self.best_mode == "min" else -v, s))
         return min(scored)[1] if scored else None
+
+
+class _Assembler:
+    """Full tensors from flat slices ``[start, start + n)`` of each flattened parameter."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self.full: dict[str, dict[str, torch.Tensor]] = {}
+        self.shape: dict[str, list[int]] = {}
+        self.spans: dict[str, list[tuple[int, int]]] = {}
+
+    def add(self, tensors: dict[str, dict[str, torch.Tensor]], fragments: dict[str, list], where: str) -> None:
+        for name, kinds in tensors.items():
+            if name not in fragments:
+                raise CheckpointError(f"{where}: {name} has no fragment record")
+            start, shape = fragments[name]
+            if self.shape.setdefault(name, list(shape)) != list(shape):
+                raise CheckpointError(f"{where}: {name} has shape {shape} here, {self.shape[name]} elsewhere")
+            numel = math.prod(shape)
+            dst = self.full.setdefault(name, {})
+            if dst and set(dst) != set(kinds):
+                raise CheckpointError(f"{where}: {name} holds {sorted(kinds)}, other shards {sorted(dst)}")
+            n = None
+            for kind, t in kinds.items():
+                n = t.numel() if n is None else n
+                if t.numel() != n or start < 0 or start + n > numel:
+                    raise CheckpointError(f"{where}: {name}/{kind}: slice [{start}, {start + t.numel()}) "
+                                          f"does not fit its {numel} elements")
+                if kind not in dst:
+                    dst[kind] = torch.empty(numel, dtype=t.dtype)
+                dst[kind][start:start + n] = t.reshape(-1)
+            self.spans.setdefault(name, []).append((start, n or 0))
+
+    def finish(self) -> dict[str, dict[str, torch.Tensor]]:
+        for name, spans in self.spans.items():
+            numel, pos = math.prod(self.shape[name]), 0
+            for start, n in sorted(spans):
+                if start != pos:
+                    what = "overlap" if start < pos else "a gap"
+                    raise CheckpointError(f"{self.where}: {name}: the shards' slices {what} at element {pos}")
+                pos += n
+            if pos != numel:
+                raise CheckpointError(f"{self.where}: {name}: the shards hold {pos} of its {numel} elements")
+        return {name: {k: t.reshape(self.shape[name]) for k, t in kinds.items()}
+                for name, kinds in self.full.items()}
 
 
 class AsyncSaver:

@@ -230,6 +230,7 @@ class Worker:
         self.reported_commit: str | None = None
         r = spec.resources
         self.spares = warm.WarmSpares(r.warm_spares, r.warm_spare_keep_alive_s, "trainer workers")
+        self.standby = warm.StandbySpares(r.warm_spares, r.warm_spare_keep_alive_s, "trainer workers")
 
     # ------------------------------------------------------------------ components
     def build(self) -> None:
@@ -294,6 +295,29 @@ class Worker:
         self.resumed_from = (step, state["world_size"])
         return state["step"]
 
+    def _request_standby_spares(self) -> None:
+        """Spares on the nodes a node loss would move this group's workers to (rank 0 asks; one
+        collective, at the first step): a lost node's own spares are lost with it."""
+        if not self.spares.count:
+            return
+        import ray
+        nodes = [None] * self.world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+        if self.rank != 0:
+            return
+        r = self.spec.resources
+        need = {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}
+        try:
+            standby = warm.standby_nodes(nodes, need)
+        except Exception as e:  # noqa: BLE001 - an optimisation never stops training
+            log.warning("standby spares unavailable (%s: %s)", type(e).__name__, e)
+            return
+        if standby:
+            self.standby.request(None, standby)
+            self.loader.keep_standby_spares(standby)
+            log.warning("[%s] warm spares also on standby node(s) %s", self.spec.name,
+                        ", ".join(n[:8] for n in standby))
+
     def _broadcast(self, obj):
         box = [obj]
         dist.broadcast_object_list(box, src=0)
@@ -301,14 +325,13 @@ class Worker:
 
     # ------------------------------------------------------------------ checkpoint
     def save(self, step: int, metrics: dict[str, float], sync: bool) -> None:
-        """Gather (collective, synchronous) then write shards and commit (async if configured)."""
+        """Copy this rank's slice of the state (no collective), then write shards and commit in the
+        writer thread; the training step waits for that only if ``sync``."""
         owner_sizes = {n: p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                        for n, p in self.engine.module.named_parameters() if p.requires_grad}
-        owner = assign_params(owner_sizes, self.world)
-        mine = {}
-        for name, t in zero_state.iter_full_state(self.engine, self.state_keys):
-            if owner[name] == self.rank:
-                mine[name] = t
+        owner = assign_params(owner_sizes, self.world)  # who writes parameters no partition holds
+        mine, fragments = zero_state.local_fragments(self.engine, self.state_keys,
+                                                     owns=lambda n: owner[n] == self.rank)
         state = None
         if self.rank == 0:
             state = {"step": step, "world_size": self.world, "data": self.loader.state_dict(),
@@ -316,7 +339,8 @@ class Worker:
                      "metrics": metrics, "history": self.history[-HISTORY_CAP:],
                      "spec": self.spec.model_dump(mode="json"), "saved_at": time.time()}
         req = SaveRequest(step=step, rank=self.rank, world_size=self.world, tensors=mine,
-                          rng=rng_state(), state=state, metrics=metrics, attempt=self.attempt)
+                          rng=rng_state(), state=state, metrics=metrics, attempt=self.attempt,
+                          fragments=fragments)
 
         def write():
             self.ckpt.write_shard(req)
@@ -418,9 +442,11 @@ class Worker:
             self.stepped = True
             if step == start + 1:
                 self.spares.request()  # training: have the next group's processes warmed meanwhile
+                self._request_standby_spares()
                 if self.rank == 0:
                     self._log_start(step, t_enter, t_built, t_restored)
             self.spares.renew_if_due()
+            self.standby.renew_if_due()
             n_last += spec.deepspeed.global_batch_size
             g_loss = float(loss_sum[0]) / (self.accum * self.world)
             data_wait = float(loss_sum[4]) / self.world  # mean over the ranks

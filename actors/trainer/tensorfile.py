@@ -100,6 +100,12 @@ def write_tensors(f: BinaryIO, tensors: dict[str, dict[str, torch.Tensor]],
 
 def read_tensors(data: bytes | bytearray, where: str = "shard") -> dict[str, dict[str, torch.Tensor]]:
     """Parse a shard written by :func:`write_tensors` (or any safetensors file of such names)."""
+    return read_shard(data, where)[0]
+
+
+def read_shard(data: bytes | bytearray, where: str = "shard") -> tuple[dict[str, dict[str, torch.Tensor]],
+                                                                       dict[str, str]]:
+    """:func:`read_tensors`, and the header's string metadata."""
     buf = data if isinstance(data, bytearray) else bytearray(data)  # writable: torch shares it
     try:
         (hlen,) = struct.unpack_from("<Q", buf, 0)
@@ -120,4 +126,4 @@ def read_tensors(data: bytes | bytearray, where: str = "shard") -> dict[str, dic
         t = (torch.frombuffer(buf, dtype=dtype, count=n, offset=base + b) if n
              else torch.empty(0, dtype=dtype))
         out.setdefault(name, {})[kind] = t.reshape(rec["shape"])
-    return out
+    return out, header.get("__metadata__", {})

@@ -6,8 +6,12 @@ its offline Universal Checkpoint conversion (and growing a ZeRO-3 run is reporte
 DeepSpeed's tensor-fragment API instead (``safe_get_full_*`` / ``safe_set_full_*``), which works for
 stages 1-3 and bf16, plus the plain torch-optimizer path for stage 0 fp32.
 
-The gather is a collective for stages 1-3: every rank must call :func:`iter_full_state` and consume
-it in the same order. Peak extra memory is one full parameter (times its moments) at a time.
+Saving does not gather: :func:`local_fragments` copies the slice of every parameter (and its
+moments) that this rank's optimizer partition holds, with its offset in the flattened parameter;
+no collective, so it costs one memcpy of 1/world of the state and an async save keeps only that on
+the training path. Readers assemble full tensors from every rank's fragments
+(``CheckpointStore.load_tensors``). :func:`iter_full_state` (a collective for stages 1-3: every rank
+must call it and consume it in the same order) gathers full tensors where a caller needs them live.
 """
 
 from __future__ import annotations
@@ -55,6 +59,78 @@ def iter_full_state(engine, state_keys: tuple[str, ...]) -> Iterator[tuple[str, 
             for k in state_keys:
                 out[k] = st[k].detach().float().cpu().clone() if k in st else torch.zeros_like(out["fp32"])
         yield name, out
+
+
+def local_fragments(engine, state_keys: tuple[str, ...], owns) -> tuple[
+        dict[str, dict[str, torch.Tensor]], dict[str, list]]:
+    """This rank's share of the full fp32 state, copied to CPU; not a collective.
+
+    Returns ``(tensors, fragments)``: ``tensors[name][kind]`` is a flat fp32 copy of elements
+    ``[start, start + n)`` of the flattened parameter (kinds ``fp32`` and ``state_keys``), and
+    ``fragments[name] = [start, full_shape]``. Every element of every trainable parameter is in
+    exactly one rank's fragments: ZeRO 1-3 (and DeepSpeed's bf16 optimizer) by the rank's optimizer
+    partition; parameters no optimizer partitions (ZeRO-0 fp32) whole, on the rank ``owns(name)``
+    picks.
+    """
+    base = _base_optimizer(engine)
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    fragments: dict[str, list] = {}
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if hasattr(p, "ds_id"):  # ZeRO-3: rank i of the partition group holds [i * n, (i + 1) * n)
+            frag = _zero3_fragment(p, state_keys)
+        elif hasattr(p, "_hp_mapping"):  # ZeRO 1-2, bf16 optimizer: a contiguous slice, or none
+            frag = _hp_fragment(p, state_keys)
+        elif owns(name):  # the module parameter is the master weight
+            st = base.state.get(p, {})
+            frag = (0, {"fp32": p.detach().reshape(-1)}
+                    | {k: st[k].detach().reshape(-1) for k in state_keys if k in st})
+        else:
+            frag = None
+        if frag is None:
+            continue
+        start, parts = frag
+        n = parts["fp32"].numel()
+        out = {"fp32": _copy(parts["fp32"])}
+        for k in state_keys:
+            v = parts.get(k)
+            out[k] = _copy(v) if v is not None else torch.zeros(n)
+        tensors[name] = out
+        fragments[name] = [start, list(getattr(p, "ds_shape", p.shape))]
+    return tensors, fragments
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(device="cpu", dtype=torch.float32, copy=True)
+
+
+def _hp_fragment(p, state_keys):
+    m = p._hp_mapping
+    if m is None:
+        return None
+    parts = {"fp32": m.get_hp_fragment()}
+    for k in state_keys:
+        if m.optim_fragment and k in m.optim_fragment:  # created by the optimizer's first step
+            parts[k] = m.get_hp_fragment(k)
+    return m.lp_fragment_address.start, parts
+
+
+def _zero3_fragment(p, state_keys):
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+    local = safe_get_local_fp32_param(p).reshape(-1)
+    start = dist.get_rank(group=getattr(p, "ds_process_group", None)) * local.numel()
+    n = min(local.numel(), p.ds_numel - start)  # the last partitions hold padding, or nothing
+    if n <= 0:
+        return None
+    parts = {"fp32": local[:n]}
+    for k in state_keys:
+        try:
+            parts[k] = safe_get_local_optimizer_state(p, k).reshape(-1)[:n]
+        except KeyError:  # no optimizer step yet
+            pass
+    return start, parts
 
 
 def optimizer_step_count(engine) -> int:

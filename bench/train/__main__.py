@@ -8,7 +8,7 @@ Four measurements, with the issue's targets:
    global step, warm-up steps skipped; runs alternate bare/ours ``--repeats`` times. Target <= 1.10x.
    Also CPU seconds per step of every process each side runs (Ray's own included for ours), which
    other tenants of a shared machine disturb far less than wall time.
-2. checkpoint save throughput: ``CheckpointStore`` saving the gathered ZeRO state against fsspec
+2. checkpoint save throughput: ``CheckpointStore`` saving a rank's copied ZeRO state against fsspec
    writing the same bytes (``bench/train/save.py``). Target >= 0.8x.
 3. training stall: the same job checkpointing every ``--ckpt-interval`` steps with
    ``checkpoint.async_save`` false and true; extra seconds per checkpoint over the run's own median
@@ -16,7 +16,12 @@ Four measurements, with the issue's targets:
 4. recovery: SIGKILL one worker process right after a checkpoint commits (``--kills`` times in one
    run); median seconds from a kill to the next completed step, against the median cold start of
    the same job over every run above (``fit()`` to its first completed step; Ray already up).
-   Target < 0.5x.
+   Target < 0.25x.
+5. node loss: on a multi-node cluster on this machine (one node per worker plus one), the node of
+   one worker is removed right after a checkpoint commits (its spares die with it); seconds from
+   the removal to the next completed step against the same run's cold start. Target < 0.5x.
+
+``--only`` runs a subset of the phases (``save,step,stall,recovery,node-loss``).
 
 Prints a table, writes ``<out>/train.json`` and ``<out>/train.png``. The 1-minute load average is
 sampled throughout (the figures mean little on a busy machine; it is printed with them).
@@ -38,6 +43,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 T0 = time.time()
+PHASES = ("save", "step", "stall", "recovery", "node-loss")
 
 
 def log(msg: str) -> None:
@@ -319,7 +325,8 @@ def kill_after_commits(a, pid_dir: str):
                 raise RuntimeError(f"the recovery run ended before its checkpoint at step {target}")
             pid = int(open(os.path.join(pid_dir, f"rank-{a.workers - 1}.pid")).read())
             os.kill(pid, signal.SIGKILL)
-            kills.append({"t_kill": time.time(), "pid": pid, "after_commit_step": c.step})
+            kills.append({"what": "worker killed", "t_kill": time.time(), "pid": pid,
+                          "after_commit_step": c.step})
             log(f"recovery: checkpoint step {c.step} committed; SIGKILLed rank {a.workers - 1} (pid {pid})")
         return {"kills": kills}
     return during
@@ -359,6 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kill-after", type=int, default=10, help="first kill once this step is committed")
     ap.add_argument("--kill-every", type=int, default=15, help="steps between kills")
     ap.add_argument("--kills", type=int, default=2, help="worker kills in the recovery run")
+    ap.add_argument("--node-loss-steps", type=int, default=30,
+                    help="steps of the node-loss run (a checkpoint every --ckpt-interval; the node of "
+                         "the last rank is removed after the commit of step --kill-after)")
+    ap.add_argument("--only", default=",".join(PHASES),
+                    help=f"comma-separated phases to run, of {', '.join(PHASES)}")
     ap.add_argument("--save-reps", type=int, default=9)
     ap.add_argument("--ckpt-root", help="fsspec URL for checkpoints (default: under --workdir)")
     ap.add_argument("--workdir", help="scratch directory (default: a new temp dir, removed after)")
@@ -368,8 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         a.hidden, a.samples, a.warmup, a.steps, a.repeats, a.save_reps = 1024, 8192, 3, 15, 1, 3
         a.stall_steps, a.ckpt_interval, a.recovery_steps, a.kill_after, a.kills = 16, 4, 12, 4, 1
+        a.node_loss_steps = 12
     if a.warmup < 2:
         ap.error("--warmup must be >= 2 (the first step has no start time)")
+    a.phases = [p.strip() for p in a.only.split(",") if p.strip()]
+    if not a.phases or set(a.phases) - set(PHASES):
+        ap.error(f"--only: phases are {', '.join(PHASES)}; got {a.only!r}")
     if kill_targets(a)[-1] + a.ckpt_interval > a.recovery_steps:
         ap.error("--recovery-steps must leave a checkpoint interval after the last kill")
     os.makedirs(a.out, exist_ok=True)
@@ -409,26 +425,35 @@ def _run(a, ckpt_root: str, report: dict) -> None:
     log(f"model mlp {model_kwargs(a)}: {n_params / 1e6:.2f} M params; {a.samples} samples; "
         f"{a.workers} workers x {a.threads} thread(s), ZeRO-{a.zero_stage} fp32, global batch "
         f"{a.global_batch} = micro {a.micro_batch} x workers {a.workers} x accumulation "
-        f"{a.global_batch // (a.micro_batch * a.workers)}")
+        f"{a.global_batch // (a.micro_batch * a.workers)}; phases {', '.join(a.phases)}")
 
-    # 2. checkpoint save throughput (its own process: a one-rank process group)
-    log(f"save: CheckpointStore vs fsspec, {a.save_reps} interleaved rounds")
-    cfg_path = os.path.join(a.workdir, "save.json")
-    with open(cfg_path, "w") as f:
-        json.dump({"threads": a.threads, "reps": a.save_reps, "url": f"{ckpt_root}/save-probe",
-                   "out": os.path.join(a.workdir, "save.out.json"), "spec": base_spec}, f)
-    rc = run_logged(niced(a, [sys.executable, "-m", "bench.train.save", "--config", cfg_path]),
-                    os.path.join(a.out, "save.log"), sub_env(a), "[save]")
-    if rc != 0:
-        raise RuntimeError(f"save probe failed (rc {rc}); see {a.out}/save.log")
-    report["save"] = json.load(open(os.path.join(a.workdir, "save.out.json")))
+    if "save" in a.phases:  # checkpoint save throughput (its own process: a one-rank process group)
+        log(f"save: CheckpointStore vs fsspec, {a.save_reps} interleaved rounds")
+        cfg_path = os.path.join(a.workdir, "save.json")
+        with open(cfg_path, "w") as f:
+            json.dump({"threads": a.threads, "reps": a.save_reps, "url": f"{ckpt_root}/save-probe",
+                       "out": os.path.join(a.workdir, "save.out.json"), "spec": base_spec}, f)
+        rc = run_logged(niced(a, [sys.executable, "-m", "bench.train.save", "--config", cfg_path]),
+                        os.path.join(a.out, "save.log"), sub_env(a), "[save]")
+        if rc != 0:
+            raise RuntimeError(f"save probe failed (rc {rc}); see {a.out}/save.log")
+        report["save"] = json.load(open(os.path.join(a.workdir, "save.out.json")))
 
     import ray
-    ray.init(num_cpus=max(2, a.workers * a.threads), include_dashboard=False, log_to_driver=a.verbose,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT}},
-             _system_config={"worker_niceness": a.niceness})
-    try:
-        # 1. step time, bare and ours interleaved
+    if set(a.phases) & {"step", "stall", "recovery"}:
+        ray.init(num_cpus=max(2, a.workers * a.threads), include_dashboard=False, log_to_driver=a.verbose,
+                 runtime_env={"env_vars": {"PYTHONPATH": ROOT}},
+                 _system_config={"worker_niceness": a.niceness})
+        try:
+            _run_local(a, spec, data_url, ckpt_root, report, deepspeed_config)
+        finally:
+            ray.shutdown()
+    if "node-loss" in a.phases:
+        _run_node_loss(a, data_url, ckpt_root, report)
+
+
+def _run_local(a, spec, data_url: str, ckpt_root: str, report: dict, deepspeed_config) -> None:
+    if "step" in a.phases:  # step time, bare and ours interleaved
         data_cfg = {"fn": "classification", "kwargs": dataset_kwargs(a)}
         ds_config = deepspeed_config(spec, a.workers)
         report["step_time"] = {"bare": [], "ours": []}
@@ -445,7 +470,7 @@ def _run(a, ckpt_root: str, report: dict) -> None:
             log(f"  ours: median {statistics.median(steady(durations(o['t']), a.warmup)) * 1e3:.1f} ms/step, "
                 f"{cpu_per_step(o, a.warmup):.3f} CPU s/step, cold start {o['cold_start_s']:.1f} s")
 
-        # 3. stall: sync vs async checkpointing, same job
+    if "stall" in a.phases:  # sync vs async checkpointing, same job
         report["stall"] = {}
         for mode, async_save in (("sync", False), ("async", True)):
             log(f"stall: {mode} checkpoint every {a.ckpt_interval} steps, {a.stall_steps} steps")
@@ -458,120 +483,201 @@ def _run(a, ckpt_root: str, report: dict) -> None:
                 f"+{o['stall']['extra_s_amortised']:.3f} s amortised (median step "
                 f"{o['stall']['base_step_s'] * 1e3:.1f} ms), cold start {o['cold_start_s']:.1f} s")
 
-        # 4. recovery from killed workers vs the same job's cold start
+    if "recovery" in a.phases:  # killed workers vs the same job's cold start
         log(f"recovery: {a.recovery_steps} steps, checkpoint every {a.ckpt_interval}, SIGKILL rank "
             f"{a.workers - 1} after the commits of steps {kill_targets(a)}")
         pid_dir = os.path.join(a.workdir, "pids")
         o = run_ours(make_spec(a, data_url, f"{ckpt_root}/recovery", steps=a.recovery_steps,
                                interval=a.ckpt_interval, log_interval=a.ckpt_interval),
                      options={"pid_dir": pid_dir}, during=kill_after_commits(a, pid_dir))
-        for k in o["kills"]:
-            step, t_next = next((s, t) for s, t in zip(o["steps"], o["t"]) if t > k["t_kill"])
-            k.update(next_step=step, resumed_from_step=step - 1, recovery_s=t_next - k["t_kill"])
-            log(f"  kill after commit {k['after_commit_step']}: resumed from step {step - 1}, next step "
-                f"completed {k['recovery_s']:.1f} s after the kill")
+        _recovered(o)
         report["recovery"] = o
+        log(f"  cold start of this run {o['cold_start_s']:.1f} s")
+
+
+def _recovered(o: dict) -> None:
+    """Each kill's next completed step and the seconds from the kill to it."""
+    for k in o["kills"]:
+        step, t_next = next((s, t) for s, t in zip(o["steps"], o["t"]) if t > k["t_kill"])
+        k.update(next_step=step, resumed_from_step=step - 1, recovery_s=t_next - k["t_kill"])
+        log(f"  {k['what']} after commit {k['after_commit_step']}: resumed from step {step - 1}, next step "
+            f"completed {k['recovery_s']:.1f} s after it")
+
+
+def _run_node_loss(a, data_url: str, ckpt_root: str, report: dict) -> None:
+    """A multi-node cluster on this machine (``ray.cluster_utils.Cluster``: a head with no CPUs for
+    the driver and Ray Train's controller, and one node per worker plus one spare node, each with
+    ``--threads`` CPUs). After the commit of step ``--kill-after`` the node running the last rank is
+    removed (its raylet and every process on it, the warm spares included, killed at once); Ray
+    Train restarts the group on the surviving nodes. Recovery: removal -> next completed step,
+    against this run's own cold start on the same cluster."""
+    import psutil
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False,
+        "_system_config": {"worker_niceness": a.niceness}})
+    nodes = [cluster.add_node(num_cpus=a.threads) for _ in range(a.workers + 1)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=a.verbose, runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    pid_dir = os.path.join(a.workdir, "pids-node")
+
+    def node_of(pid: int):
+        for n in nodes:
+            raylet = n.all_processes["raylet"][0].process.pid
+            try:
+                if pid in {c.pid for c in psutil.Process(raylet).children(recursive=True)}:
+                    return n
+            except psutil.Error:
+                continue
+        raise RuntimeError(f"no node of this cluster runs pid {pid}")
+
+    def during(spec, th) -> dict:
+        from actors.trainer.control import latest_commit
+        while th.is_alive():
+            c = latest_commit(spec.checkpoint.url)
+            if c and c.step >= a.kill_after:
+                break
+            time.sleep(0.05)
+        else:
+            raise RuntimeError(f"the node-loss run ended before its checkpoint at step {a.kill_after}")
+        pid = int(open(os.path.join(pid_dir, f"rank-{a.workers - 1}.pid")).read())
+        node = node_of(pid)
+        t_kill = time.time()
+        cluster.remove_node(node, allow_graceful=False)
+        log(f"node loss: checkpoint step {c.step} committed; removed the node of rank {a.workers - 1} "
+            f"(pid {pid}) with its spares")
+        return {"kills": [{"what": "node removed", "t_kill": t_kill, "pid": pid, "after_commit_step": c.step}]}
+
+    log(f"node loss: {a.workers + 1} nodes x {a.threads} CPU(s) + a head without CPUs; "
+        f"{a.node_loss_steps} steps, checkpoint every {a.ckpt_interval}")
+    try:
+        o = run_ours(make_spec(a, data_url, f"{ckpt_root}/node-loss", steps=a.node_loss_steps,
+                               interval=a.ckpt_interval, log_interval=a.ckpt_interval),
+                     options={"pid_dir": pid_dir}, during=during)
+        _recovered(o)
+        report["node_loss"] = o
         log(f"  cold start of this run {o['cold_start_s']:.1f} s")
     finally:
         ray.shutdown()
+        cluster.shutdown()
 
 
 def _finish(a, report: dict) -> None:
-    st, sv, sl, rc = report["step_time"], report["save"], report["stall"], report["recovery"]
-    bare_d = [x for b in st["bare"] for x in steady(durations(b["t"]), a.warmup)]
-    ours_d = [x for o in st["ours"] for x in steady(durations(o["t"]), a.warmup)]
-    med_b, med_o = statistics.median(bare_d), statistics.median(ours_d)
-    mean_b, mean_o = statistics.fmean(bare_d), statistics.fmean(ours_d)
-    cpu_b = statistics.median(cpu_per_step(b, a.warmup) for b in st["bare"])
-    cpu_o = statistics.median(cpu_per_step(o, a.warmup) for o in st["ours"])
-    stall_share = statistics.median(input_stall(o, a.warmup) for o in st["ours"])
-    bps = sv["bytes_per_s"]
-    colds = [o["cold_start_s"] for o in st["ours"]] + [sl[m]["cold_start_s"] for m in sl] + [rc["cold_start_s"]]
-    cold = statistics.median(colds)
-    recs = [k["recovery_s"] for k in rc["kills"]]
-    rec = statistics.median(recs)
-    ratios = {
-        "step_time_median": med_o / med_b,
-        "step_time_mean": mean_o / mean_b,
-        "cpu_per_step": cpu_o / cpu_b,
-        "save_vs_fsspec": bps["ours"] / bps["fsspec"],
-        "save_vs_fsspec_fsync": bps["ours"] / bps["fsspec+fsync"] if "fsspec+fsync" in bps else None,
-        "save_vs_torch_save": bps["ours"] / bps["torch.save"],
-        "save_durable_vs_fsspec_fsync": (bps["ours+durable"] / bps["fsspec+fsync"]
-                                         if "fsspec+fsync" in bps and "ours+durable" in bps else None),
-        "stall_async_vs_sync_next_step": _ratio(sl["async"]["stall"]["extra_s_next_step"],
-                                                sl["sync"]["stall"]["extra_s_next_step"]),
-        "stall_async_vs_sync_amortised": _ratio(sl["async"]["stall"]["extra_s_amortised"],
-                                                sl["sync"]["stall"]["extra_s_amortised"]),
-        "input_stall_share": stall_share,
-        "recovery_vs_cold_start": rec / cold,
-        "recovery_vs_own_cold_start": rec / rc["cold_start_s"],
-    }
+    """Ratios against their targets for every phase that ran; table, train.json, train.png."""
+    st, sv, sl = report.get("step_time"), report.get("save"), report.get("stall")
+    rc, nl = report.get("recovery"), report.get("node_loss")
+    ratios: dict[str, float | None] = {}
+    rows: list[tuple] = []
+    summary: dict = {}
+    mb = 1e6
+    if st:
+        bare_d = [x for b in st["bare"] for x in steady(durations(b["t"]), a.warmup)]
+        ours_d = [x for o in st["ours"] for x in steady(durations(o["t"]), a.warmup)]
+        med_b, med_o = statistics.median(bare_d), statistics.median(ours_d)
+        mean_b, mean_o = statistics.fmean(bare_d), statistics.fmean(ours_d)
+        cpu_b = statistics.median(cpu_per_step(b, a.warmup) for b in st["bare"])
+        cpu_o = statistics.median(cpu_per_step(o, a.warmup) for o in st["ours"])
+        stall_share = statistics.median(input_stall(o, a.warmup) for o in st["ours"])
+        ratios.update(step_time_median=med_o / med_b, step_time_mean=mean_o / mean_b,
+                      cpu_per_step=cpu_o / cpu_b, input_stall_share=stall_share)
+        summary.update(step_time_median_s={"ours": med_o, "bare": med_b},
+                       step_time_mean_s={"ours": mean_o, "bare": mean_b},
+                       cpu_s_per_step={"ours": cpu_o, "bare": cpu_b})
+        rows += [
+            ("step time, median ms", f"{med_o * 1e3:.1f}", f"{med_b * 1e3:.1f} (bare {a.launcher})",
+             ratios["step_time_median"], "<= 1.10x"),
+            ("step time, mean ms", f"{mean_o * 1e3:.1f}", f"{mean_b * 1e3:.1f}", ratios["step_time_mean"],
+             "<= 1.05x"),
+            ("CPU s per step", f"{cpu_o:.3f}", f"{cpu_b:.3f}", ratios["cpu_per_step"], "<= 1.05x"),
+            ("input stall, share", f"{stall_share:.2%}", "(waiting for the next batch)", None, "< 2%")]
+    if sv:
+        bps = sv["bytes_per_s"]
+        ratios.update(
+            save_vs_fsspec=bps["ours"] / bps["fsspec"],
+            save_vs_fsspec_fsync=bps["ours"] / bps["fsspec+fsync"] if "fsspec+fsync" in bps else None,
+            save_vs_torch_save=bps["ours"] / bps["torch.save"],
+            save_durable_vs_fsspec_fsync=(bps["ours+durable"] / bps["fsspec+fsync"]
+                                          if "fsspec+fsync" in bps and "ours+durable" in bps else None))
+        summary["save_mb_per_s"] = {k: v / 1e6 for k, v in bps.items()}
+        rows.append(("save MB/s", f"{bps['ours'] / mb:.0f}", f"{bps['fsspec'] / mb:.0f} (fsspec)",
+                     ratios["save_vs_fsspec"], ">= 0.8x"))
+        if ratios["save_vs_fsspec_fsync"] is not None:
+            rows.append(("save MB/s", f"{bps['ours'] / mb:.0f}", f"{bps['fsspec+fsync'] / mb:.0f} (fsspec+fsync)",
+                         ratios["save_vs_fsspec_fsync"], ""))
+        if ratios["save_durable_vs_fsspec_fsync"] is not None:
+            rows.append(("save+fsync MB/s", f"{bps['ours+durable'] / mb:.0f}",
+                         f"{bps['fsspec+fsync'] / mb:.0f} (fsspec+fsync)", ratios["save_durable_vs_fsspec_fsync"],
+                         ">= 0.8x"))
+        rows.append(("save MB/s", f"{bps['ours'] / mb:.0f}", f"{bps['torch.save'] / mb:.0f} (torch.save)",
+                     ratios["save_vs_torch_save"], ""))
+    if sl:
+        ss, sa = sl["sync"]["stall"], sl["async"]["stall"]
+        ratios.update(stall_async_vs_sync_next_step=_ratio(sa["extra_s_next_step"], ss["extra_s_next_step"]),
+                      stall_async_vs_sync_amortised=_ratio(sa["extra_s_amortised"], ss["extra_s_amortised"]))
+        rows += [
+            ("stall s/ckpt, next step", f"{sa['extra_s_next_step']:.3f} (async)",
+             f"{ss['extra_s_next_step']:.3f} (sync)", ratios["stall_async_vs_sync_next_step"], "<= 0.5x"),
+            ("stall s/ckpt, amortised", f"{sa['extra_s_amortised']:.3f} (async)",
+             f"{ss['extra_s_amortised']:.3f} (sync)", ratios["stall_async_vs_sync_amortised"], "")]
+    local_runs = ([o for o in st["ours"]] if st else []) + (list(sl.values()) if sl else []) + ([rc] if rc else [])
+    colds = [o["cold_start_s"] for o in local_runs]
+    cold = statistics.median(colds) if colds else None
+    summary["cold_starts_s"] = colds
+    if rc:
+        recs = [k["recovery_s"] for k in rc["kills"]]
+        rec = statistics.median(recs)
+        ratios.update(recovery_vs_cold_start=rec / cold, recovery_vs_own_cold_start=rec / rc["cold_start_s"])
+        summary["recoveries_s"] = recs
+        rows += [("recovery s, kill->step", f"{rec:.1f}", f"{cold:.1f} (median cold start)",
+                  ratios["recovery_vs_cold_start"], "< 0.25x"),
+                 ("", "", f"{rc['cold_start_s']:.1f} (its own cold start)", ratios["recovery_vs_own_cold_start"], "")]
+    if nl:
+        rec_n = nl["kills"][0]["recovery_s"]
+        ratios["node_loss_recovery_vs_own_cold_start"] = rec_n / nl["cold_start_s"]
+        summary["node_loss_recovery_s"] = rec_n
+        rows.append(("node loss s, removal->step", f"{rec_n:.1f}",
+                     f"{nl['cold_start_s']:.1f} (its cold start, same cluster)",
+                     ratios["node_loss_recovery_vs_own_cold_start"], "< 0.5x"))
     targets = {"step_time_median": ("<=", 1.10), "step_time_mean": ("<=", 1.05), "cpu_per_step": ("<=", 1.05),
                "save_vs_fsspec": (">=", 0.8), "save_durable_vs_fsspec_fsync": (">=", 0.8),
                "stall_async_vs_sync_next_step": ("<=", 0.5), "input_stall_share": ("<", 0.02),
-               "recovery_vs_cold_start": ("<", 0.5)}
+               "recovery_vs_cold_start": ("<", 0.25), "node_loss_recovery_vs_own_cold_start": ("<", 0.5)}
     verdict = {}
     for k, (op, v) in targets.items():
-        r = ratios[k]
+        r = ratios.get(k)
         if r is None:
             continue
         verdict[k] = {"target": f"{op} {v}", "ratio": r,
                       "met": bool(r <= v if op == "<=" else r >= v if op == ">=" else r < v)}
-    report["summary"] = {"step_time_median_s": {"ours": med_o, "bare": med_b},
-                         "step_time_mean_s": {"ours": mean_o, "bare": mean_b},
-                         "cpu_s_per_step": {"ours": cpu_o, "bare": cpu_b},
-                         "save_mb_per_s": {k: v / 1e6 for k, v in bps.items()},
-                         "cold_starts_s": colds, "recoveries_s": recs,
-                         "ratios": ratios, "targets": verdict}
+    report["summary"] = summary | {"ratios": ratios, "targets": verdict}
 
-    la, mb = report["loadavg"], 1e6
-    ss, sa = sl["sync"]["stall"], sl["async"]["stall"]
-    rows = [
-        ("step time, median ms", f"{med_o * 1e3:.1f}", f"{med_b * 1e3:.1f} (bare {a.launcher})",
-         ratios["step_time_median"], "<= 1.10x"),
-        ("step time, mean ms", f"{mean_o * 1e3:.1f}", f"{mean_b * 1e3:.1f}", ratios["step_time_mean"], "<= 1.05x"),
-        ("CPU s per step", f"{cpu_o:.3f}", f"{cpu_b:.3f}", ratios["cpu_per_step"], "<= 1.05x"),
-        ("input stall, share", f"{stall_share:.2%}", "(waiting for the next batch)", None, "< 2%"),
-        ("save MB/s", f"{bps['ours'] / mb:.0f}", f"{bps['fsspec'] / mb:.0f} (fsspec)",
-         ratios["save_vs_fsspec"], ">= 0.8x"),
-    ]
-    if ratios["save_vs_fsspec_fsync"] is not None:
-        rows.append(("save MB/s", f"{bps['ours'] / mb:.0f}", f"{bps['fsspec+fsync'] / mb:.0f} (fsspec+fsync)",
-                     ratios["save_vs_fsspec_fsync"], ""))
-    if ratios["save_durable_vs_fsspec_fsync"] is not None:
-        rows.append(("save+fsync MB/s", f"{bps['ours+durable'] / mb:.0f}",
-                     f"{bps['fsspec+fsync'] / mb:.0f} (fsspec+fsync)", ratios["save_durable_vs_fsspec_fsync"], ">= 0.8x"))
-    rows += [
-        ("save MB/s", f"{bps['ours'] / mb:.0f}", f"{bps['torch.save'] / mb:.0f} (torch.save)",
-         ratios["save_vs_torch_save"], ""),
-        ("stall s/ckpt, next step", f"{sa['extra_s_next_step']:.3f} (async)",
-         f"{ss['extra_s_next_step']:.3f} (sync)", ratios["stall_async_vs_sync_next_step"], "<= 0.5x"),
-        ("stall s/ckpt, amortised", f"{sa['extra_s_amortised']:.3f} (async)",
-         f"{ss['extra_s_amortised']:.3f} (sync)", ratios["stall_async_vs_sync_amortised"], ""),
-        ("recovery s, kill->step", f"{rec:.1f}", f"{cold:.1f} (median cold start)",
-         ratios["recovery_vs_cold_start"], "< 0.5x"),
-        ("", "", f"{rc['cold_start_s']:.1f} (its own cold start)", ratios["recovery_vs_own_cold_start"], ""),
-    ]
+    la = report["loadavg"]
+    size = f", checkpoint {sv['bytes'] / mb:.0f} MB" if sv else ""
     print(f"\nbench.train: mlp {model_kwargs(a)} ({report['config']['params'] / 1e6:.2f} M params), "
-          f"{a.workers} workers x {a.threads} thread, ZeRO-{a.zero_stage} fp32 CPU, global batch {a.global_batch}, "
-          f"checkpoint {sv['bytes'] / mb:.0f} MB; {os.cpu_count()} cores, 1-min load average "
+          f"{a.workers} workers x {a.threads} thread, ZeRO-{a.zero_stage} fp32 CPU, global batch {a.global_batch}"
+          f"{size}; {os.cpu_count()} cores, 1-min load average "
           f"{la['min']:.1f}-{la['max']:.1f} (mean {la['mean']:.1f}); wall {report['config']['wall_s']:.0f} s")
-    print(f"{'':26}{'ours':>16}  {'baseline':<30}{'ratio':>8}  target")
+    print(f"{'':28}{'ours':>16}  {'baseline':<36}{'ratio':>8}  target")
     for label, ours, base, r, tgt in rows:
         rs = "-" if r is None else f"{r:.2f}x"
-        print(f"{label:26}{ours:>16}  {base:<30}{rs:>8}  {tgt}")
+        print(f"{label:28}{ours:>16}  {base:<36}{rs:>8}  {tgt}")
     for k, v in verdict.items():
         fig = f"{v['ratio']:.2%}" if k == "input_stall_share" else f"{v['ratio']:.2f}x"
         print(f"target {k}: {fig} {v['target']}: {'met' if v['met'] else 'NOT met'}")
-    print(f"ours per save: {sv['median_s']['ours']:.3f} s median until committed, "
-          f"{sv['median_s']['ours+durable']:.3f} s until fsynced (then retention {sv.get('retention_s', 0):.3f} s); xxh3-128 of the largest shard "
-          f"{sv['checksum_s']:.3f} s (sha256 would take {sv['sha256_s']:.3f} s); ZeRO gather before it, "
-          f"not in the figure: {sv['gather_s']:.2f} s")
-    print("recovery: " + "; ".join(f"killed after commit {k['after_commit_step']}, resumed from "
-                                   f"{k['resumed_from_step']}, next step +{k['recovery_s']:.1f} s"
-                                   for k in rc["kills"])
-          + f"; cold starts of every run: {', '.join(f'{c:.1f}' for c in colds)} s")
+    if sv:
+        print(f"ours per save: {sv['median_s']['ours']:.3f} s median until committed, "
+              f"{sv['median_s']['ours+durable']:.3f} s until fsynced (then retention {sv.get('retention_s', 0):.3f} s); "
+              f"xxh3-128 of the largest shard {sv['checksum_s']:.3f} s (sha256 would take {sv['sha256_s']:.3f} s); "
+              f"copy of the rank's ZeRO slice before it, not in the figure: {sv['copy_s']:.3f} s")
+    for name, run in (("recovery", rc), ("node loss", nl)):
+        if run:
+            print(f"{name}: " + "; ".join(f"{k['what']} after commit {k['after_commit_step']}, resumed from "
+                                          f"{k['resumed_from_step']}, next step +{k['recovery_s']:.1f} s"
+                                          for k in run["kills"]) + f"; its cold start {run['cold_start_s']:.1f} s")
+    if colds:
+        print(f"cold starts of every local run: {', '.join(f'{c:.1f}' for c in colds)} s")
     with open(os.path.join(a.out, "train.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
     _plot(a, report, os.path.join(a.out, "train.png"))
@@ -586,55 +692,65 @@ def _plot(a, report: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    s = report["summary"]
+    r = report["summary"]["ratios"]
     fig, ax = plt.subplots(2, 2, figsize=(12, 8))
     p = ax[0][0]
-    for name, runs, c in (("bare", report["step_time"]["bare"], "tab:gray"),
-                          ("ours", report["step_time"]["ours"], "tab:blue")):
-        for i, r in enumerate(runs):
-            d = durations(r["t"])
-            p.plot(list(d), [v * 1e3 for v in d.values()], color=c, lw=1, alpha=0.8,
-                   label=name if i == 0 else None)
-    p.axvline(a.warmup + 0.5, color="k", ls=":", lw=0.8)
-    p.set_xlabel("global step (dotted: end of warm-up)")
-    p.set_ylabel("ms per step")
-    p.set_title(f"step time: ours/bare median {s['ratios']['step_time_median']:.2f}x (target <= 1.10), "
-                f"CPU/step {s['ratios']['cpu_per_step']:.2f}x", fontsize=10)
-    p.legend()
+    if "step_time" in report:
+        for name, runs, c in (("bare", report["step_time"]["bare"], "tab:gray"),
+                              ("ours", report["step_time"]["ours"], "tab:blue")):
+            for i, run in enumerate(runs):
+                d = durations(run["t"])
+                p.plot(list(d), [v * 1e3 for v in d.values()], color=c, lw=1, alpha=0.8,
+                       label=name if i == 0 else None)
+        p.axvline(a.warmup + 0.5, color="k", ls=":", lw=0.8)
+        p.set_xlabel("global step (dotted: end of warm-up)")
+        p.set_ylabel("ms per step")
+        p.set_title(f"step time: ours/bare median {r['step_time_median']:.2f}x (target <= 1.10), "
+                    f"CPU/step {r['cpu_per_step']:.2f}x", fontsize=10)
+        p.legend()
 
     p = ax[0][1]
-    bps = report["save"]["bytes_per_s"]
-    names = list(bps)
-    p.bar(names, [bps[n] / 1e6 for n in names],
-          color=["tab:blue" if n.startswith("ours") else "tab:gray" for n in names])
-    p.set_ylabel("MB/s (median of rounds)")
-    p.set_title(f"checkpoint save, {report['save']['bytes'] / 1e6:.0f} MB: ours/fsspec "
-                f"{s['ratios']['save_vs_fsspec']:.2f}x (target >= 0.8)", fontsize=10)
+    if "save" in report:
+        bps = report["save"]["bytes_per_s"]
+        names = list(bps)
+        p.bar(names, [bps[n] / 1e6 for n in names],
+              color=["tab:blue" if n.startswith("ours") else "tab:gray" for n in names])
+        p.set_ylabel("MB/s (median of rounds)")
+        p.set_title(f"checkpoint save, {report['save']['bytes'] / 1e6:.0f} MB: ours/fsspec "
+                    f"{r['save_vs_fsspec']:.2f}x (target >= 0.8)", fontsize=10)
 
     p = ax[1][0]
-    for mode, c in (("sync", "tab:red"), ("async", "tab:green")):
-        d = durations(report["stall"][mode]["t"])
-        p.plot(list(d), [v * 1e3 for v in d.values()], color=c, lw=1, marker=".", label=mode)
-    for k in range(a.ckpt_interval, a.stall_steps, a.ckpt_interval):
-        p.axvline(k + 1, color="k", ls=":", lw=0.6)
-    p.set_xlabel("global step (dotted: first step after a checkpoint)")
-    p.set_ylabel("ms per step")
-    p.set_title("stall: sync vs async checkpointing", fontsize=10)
-    p.legend()
+    if "stall" in report:
+        for mode, c in (("sync", "tab:red"), ("async", "tab:green")):
+            d = durations(report["stall"][mode]["t"])
+            p.plot(list(d), [v * 1e3 for v in d.values()], color=c, lw=1, marker=".", label=mode)
+        for k in range(a.ckpt_interval, a.stall_steps, a.ckpt_interval):
+            p.axvline(k + 1, color="k", ls=":", lw=0.6)
+        p.set_xlabel("global step (dotted: first step after a checkpoint)")
+        p.set_ylabel("ms per step")
+        p.set_title("stall: sync vs async checkpointing", fontsize=10)
+        p.legend()
 
     p = ax[1][1]
-    r = report["recovery"]
-    t0 = r["t_fit"]
-    p.plot([t - t0 for t in r["t"]], r["steps"], marker=".", lw=1, color="tab:blue")
-    p.axvspan(0, r["cold_start_s"], color="tab:gray", alpha=0.2, label=f"cold start {r['cold_start_s']:.1f} s")
-    for i, k in enumerate(r["kills"]):
-        p.axvspan(k["t_kill"] - t0, k["t_kill"] - t0 + k["recovery_s"], color="tab:red", alpha=0.15,
-                  label="SIGKILL -> next step" if i == 0 else None)
-        p.axvline(k["t_kill"] - t0, color="tab:red", ls="--", lw=1)
-    p.set_xlabel("seconds since fit()")
-    p.set_ylabel("completed global step")
-    p.set_title(f"recovery / cold start {s['ratios']['recovery_vs_cold_start']:.2f}x (target < 0.5)", fontsize=10)
-    p.legend(loc="lower right")
+    for key, c, label in (("recovery", "tab:blue", "worker killed"), ("node_loss", "tab:purple", "node removed")):
+        run = report.get(key)
+        if not run:
+            continue
+        t0 = run["t_fit"]
+        p.plot([t - t0 for t in run["t"]], run["steps"], marker=".", lw=1, color=c,
+               label=f"{label} (cold start {run['cold_start_s']:.1f} s)")
+        for k in run["kills"]:
+            p.axvspan(k["t_kill"] - t0, k["t_kill"] - t0 + k["recovery_s"], color=c, alpha=0.15)
+            p.axvline(k["t_kill"] - t0, color=c, ls="--", lw=1)
+    if "recovery" in report or "node_loss" in report:
+        p.set_xlabel("seconds since fit() (shaded: failure -> next completed step)")
+        p.set_ylabel("completed global step")
+        p.set_title("recovery: worker kill / cold start "
+                    + (f"{r['recovery_vs_cold_start']:.2f}x (< 0.25)" if "recovery_vs_cold_start" in r else "-")
+                    + ", node loss "
+                    + (f"{r['node_loss_recovery_vs_own_cold_start']:.2f}x (< 0.5)"
+                       if "node_loss_recovery_vs_own_cold_start" in r else "-"), fontsize=10)
+        p.legend(loc="lower right")
     la = report["loadavg"]
     fig.suptitle(f"bench.train: {report['config']['params'] / 1e6:.1f} M-param MLP, {a.workers} workers, "
                  f"ZeRO-{a.zero_stage} fp32 CPU; 1-min load average {la['min']:.1f}-{la['max']:.1f} on "

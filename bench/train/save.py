@@ -3,7 +3,7 @@
 Run by ``python -m bench.train`` in its own process (``python -m bench.train.save --config C.json``)
 so the one-rank process group it opens stays out of the driver. It builds the benchmark model under a
 DeepSpeed engine of the same ZeRO stage (one rank), takes one optimizer step so the Adam moments
-exist, gathers the full ZeRO state the way a train worker does (``zero_state.iter_full_state``),
+exist, copies its share of the ZeRO state the way a train worker does (``zero_state.local_fragments``),
 then times, interleaved over ``reps`` rounds:
 
 * ``ours``          ``CheckpointStore.write_shard`` + ``commit`` as the trainer runs them (safetensors
@@ -71,8 +71,8 @@ def main() -> None:
     print(f"[save] engine ready in {time.perf_counter() - t_setup:.1f} s", flush=True)
     keys = zero_state.optimizer_state_keys(spec.optimizer.name)
     t = time.perf_counter()
-    tensors = dict(zero_state.iter_full_state(engine, keys))
-    gather_s = time.perf_counter() - t
+    tensors, fragments = zero_state.local_fragments(engine, keys, owns=lambda n: True)
+    copy_s = time.perf_counter() - t
     state = {"step": 1, "world_size": 1, "optimizer_step": zero_state.optimizer_step_count(engine),
              "metrics": {"loss": 1.0}, "history": [], "spec": spec.model_dump(mode="json"),
              "saved_at": time.time()}
@@ -101,7 +101,8 @@ def main() -> None:
         step = rep + 1
         t = time.perf_counter()
         store.write_shard(SaveRequest(step=step, rank=0, world_size=1, tensors=tensors, rng=rng_state(),
-                                      state=dict(state, step=step), metrics={"loss": 1.0}))
+                                      state=dict(state, step=step), metrics={"loss": 1.0},
+                                      fragments=fragments))
         store.commit(step, 1, {"loss": 1.0})
         times["ours"].append(time.perf_counter() - t)
         store.wait_synced()
@@ -144,7 +145,7 @@ def main() -> None:
     hashlib.sha256(blob).hexdigest()
     sha256_s = time.perf_counter() - t
     sizes = {k: nbytes for k in times} | {"torch.save": torch_save_bytes}
-    report = {"bytes": nbytes, "files": {n: len(b) for n, b in files.items()}, "gather_s": gather_s,
+    report = {"bytes": nbytes, "files": {n: len(b) for n, b in files.items()}, "copy_s": copy_s,
               "params": sum(p.numel() for p in model.parameters()), "url": root, "reps": cfg["reps"],
               "times_s": times,
               "median_s": {k: statistics.median(v) for k, v in times.items()},
