@@ -152,6 +152,15 @@ def lower_thread_priority(by: int = 10) -> None:
         pass
 
 
+def idle_thread_priority() -> None:
+    """Run the calling thread only on CPU time nothing else on the machine wants (Linux
+    ``SCHED_IDLE``; threads it starts inherit it); where unsupported, 19 nice levels down."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread (Linux)
+    except (OSError, AttributeError):
+        lower_thread_priority(19)
+
+
 def at_low_priority(fn, by: int = 10):
     """Run ``fn()`` in a thread of its own at a lower CPU priority and wait for it: work that must
     not compete with a node's running trainers (a spare's preload) gets the cores only when they

@@ -262,18 +262,24 @@ def _nice() -> int:
     return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
 
+def _policy() -> tuple[int, int]:
+    return os.sched_getscheduler(0), _nice()
+
+
 def test_background_work_runs_below_the_trainers_priority_and_the_caller_keeps_its_own():
-    """The async checkpoint writer and a spare's preload take only the CPU the trainers leave: their
-    threads run 10 nice levels lower; the training thread's own priority is unchanged; errors
-    still reach the caller."""
+    """A spare's preload runs 10 nice levels below the trainers; the async checkpoint writer only on
+    CPU time nothing else wants (SCHED_IDLE), but a save the trainer waits for at once runs at the
+    trainer's own priority; the training thread's priority is unchanged; errors reach the caller."""
     from actors import warm
     from actors.trainer.checkpoint import AsyncSaver
-    before = _nice()
-    assert warm.at_low_priority(_nice) == min(19, before + 10)
+    before = _policy()
+    assert warm.at_low_priority(_nice) == min(19, before[1] + 10)
     saver, seen = AsyncSaver(), []
-    saver.submit(lambda: seen.append(_nice()))
+    saver.submit(lambda: seen.append(_policy()))
     saver.wait()
-    assert seen == [min(19, before + 10)] and _nice() == before
+    saver.submit(lambda: seen.append(_policy()), background=False)
+    saver.wait()
+    assert seen == [(os.SCHED_IDLE, before[1]), before] and _policy() == before
 
     def boom():
         raise RuntimeError("preload failed")

@@ -177,7 +177,7 @@ class CheckpointStore:
         keep = set(files) | set(expected) | {MANIFEST}
         for name in present - keep:  # an earlier attempt's shards and records (another world size)
             self.storage.delete(f"{d}/{name}")
-        self._durability.submit(lambda: self._make_durable(d))
+        self._durability.submit(lambda: self._make_durable(d), background=self.background_durability)
         if not self.background_durability:
             self.wait_durable()
         return self.storage.url(d)
@@ -405,12 +405,15 @@ class AsyncSaver:
         self._error: BaseException | None = None
         self.last_committed: tuple[int, str] | None = None
 
-    def submit(self, fn: Callable[[], tuple[int, str] | None]) -> None:
+    def submit(self, fn: Callable[[], tuple[int, str] | None], background: bool = True) -> None:
+        """Run ``fn`` in the writer thread once the previous one is done. ``background``: the
+        step goes on meanwhile, so the writer takes only CPU time nothing else wants (a caller
+        that waits for it at once passes False: it runs at the caller's priority)."""
         self.wait()
 
         def run():
-            # the step goes on meanwhile: the writer takes the cores the trainers leave idle
-            warm.lower_thread_priority()
+            if background:
+                warm.idle_thread_priority()
             try:
                 res = fn()
                 if res:

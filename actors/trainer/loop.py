@@ -348,8 +348,9 @@ class Worker:
                 return step, self.ckpt.commit(step, self.world, metrics, attempt=self.attempt)
             return None
 
-        self.saver.submit(write)
-        if sync or not self.spec.checkpoint.async_save:
+        wait = sync or not self.spec.checkpoint.async_save
+        self.saver.submit(write, background=not wait)
+        if wait:
             self.saver.wait()
 
     def report(self, metrics: dict[str, float]) -> None:
@@ -457,7 +458,9 @@ class Worker:
             metrics = {"step": step, "loss": g_loss, "world_size": self.world,
                        "epoch": self.loader.state_dict().get("epoch", 0)}
             if step % spec.checkpoint.interval_steps == 0 or step == self.max_steps or requested:
+                t_save = time.monotonic()
                 self.save(step, {"loss": g_loss}, sync=step == self.max_steps or requested)
+                self.history[-1]["save_s"] = time.monotonic() - t_save  # what training waited for
                 if requested and self.rank == 0:
                     self.control.mark_served(request, step)
                     log.warning("[%s] checkpointed at step %d as the scheduler asked (%s)",
