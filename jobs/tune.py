@@ -37,8 +37,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from orchestrator.spec import (Domain, SpecError, TuneSpec, feasible_worker_counts,
-                               with_overrides)
+from orchestrator.batch import BatchPlan
+from orchestrator.spec import Domain, SpecError, TuneSpec, with_overrides
 from orchestrator.storage import Storage
 
 log = logging.getLogger("jobs.tune")
@@ -163,7 +163,7 @@ def trial_concurrency(spec: TuneSpec, free: dict[str, float]) -> int:
     """Trials that fit at once in ``free`` resources (``ray.available_resources()``): free CPUs
     (and GPUs) over one trial's gang at its largest size; at least 1, at most max_concurrent_trials."""
     r = spec.trial.resources
-    workers = max(feasible_worker_counts(spec.trial))
+    workers = BatchPlan.of(spec.trial).max_allowed
     n = int((free.get("CPU", 0.0) + 1e-6) // (workers * r.cpus_per_worker))
     if r.gpus_per_worker:
         n = min(n, int((free.get("GPU", 0.0) + 1e-6) // (workers * r.gpus_per_worker)))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from orchestrator.batch import BatchPlan
+
 GiB = 1024 ** 3
 
 
@@ -71,15 +73,17 @@ def count_params(spec) -> int:
 
 
 def plan_for_spec(spec) -> list[str]:
-    """Lines for ``orchestrator validate``: per-worker plan at min and max workers, with a warning
-    when it exceeds the spec's declared ``resources.memory_per_worker_gb``."""
+    """Lines for ``orchestrator validate``: per-worker plan at the fewest and most workers the job
+    runs at (its :class:`BatchPlan`), with a warning when it exceeds the spec's declared
+    ``resources.memory_per_worker_gb``."""
     try:
         n = count_params(spec)
     except Exception as e:  # noqa: BLE001 - the factory may need a GPU or be unimportable here
         return [f"memory plan unavailable: cannot build model {spec.model.factory}: {e}"]
     ds, r = spec.deepspeed, spec.resources
     lines = [f"model parameters: {n:,}"]
-    for w in sorted({r.min_workers, r.max_workers}):
+    runs = BatchPlan.of(spec)
+    for w in sorted({runs.min_allowed, runs.max_allowed}):
         p = plan(n, ds.zero_stage, w, ds.precision, ds.offload_optimizer, ds.offload_params)
         lines.append(f"memory per worker at {w} workers (ZeRO-{ds.zero_stage}, {ds.precision}): "
                      f"params {human(p.params_bytes)}, grads {human(p.grads_bytes)}, optimizer "

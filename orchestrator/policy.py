@@ -10,18 +10,20 @@ What one call does, in order:
 2. Reject queued jobs that can never run: their minimum gang does not pack onto the cluster's
    nodes even when empty, or needs more than their team's whole quota.
 3. Walk the queue by *effective* priority (class + aging, FIFO inside a class) and admit every gang
-   whose ``min_workers`` bundles pack onto nodes now (up to ``max_workers``), within team quotas.
+   whose smallest allowed worker count packs onto nodes now (up to its largest), within team
+   quotas. A job only ever holds a count in its ``allowed`` set (those that split its batch).
 4. The first gang that does not fit is the *head*. It reserves the nodes it will start on; jobs
    behind it may start (backfill) only on other nodes, so they never delay it.
 5. A blocked job whose class outranks running preemptible jobs gets capacity by first shrinking
-   elastic lower-class jobs toward their ``min_workers``, then stopping the lowest-class victims,
+   elastic lower-class jobs to their smallest allowed count, then stopping the lowest-class victims,
    freshest checkpoint first, after they checkpoint. Nothing is touched unless that frees enough.
-6. Elastic jobs below ``max_workers`` grow into capacity nobody queued needs.
+6. Elastic jobs below their largest allowed count grow into capacity nobody queued needs.
 7. Gangs still blocked are announced to the autoscaler (:class:`RequestResources`).
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -78,6 +80,9 @@ class JobView:
     ``placement`` maps node id -> workers for jobs holding capacity. ``checkpoint_age`` is seconds
     since the job's last committed checkpoint (``None``: it has none). ``stopping`` marks a job
     already asked to stop or shrink (its ``target_workers``), whose capacity is about to free.
+    ``allowed`` lists the worker counts the job can run at (a train job's batch splits, see
+    :class:`orchestrator.batch.BatchPlan`); ``None`` means every count in [min, max]. The policy
+    admits, grows and shrinks jobs to allowed counts only.
     """
     id: str
     priority: int
@@ -95,15 +100,37 @@ class JobView:
     start_time: float | None = None
     stopping: bool = False
     target_workers: int | None = None
+    allowed: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if not 1 <= self.min_workers <= self.max_workers:
             raise ValueError(f"job {self.id}: need 1 <= min_workers ({self.min_workers}) <= "
                              f"max_workers ({self.max_workers})")
+        if self.allowed is not None:
+            self.allowed = tuple(sorted(set(self.allowed)))
+            lo, hi = (self.allowed[0], self.allowed[-1]) if self.allowed else (0, 0)
+            if not self.min_workers <= lo <= hi <= self.max_workers:
+                raise ValueError(f"job {self.id}: allowed worker counts {list(self.allowed)} must be "
+                                 f"non-empty and within [{self.min_workers}, {self.max_workers}]")
+
+    @property
+    def min_allowed(self) -> int:
+        """The smallest count the job can run at: its gang minimum."""
+        return self.allowed[0] if self.allowed is not None else self.min_workers
+
+    @property
+    def max_allowed(self) -> int:
+        return self.allowed[-1] if self.allowed is not None else self.max_workers
+
+    def largest_allowed_at_most(self, n: int) -> int | None:
+        if self.allowed is None:
+            return min(n, self.max_workers) if n >= self.min_workers else None
+        i = bisect.bisect_right(self.allowed, n)
+        return self.allowed[i - 1] if i else None
 
     @property
     def elastic(self) -> bool:
-        return self.min_workers < self.max_workers
+        return self.min_allowed < self.max_allowed
 
     @property
     def bundle(self) -> tuple[float, float]:
@@ -126,7 +153,7 @@ class PolicyConfig:
     backfill: bool = True
     backfill_depth: int = 100_000     # queued jobs examined behind the head per cycle
     preemption: bool = True
-    grow: bool = True                 # elastic jobs take idle capacity up to max_workers
+    grow: bool = True                 # elastic jobs take idle capacity up to their largest count
     max_request_bundles: int = 10_000  # cap on bundles sent to the autoscaler per cycle
 
     def __post_init__(self):
@@ -323,11 +350,13 @@ def fits_empty_cluster(job: JobView, cluster: ClusterState) -> str | None:
         return (f"one worker ({c:g} CPU, {g:g} GPU) fits no node and no node type the autoscaler "
                 f"can add {list(cluster.autoscale_shapes)}")
     room = sum(_fit(s, job.bundle) * k for s, k in cluster.total_shapes.items())
-    if room >= job.min_workers:
+    if room >= job.min_allowed:
         return None
     tot_c = sum(s[0] * k for s, k in cluster.total_shapes.items())
     tot_g = sum(s[1] * k for s, k in cluster.total_shapes.items())
-    return (f"min_workers={job.min_workers} x ({c:g} CPU, {g:g} GPU) cannot pack onto the cluster "
+    gang = (f"min_workers={job.min_workers}" if job.min_allowed == job.min_workers else
+            f"{job.min_allowed} workers (the fewest that split its batch)")
+    return (f"{gang} x ({c:g} CPU, {g:g} GPU) cannot pack onto the cluster "
             f"even when empty: {len(cluster.nodes)} node(s), {tot_c:g} CPU, {tot_g:g} GPU in all, "
             f"room for {room} such worker(s)")
 
@@ -362,11 +391,11 @@ def decide(queue: Sequence[JobView], running: Sequence[JobView], cluster: Cluste
 
     # 1-2: requeue stopped victims; reject what can never run.
     waiting: list[JobView] = []
-    never: dict[tuple[int, float, float], str | None] = {}
+    never: dict[tuple[int, int, float, float], str | None] = {}
     for j in queue:
         if j.state == "preempted":
             out.append(Requeue(j.id, "preempted; resumes from its last checkpoint"))
-        key = (j.min_workers, j.cpus_per_worker, j.gpus_per_worker)
+        key = (j.min_workers, j.min_allowed, j.cpus_per_worker, j.gpus_per_worker)
         if key not in never:
             never[key] = fits_empty_cluster(j, cluster)
         reason = never[key] or _over_whole_quota(j, quotas.get(j.team))
@@ -389,12 +418,12 @@ def decide(queue: Sequence[JobView], running: Sequence[JobView], cluster: Cluste
                 blocked.append(j)
                 continue
             examined += 1
-        if not _within_quota(j, j.min_workers, usage, quotas.get(j.team)):
+        if not _within_quota(j, j.min_allowed, usage, quotas.get(j.team)):
             continue  # over quota: waits without blocking other teams
-        key = (j.min_workers, j.cpus_per_worker, j.gpus_per_worker)
+        key = (j.min_allowed, j.cpus_per_worker, j.gpus_per_worker)
         placement = None
         if key not in failed_shapes:
-            placement = cap.place(j.min_workers, _quota_cap(j, usage, quotas.get(j.team)), j.bundle)
+            placement = _place_gang(cap, j, _quota_cap(j, usage, quotas.get(j.team)))
         if placement is None:
             failed_shapes.add(key)
             blocked.append(j)
@@ -408,7 +437,7 @@ def decide(queue: Sequence[JobView], running: Sequence[JobView], cluster: Cluste
             # the head's nodes or preempt for itself.
             preemptor = j
             hi = _quota_cap(j, usage, quotas.get(j.team))
-            placement = cap.copy(withheld=False).place(j.min_workers, hi, j.bundle)
+            placement = _place_gang(cap.copy(withheld=False), j, hi)
             if placement is None:
                 _reserve_for(j, cap, running, config=config, now=now, out=out, touched=touched,
                              preempts_head=True)
@@ -424,13 +453,16 @@ def decide(queue: Sequence[JobView], running: Sequence[JobView], cluster: Cluste
     # 6: nobody is waiting for capacity: elastic jobs grow into it.
     if config.grow and head is None:
         for r in sorted(running, key=lambda r: (-r.priority, r.submit_time, r.id)):
-            if r.stopping or r.workers >= r.max_workers or r.state != "running":
+            if r.stopping or r.workers >= r.max_allowed or r.state != "running":
                 continue
             hi = _quota_cap(r, usage, quotas.get(r.team), have=r.workers)
             if hi <= 0:
                 continue
-            add = cap.place(1, min(hi, r.max_workers - r.workers), r.bundle)
-            if add:
+            add = cap.place(1, hi, r.bundle)
+            to = r.largest_allowed_at_most(r.workers + sum(add.values())) if add else None
+            if to is not None and to > r.workers:
+                if to - r.workers < sum(add.values()):  # room for a count with no batch split
+                    add = cap.place(to - r.workers, to - r.workers, r.bundle)
                 n = sum(add.values())
                 cap.take(add, r.bundle)
                 usage[r.team][0] += n * r.cpus_per_worker
@@ -439,7 +471,7 @@ def decide(queue: Sequence[JobView], running: Sequence[JobView], cluster: Cluste
 
     # 7: tell the autoscaler about everything running plus the blocked gangs.
     if blocked and cluster.autoscale_shapes:
-        demand = [(r.workers, r) for r in running] + [(b.min_workers, b) for b in blocked]
+        demand = [(r.workers, r) for r in running] + [(b.min_allowed, b) for b in blocked]
         bundles: list[dict[str, float]] = []
         for n, j in demand:
             b = {"CPU": j.cpus_per_worker, **({"GPU": j.gpus_per_worker} if j.gpus_per_worker else {})}
@@ -467,7 +499,7 @@ def _by_effective_priority(jobs: list[JobView], now: float, config: PolicyConfig
 def _over_whole_quota(job: JobView, quota: Quota | None) -> str | None:
     if quota is None:
         return None
-    c, g = job.min_workers * job.cpus_per_worker, job.min_workers * job.gpus_per_worker
+    c, g = job.min_allowed * job.cpus_per_worker, job.min_allowed * job.gpus_per_worker
     if quota.cpus is not None and c > quota.cpus + _EPS:
         return f"min gang needs {c:g} CPU but team {job.team!r} quota is {quota.cpus:g} CPU"
     if quota.gpus is not None and g > quota.gpus + _EPS:
@@ -481,7 +513,7 @@ def _within_quota(job: JobView, workers: int, usage, quota: Quota | None) -> boo
 
 def _quota_cap(job: JobView, usage, quota: Quota | None, have: int = 0) -> int:
     """How many more workers the team's quota allows this job (capped at what it can use)."""
-    hi = job.max_workers - have
+    hi = job.max_allowed - have
     if quota is None:
         return hi
     uc, ug = usage[job.team] if job.team in usage else (0.0, 0.0)
@@ -498,9 +530,9 @@ def _reserve_for(job: JobView, cap: Capacity, running: Sequence[JobView], *, con
     """Give a blocked job a reservation backfill cannot touch, preempting for it if it may.
 
     Order of resort: capacity already being released by stopping jobs; then shrinking elastic
-    lower-class jobs toward min_workers; then stopping lower-class victims (lowest class, freshest
-    checkpoint first). Victims are only touched if the job then fits. Otherwise the job reserves
-    the nodes with most free room whose total size holds its gang.
+    lower-class jobs to their smallest allowed count; then stopping lower-class victims (lowest
+    class, freshest checkpoint first). Victims are only touched if the job then fits. Otherwise the
+    job reserves the nodes with most free room whose total size holds its gang.
     """
     # Capacity that jobs already told to stop or shrink will hand back. A job outranking the head
     # by class may also take the head's nodes (the head got there by aging alone).
@@ -508,7 +540,7 @@ def _reserve_for(job: JobView, cap: Capacity, running: Sequence[JobView], *, con
     for r in running:
         if r.stopping:
             trial.give(_released(r, r.target_workers or 0), r.bundle)
-    placement = trial.place(job.min_workers, job.min_workers, job.bundle)
+    placement = trial.place(job.min_allowed, job.min_allowed, job.bundle)
     if placement is None and config.preemption:
         placement = _preempt_for(job, trial, running, out, now - config.min_run_before_preempt_s,
                                  touched)
@@ -516,6 +548,19 @@ def _reserve_for(job: JobView, cap: Capacity, running: Sequence[JobView], *, con
         cap.withhold(placement)
         return
     cap.withhold(_nodes_to_wait_for(job, cap))
+
+
+def _place_gang(cap: Capacity, job: JobView, hi: int) -> dict[str, int] | None:
+    """Place the largest allowed count of ``job`` up to ``hi`` that fits now; None if its
+    smallest allowed count does not."""
+    placement = cap.place(job.min_allowed, hi, job.bundle)
+    if placement is None:
+        return None
+    n = sum(placement.values())
+    w = job.largest_allowed_at_most(n)
+    if w is None:
+        return None
+    return placement if w == n else cap.place(w, w, job.bundle)
 
 
 def _released(r: JobView, to_workers: int) -> dict[str, int]:
@@ -546,11 +591,11 @@ def _preempt_for(job: JobView, trial: Capacity, running: Sequence[JobView], out:
     plan: list[tuple[str, JobView, int, dict[str, int]]] = []
     placement = None
     for r in useful:  # shrink elastic jobs first: nobody stops
-        if r.workers > r.min_workers:
-            rel = _released(r, r.min_workers)
+        if r.workers > r.min_allowed:
+            rel = _released(r, r.min_allowed)
             trial.give(rel, r.bundle)
-            plan.append(("shrink", r, r.min_workers, rel))
-            placement = trial.place(job.min_workers, job.min_workers, job.bundle)
+            plan.append(("shrink", r, r.min_allowed, rel))
+            placement = trial.place(job.min_allowed, job.min_allowed, job.bundle)
             if placement is not None:
                 break
     if placement is None:
@@ -562,7 +607,7 @@ def _preempt_for(job: JobView, trial: Capacity, running: Sequence[JobView], out:
                 rel = {n: w - shrunk[3].get(n, 0) for n, w in rel.items() if w - shrunk[3].get(n, 0) > 0}
             trial.give(rel, r.bundle)
             plan.append(("stop", r, 0, _released(r, 0)))
-            placement = trial.place(job.min_workers, job.min_workers, job.bundle)
+            placement = trial.place(job.min_allowed, job.min_allowed, job.bundle)
             if placement is not None:
                 break
     if placement is None:
@@ -582,7 +627,7 @@ def _preempt_for(job: JobView, trial: Capacity, running: Sequence[JobView], out:
 
 def _nodes_to_wait_for(job: JobView, cap: Capacity) -> list[str]:
     """The nodes a blocked gang will start on: most free room first, until their size holds it."""
-    need = job.min_workers
+    need = job.min_allowed
     chosen: list[str] = []
     for shape, nodes in sorted(cap.by_shape.items(), key=lambda sn: -_fit(sn[0], job.bundle)):
         for n in sorted(nodes):

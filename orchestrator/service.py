@@ -462,7 +462,8 @@ class Scheduler:
                     queue.append(v)
             elif j.workers > 0:
                 if j.kind != "train":  # only train jobs resize in place (Ray Train elastic)
-                    v = dataclasses.replace(v, min_workers=j.workers, max_workers=j.workers)
+                    v = dataclasses.replace(v, min_workers=j.workers, max_workers=j.workers,
+                                            allowed=None)
                 running.append(v)
         return queue, running
 

@@ -18,6 +18,8 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
                       model_validator)
 
 from orchestrator import storage
+from orchestrator.batch import BatchPlan, NoSplit
+from orchestrator.batch import accumulation as _accumulation
 
 PRIORITY_CLASSES: dict[str, int] = {"low": 0, "normal": 100, "high": 200, "critical": 300}
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
@@ -211,6 +213,11 @@ class DeepSpeed(Strict):
             raise field_error("offload_optimizer", "offload_optimizer needs zero_stage 1, 2 or 3")
         if self.precision == "fp16" and self.zero_stage == 0:
             raise field_error("precision", "fp16 needs zero_stage 1, 2 or 3 (resharding reads ZeRO's fp32 master weights)")
+        batch_keys = sorted(set(self.config_overrides) & {
+            "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"})
+        if batch_keys:
+            raise field_error("config_overrides", f"{batch_keys} are derived from global_batch_size and "
+                              "micro_batch_size for each worker count; set those instead")
         if self.global_batch_size % self.micro_batch_size:
             raise field_error("global_batch_size", f"global_batch_size ({self.global_batch_size}) is not a multiple of "
                              f"micro_batch_size ({self.micro_batch_size})")
@@ -308,13 +315,11 @@ class TrainSpec(_JobBase):
     def _batch_splits(self):
         if self.max_steps is None and self.epochs is None:
             raise field_error("max_steps", "set max_steps or epochs")
-        ok = feasible_worker_counts(self)
+        try:
+            BatchPlan.of(self)
+        except NoSplit as e:
+            raise field_error(e.field, str(e)) from None
         ds, r = self.deepspeed, self.resources
-        if not ok:
-            raise field_error(
-                "deepspeed.global_batch_size", f"deepspeed.global_batch_size ({ds.global_batch_size}) is not divisible by "
-                f"micro_batch_size x workers ({ds.micro_batch_size} x w) for any allowed worker "
-                f"count w in [{r.min_workers}, {r.max_workers}]")
         if ds.precision == "fp16" and not r.gpus_per_worker:
             raise field_error("deepspeed.precision", "fp16 needs a GPU (resources.gpus_per_worker > 0): "
                               "its loss scaling and kernels are CUDA's; on CPU use bf16")
@@ -330,28 +335,17 @@ def data_partitions(spec: TrainSpec) -> int:
     the worker counts the job may run at (it divides the global batch, and each of those counts
     reads whole partitions)."""
     import math
-    return spec.dataset.shuffle.partitions or math.lcm(*feasible_worker_counts(spec))
+    return spec.dataset.shuffle.partitions or math.lcm(*BatchPlan.of(spec).allowed)
 
 
 def feasible_worker_counts(spec: TrainSpec) -> list[int]:
-    """Worker counts in [min, max] that keep the global batch with an integer accumulation."""
-    ds, r = spec.deepspeed, spec.resources
-    return [w for w in range(r.min_workers, r.max_workers + 1)
-            if ds.global_batch_size % (ds.micro_batch_size * w) == 0]
+    """Worker counts in [min, max] that keep the global batch (see :class:`BatchPlan`)."""
+    return list(BatchPlan.of(spec).allowed)
 
 
 def gradient_accumulation(global_batch: int, micro_batch: int, workers: int) -> int:
-    """Accumulation steps keeping ``global = workers x micro x accumulation``.
-
-    Raises ValueError naming the numbers when no integer split exists (invariant 4).
-    """
-    if workers < 1 or micro_batch < 1:
-        raise ValueError(f"workers ({workers}) and micro_batch ({micro_batch}) must be >= 1")
-    if global_batch % (micro_batch * workers):
-        raise ValueError(
-            f"global batch {global_batch} cannot be split over {workers} workers x micro-batch "
-            f"{micro_batch}: {global_batch} % {micro_batch * workers} != 0")
-    return global_batch // (micro_batch * workers)
+    """Accumulation steps keeping the global batch (see :func:`orchestrator.batch.accumulation`)."""
+    return _accumulation(global_batch, micro_batch, workers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -658,7 +652,7 @@ def describe(spec) -> list[str]:
         trains = [(f"stage {s.name}: ", s.spec) for s in spec.stages if isinstance(s.spec, TrainSpec)]
         notes.append(f"# stage order: {' -> '.join(topo_order(spec))}")
     for prefix, t in trains:
-        ok = feasible_worker_counts(t)
+        ok = list(BatchPlan.of(t).allowed)
         r = t.resources
         bad = [w for w in range(r.min_workers, r.max_workers + 1) if w not in ok]
         notes.append(f"# {prefix}worker counts that keep global batch {t.deepspeed.global_batch_size}: {ok}")

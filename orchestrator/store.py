@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
 
 from orchestrator import spec as specmod
+from orchestrator.batch import BatchPlan
 from orchestrator.policy import JobView
 
 SCHEMA_VERSION = 1
@@ -173,7 +174,16 @@ class JobRecord:
                        self.max_workers, self.cpus_per_worker, self.gpus_per_worker, self.submit_time,
                        self.state, self.workers, dict(self.placement), self.preemptible,
                        None if self.checkpoint_time is None else max(0.0, now - self.checkpoint_time),
-                       self.start_time)
+                       self.start_time, allowed=self.allowed_workers)
+
+    @property
+    def allowed_workers(self) -> tuple[int, ...] | None:
+        """The worker counts a train job can run at (its batch plan's); None: any in the range."""
+        if self.kind != "train":
+            return None
+        ds, r = self.spec["deepspeed"], self.spec["resources"]
+        return BatchPlan(ds["global_batch_size"], ds["micro_batch_size"],
+                         r["min_workers"], r["max_workers"]).allowed
 
     @property
     def submission_id(self) -> str:
@@ -185,20 +195,27 @@ class JobRecord:
 def demand(spec) -> tuple[int, int, float, float]:
     """``(min_workers, max_workers, cpus_per_worker, gpus_per_worker)`` the scheduler gangs.
 
-    train: its resources. tune: one trial's gang at least, up to the concurrent trials' workers.
-    serve: its replicas. pipeline: nothing itself (its stages are jobs of their own).
+    train: its resources (it holds only the counts :func:`allowed_workers` lists). tune: one
+    trial's smallest gang at least, up to the concurrent trials' workers. serve: its replicas.
+    pipeline: nothing itself (its stages are jobs of their own).
     """
     if isinstance(spec, specmod.TrainSpec):
         r = spec.resources
         return r.min_workers, r.max_workers, r.cpus_per_worker, r.gpus_per_worker
     if isinstance(spec, specmod.TuneSpec):
-        r = spec.trial.resources
+        r, plan = spec.trial.resources, BatchPlan.of(spec.trial)
         conc = min(spec.num_samples, spec.max_concurrent_trials or spec.num_samples)
-        return r.min_workers, max(r.min_workers, r.max_workers * conc), r.cpus_per_worker, r.gpus_per_worker
+        return (plan.min_allowed, max(plan.min_allowed, plan.max_allowed * conc),
+                r.cpus_per_worker, r.gpus_per_worker)
     if isinstance(spec, specmod.ServeSpec):
         r = spec.replicas
         return max(1, r.min_replicas), r.max_replicas, r.cpus_per_replica, r.gpus_per_replica
     return 0, 0, 0.0, 0.0
+
+
+def allowed_workers(spec) -> tuple[int, ...] | None:
+    """The worker counts a job can hold: a train job's batch-plan counts; None: any in its range."""
+    return BatchPlan.of(spec).allowed if isinstance(spec, specmod.TrainSpec) else None
 
 
 def normalize_url(url: str) -> str:

@@ -65,6 +65,18 @@ def test_elastic_job_admitted_with_as_many_workers_as_fit_up_to_max():
     assert admitted(decide([job("e", mn=2, mx=20)], [], c, None, NOW, CFG))["e"].workers == 8
 
 
+def test_a_gang_holds_only_its_allowed_worker_counts():
+    # allowed {4, 8} in [3, 8] (a batch that splits over 4 and 8 workers only)
+    j = job("j", mn=3, mx=8, allowed=(4, 8))
+    assert admitted(decide([j], [], ClusterState.of(nodes(1, 3), [(4, 0)]), None, NOW, CFG)) == {}
+    (a,) = admitted(decide([j], [], ClusterState.of(nodes(2, 3)), None, NOW, CFG)).values()
+    assert a.workers == 4                                            # 6 fit, 4 is allowed
+    r = run("j", NORMAL, {"n0": 4}, mn=3, mx=8, allowed=(4, 8))
+    assert of(Grow, decide([], [r], cluster_with([r], 1, cpus=7), None, NOW, CFG)) == []  # room for 7
+    (g,) = of(Grow, decide([], [r], cluster_with([r], 3), None, NOW, CFG))               # room for 12
+    assert (g.to_workers, sum(g.placement.values())) == (8, 4)
+
+
 def test_gang_is_packed_onto_as_few_nodes_as_possible():
     c = ClusterState.of([Node("small", 8, 0, 2), Node("big", 8, 0, 8)])
     assert admitted(decide([job("g", mn=4)], [], c, None, NOW, CFG))["g"].placement == {"big": 4}
@@ -308,6 +320,8 @@ def test_config_names_the_bad_field():
         PolicyConfig(aging_per_hour=-1)
     with pytest.raises(ValueError, match="min_workers"):
         JobView("j", NORMAL, min_workers=3, max_workers=2)
+    with pytest.raises(ValueError, match="allowed worker counts"):
+        JobView("j", NORMAL, min_workers=3, max_workers=4, allowed=(2, 4))
 
 
 def test_one_cycle_over_5000_queued_jobs_and_1000_nodes_is_fast():

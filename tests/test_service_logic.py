@@ -325,15 +325,16 @@ def test_the_elastic_scaling_policy_honours_the_schedulers_cap(tmp_path):
     import ray.train
 
     from actors.trainer.trainer import BatchAwareScalingPolicy
+    from orchestrator.batch import BatchPlan
     cfg = ray.train.ScalingConfig(num_workers=(1, 4), resources_per_worker={"CPU": 1})
     control = JobControl(str(tmp_path / "ck"))
-    policy = BatchAwareScalingPolicy(cfg, [1, 2, 4], "job", control)
+    policy = BatchAwareScalingPolicy(cfg, BatchPlan(32, 8, 1, 4), "job", control)  # allowed 1, 2, 4
     assert policy._count_possible_workers({"n0": {"CPU": 4}}) == 4
     assert policy._get_num_workers_for_resource_request() == 4
     control.set_max_workers(3)
     policy._cap_read = float("-inf")
     assert policy._count_possible_workers({"n0": {"CPU": 4}}) == 2   # 3 has no batch split
-    assert policy._get_num_workers_for_resource_request() == 3
+    assert policy._get_num_workers_for_resource_request() == 2       # so it reserves no 3rd
 
 
 # ---------------------------------------------------------------------------------------------

@@ -196,13 +196,14 @@ def test_the_two_log_lines_repeated_hundreds_of_times_per_run_are_gone(caplog):
 
     from actors.trainer.loop import quiet_known_warnings
     from actors.trainer.trainer import BatchAwareScalingPolicy
+    from orchestrator.batch import BatchPlan
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         quiet_known_warnings()
         warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning)
         warnings.warn("something else is deprecated", FutureWarning)
     assert [str(w.message) for w in seen] == ["something else is deprecated"]
-    BatchAwareScalingPolicy(ray.train.ScalingConfig(num_workers=(1, 2)), [1, 2], "job")
+    BatchAwareScalingPolicy(ray.train.ScalingConfig(num_workers=(1, 2)), BatchPlan(2, 1, 1, 2), "job")
     stock = logging.getLogger(ElasticScalingPolicy.__module__)
     with caplog.at_level(logging.INFO, logger=stock.name):
         stock.info("Did not detect any changes in the cluster resources. Training will continue ...")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from actors.data.shuffle import EpochOrder
+from orchestrator import batch
 
 TAILS = ("drop", "carry")
 
@@ -34,14 +35,15 @@ class Cursor:
 
 def check_batch(global_batch_size: int, micro_batch_size: int, world_size: int, rank: int,
                 num_samples: int, tail: str) -> int:
-    """Validate the batch geometry; return the accumulation. Raises ValueError naming the values."""
+    """Validate the batch geometry by the one batch rule (:mod:`orchestrator.batch`); return the
+    accumulation. Raises ValueError naming the values."""
     for name, v in (("global_batch_size", global_batch_size), ("micro_batch_size", micro_batch_size),
                     ("world_size", world_size)):
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
-    if global_batch_size % (micro_batch_size * world_size):
+    if not batch.splits(int(global_batch_size), int(micro_batch_size), int(world_size)):
         raise ValueError(
             f"global_batch_size ({global_batch_size}) must be a multiple of micro_batch_size "
             f"({micro_batch_size}) x world_size ({world_size}) = {micro_batch_size * world_size}")
@@ -50,7 +52,7 @@ def check_batch(global_batch_size: int, micro_batch_size: int, world_size: int, 
     if tail == "drop" and global_batch_size > num_samples:
         raise ValueError(f"global_batch_size ({global_batch_size}) exceeds the dataset's {num_samples} "
                          f"samples: with shuffle.tail='drop' no step fits in an epoch")
-    return global_batch_size // (micro_batch_size * world_size)
+    return batch.accumulation(int(global_batch_size), int(micro_batch_size), int(world_size))
 
 
 def normalise(c: Cursor, n: int, g: int, tail: str) -> Cursor:

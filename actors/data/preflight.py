@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from actors.data.cache import default_cache_dir, default_limit, expand_cache_dir
 from actors.data.loader import check_cache, order_for, working_set_bytes
 from actors.data.shards import ShardError, read_manifest
-from orchestrator.spec import TrainSpec, data_partitions, feasible_worker_counts
+from orchestrator.batch import BatchPlan
+from orchestrator.spec import TrainSpec, data_partitions
 from orchestrator.storage import Storage, StorageError
 
 
@@ -48,8 +49,8 @@ def check_dataset(spec: TrainSpec) -> DataCheck:
     limit = d.cache_limit or default_limit(expand_cache_dir(d.cache_dir or default_cache_dir()))
     order = order_for(d.shuffle, m, global_batch_size=ds.global_batch_size, partitions=data_partitions(spec),
                       remote=remote, cache_limit=limit)
-    fewest = min(feasible_worker_counts(spec))  # the most each rank reads
-    per_rank = ds.global_batch_size // fewest
+    plan = BatchPlan.of(spec)
+    per_rank = plan.per_rank(plan.min_allowed)  # the fewest workers: the most each rank reads
     in_flight = max(1, min(d.prefetch_batches, d.max_prefetch_mb * mib // (per_rank * m.row_bytes)))
     held = working_set_bytes(order, m, 0, per_rank, in_flight + 2)
     limit_from = "dataset.cache_limit" if d.cache_limit else "default: half the free disk here"

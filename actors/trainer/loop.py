@@ -28,7 +28,8 @@ from actors import warm
 from actors.trainer import failures, spares, zero_state
 from actors.trainer.checkpoint import AsyncSaver, CheckpointStore, SaveRequest, assign_params
 from actors.trainer.control import JobControl
-from orchestrator.spec import TrainSpec, gradient_accumulation, parse_spec
+from orchestrator.batch import BatchPlan
+from orchestrator.spec import TrainSpec, parse_spec
 
 log = logging.getLogger("actors.trainer")
 
@@ -36,17 +37,19 @@ HISTORY_CAP = 100_000  # per-step records kept in checkpoints (loss, sample dige
 
 
 def deepspeed_config(spec: TrainSpec, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config for this spec on ``world_size`` workers (global batch held constant)."""
-    ds = spec.deepspeed
-    accum = gradient_accumulation(ds.global_batch_size, ds.micro_batch_size, world_size)
+    """The DeepSpeed config for this spec on ``world_size`` workers (global batch held constant).
+
+    Raises ValueError unless ``world_size`` is one of the spec's :class:`BatchPlan` counts."""
+    ds, plan = spec.deepspeed, BatchPlan.of(spec)
+    accum = plan.accumulation(world_size)
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     cfg: dict[str, Any] = {
-        "train_batch_size": ds.global_batch_size,
-        "train_micro_batch_size_per_gpu": ds.micro_batch_size,
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": ds.gradient_clipping,
         "zero_optimization": zero,
@@ -236,6 +239,7 @@ class Worker:
     def build(self) -> None:
         spec = self.spec
         t_start = time.time()
+        self.accum = BatchPlan.of(spec).accumulation(self.world)  # no split: say so before starting
         # the loader first: its actor process starts while DeepSpeed loads and builds the engine
         from actors.data import DataLoader
         d = spec.dataset
@@ -252,8 +256,6 @@ class Worker:
         t1 = time.time()
         seed_everything(spec.seed)  # identical initial weights on every rank and every attempt
         model = spec.model.resolve()(**spec.model.kwargs)
-        self.accum = gradient_accumulation(spec.deepspeed.global_batch_size,
-                                           spec.deepspeed.micro_batch_size, self.world)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(spec, params)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(

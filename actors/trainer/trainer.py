@@ -24,16 +24,11 @@ from actors.trainer import failures, spares
 from actors.trainer.checkpoint import CheckpointStore
 from actors.trainer.control import JobControl
 from actors.trainer.loop import train_loop_per_worker
-from orchestrator.spec import TrainSpec, data_partitions, feasible_worker_counts, with_overrides
+from orchestrator.batch import BatchPlan
+from orchestrator.spec import TrainSpec, data_partitions, with_overrides
 from orchestrator.storage import Storage
 
 log = logging.getLogger("actors.trainer")
-
-
-def largest_feasible(n: int, feasible: list[int]) -> int:
-    """The largest allowed worker count <= n, or 0 when none fits."""
-    fits = [w for w in feasible if w <= n]
-    return max(fits) if fits else 0
 
 
 class _NoNews(logging.Filter):
@@ -51,7 +46,7 @@ class BatchAwareScalingPolicy(ElasticScalingPolicy):
     it makes Ray Train resize the running group from its latest checkpoint.
     """
 
-    def __init__(self, scaling_config, feasible: list[int], job_name: str,
+    def __init__(self, scaling_config, plan: BatchPlan, job_name: str,
                  control: JobControl | None = None):
         super().__init__(scaling_config)
         # the stock policy logs "Did not detect any changes in the cluster resources" at every
@@ -59,7 +54,7 @@ class BatchAwareScalingPolicy(ElasticScalingPolicy):
         stock = logging.getLogger(ElasticScalingPolicy.__module__)
         if not any(isinstance(f, _NoNews) for f in stock.filters):
             stock.addFilter(_NoNews())
-        self.feasible = sorted(feasible)
+        self.plan = plan
         self.job_name = job_name
         self.control = control
         self._cap: int | None = None
@@ -80,19 +75,21 @@ class BatchAwareScalingPolicy(ElasticScalingPolicy):
         # would starve other jobs of resources this one will not use.
         cap = self._worker_cap()
         n = super()._get_num_workers_for_resource_request()
-        return max(self.scaling_config.min_workers, min(n, cap)) if cap is not None else n
+        if cap is not None:
+            n = min(n, cap)
+        return self.plan.largest_allowed_at_most(n) or self.plan.min_allowed
 
     def _count_possible_workers(self, reserved_resources) -> int:
         n = super()._count_possible_workers(reserved_resources)
         cap = self._worker_cap()
         if cap is not None:
             n = min(n, cap)
-        w = largest_feasible(n, self.feasible)
+        w = self.plan.largest_allowed_at_most(n) or 0
         if w != n and n != self._last_refusal:
             self._last_refusal = n
             log.warning("[%s] resources for %d workers, but the global batch has no integer split over "
                         "%d; %s", self.job_name, n, n,
-                        f"using {w} workers" if w else "waiting for a size in " + str(self.feasible))
+                        f"using {w} workers" if w else f"waiting for a size in {list(self.plan.allowed)}")
         return w if w else -1  # below min_workers: Ray Train waits
 
 
@@ -112,17 +109,17 @@ class ElasticDeepSpeedTrainer(TorchTrainer):
     """``TorchTrainer`` with :class:`BatchAwareScalingPolicy` in place of the stock elastic policy
     and :class:`SetupAwareFailurePolicy` in place of the stock failure policy."""
 
-    def __init__(self, *args, feasible_workers: list[int], job_name: str,
+    def __init__(self, *args, batch_plan: BatchPlan, job_name: str,
                  control: JobControl | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._feasible = feasible_workers
+        self._plan = batch_plan
         self._job_name = job_name
         self._control = control
 
     def _initialize_and_run_controller(self, **kwargs):
         if self.scaling_config.elasticity_enabled:
             kwargs["scaling_policy"] = BatchAwareScalingPolicy(
-                self.scaling_config, self._feasible, self._job_name, self._control)
+                self.scaling_config, self._plan, self._job_name, self._control)
         kwargs["failure_policy"] = SetupAwareFailurePolicy(self.run_config.failure_config)
         return super()._initialize_and_run_controller(**kwargs)
 
@@ -172,8 +169,8 @@ def build_trainer(spec: TrainSpec, options: dict[str, Any] | None = None,
     resources = {"CPU": r.cpus_per_worker}
     if r.gpus_per_worker:
         resources["GPU"] = r.gpus_per_worker
-    feasible = feasible_worker_counts(spec)
-    lo, hi = min(feasible), max(feasible)
+    plan = BatchPlan.of(spec)
+    lo, hi = plan.min_allowed, plan.max_allowed
     num_workers: int | tuple[int, int] = lo if lo == hi else (lo, hi)
     scaling = ray.train.ScalingConfig(num_workers=num_workers, use_gpu=bool(r.gpus_per_worker),
                                       resources_per_worker=resources,
@@ -196,7 +193,7 @@ def build_trainer(spec: TrainSpec, options: dict[str, Any] | None = None,
         train_loop_per_worker,
         train_loop_config={"spec": spec.model_dump(mode="json"), "options": options or {}},
         scaling_config=scaling, run_config=run_config,
-        feasible_workers=feasible, job_name=spec.name,
+        batch_plan=plan, job_name=spec.name,
         control=JobControl(spec.checkpoint.url, spec.storage.as_options()))
 
 

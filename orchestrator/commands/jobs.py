@@ -122,8 +122,9 @@ def _never_fits(spec, cluster: ClusterState) -> list[str]:
     out = []
     for stage, s in parts:
         lo, hi, c, g = storemod.demand(s)
-        why = fits_empty_cluster(JobView(s.name, 0, min_workers=lo, max_workers=hi,
-                                         cpus_per_worker=c, gpus_per_worker=g), cluster)
+        why = fits_empty_cluster(JobView(s.name, 0, min_workers=lo, max_workers=hi, cpus_per_worker=c,
+                                         gpus_per_worker=g, allowed=storemod.allowed_workers(s)),
+                                 cluster)
         if why:
             out.append(f"stage {stage}: {why}" if stage else why)
     return out
