@@ -28,6 +28,7 @@ from actors import warm
 from actors.trainer import failures, spares, zero_state
 from actors.trainer.checkpoint import AsyncSaver, CheckpointStore, SaveRequest, assign_params
 from actors.trainer.control import JobControl
+from orchestrator import batch
 from orchestrator.batch import BatchPlan
 from orchestrator.spec import TrainSpec, parse_spec
 
@@ -39,9 +40,10 @@ HISTORY_CAP = 100_000  # per-step records kept in checkpoints (loss, sample dige
 def deepspeed_config(spec: TrainSpec, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config for this spec on ``world_size`` workers (global batch held constant).
 
-    Raises ValueError unless ``world_size`` is one of the spec's :class:`BatchPlan` counts."""
+    Raises ValueError when ``world_size`` does not split the global batch (the batch rule of
+    :mod:`orchestrator.batch`; a probe may build an engine outside the spec's worker range)."""
     ds, plan = spec.deepspeed, BatchPlan.of(spec)
-    accum = plan.accumulation(world_size)
+    accum = batch.accumulation(plan.global_batch_size, plan.micro_batch_size, world_size)
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
