@@ -43,6 +43,37 @@ def assert_exact_sample_order(history, data_url):
         assert (h["ids_sum"], h["ids_sqsum"]) == (int(ids.sum()), int((ids * ids).sum())), h
 
 
+def start_training(spec, options: dict):
+    """``run_train(spec, options)`` in a thread; returns (thread, box with "result" or "error")."""
+    from actors.trainer.trainer import run_train
+    out: dict = {}
+
+    def fit():
+        try:
+            out["result"] = run_train(spec, options=options)
+        except BaseException as e:  # noqa: BLE001 - reported by the caller's assertion
+            out["error"] = e
+    t = threading.Thread(target=fit, daemon=True)
+    t.start()
+    return t, out
+
+
+def finished(t, out: dict, spec, steps: int):
+    """Join the training thread; the run ended without error, every step once, in the pure order."""
+    t.join(600)
+    assert not t.is_alive(), "training did not finish"
+    assert "error" not in out, out.get("error")
+    result = out["result"]
+    assert result.final_step == steps and [h["step"] for h in result.history] == list(range(1, steps + 1))
+    assert_exact_sample_order(result.history, spec.dataset.url)
+    return result
+
+
+def held_at(held):
+    """(step, world size) the trainers hold at (the ``hold_file`` hook), or None."""
+    return tuple(map(int, held.read_text().split())) if held.exists() else None
+
+
 @pytest.fixture(scope="module")
 def baseline(dataset, s3_endpoint):
     """An uninterrupted 2-worker run, checkpointing to the loopback S3 endpoint."""
@@ -98,19 +129,10 @@ def test_restart_after_worker_death_runs_in_the_warm_spare_processes(dataset, tm
     the samples of an uninterrupted one."""
     from actors.data.server import PRELOAD_HOOK
     from actors.trainer.spares import HOOK
-    from actors.trainer.trainer import run_train
     from actors.warm import idle_spare_pids
     spec = make_spec(dataset, str(tmp_path / "ckpt"), steps=8, interval=2)
     hold, held, pid_dir = tmp_path / "hold", tmp_path / "hold.held", tmp_path / "pids"
     hold.write_text("3")
-    out: dict = {}
-
-    def fit():
-        try:
-            out["result"] = run_train(spec, options={"hold_file": str(hold), "pid_dir": str(pid_dir),
-                                                     "fail_at_step": 4})
-        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
-            out["error"] = e
 
     def pids(kind: str) -> set[int]:
         return {int((pid_dir / f"{kind}-{r}.pid").read_text()) for r in (0, 1)}
@@ -119,8 +141,7 @@ def test_restart_after_worker_death_runs_in_the_warm_spare_processes(dataset, tm
         s = set(idle_spare_pids(hook)) - in_use
         return s if len(s) >= 2 and _quiet(s) else None
 
-    t = threading.Thread(target=fit, daemon=True)
-    t.start()
+    t, out = start_training(spec, {"hold_file": str(hold), "pid_dir": str(pid_dir), "fail_at_step": 4})
     wait_until(held.exists, 300, 0.2, "2 workers holding at step 3")
     first, first_loaders = pids("rank"), pids("loader")
     # resources.health_check_interval_s (0.5 s) reached Ray Train, which hands it to its workers
@@ -130,12 +151,7 @@ def test_restart_after_worker_death_runs_in_the_warm_spare_processes(dataset, tm
     loader_spares = wait_until(lambda: idle_spares(PRELOAD_HOOK, first_loaders), 120, 0.2,
                                "2 idle loader spares")
     hold.unlink()          # step 4 runs, then the last rank's process exits
-    t.join(600)
-    assert not t.is_alive(), "training did not finish"
-    assert "error" not in out, out.get("error")
-    result = out["result"]
-    assert result.final_step == 8 and [h["step"] for h in result.history] == list(range(1, 9))
-    assert_exact_sample_order(result.history, spec.dataset.url)
+    finished(t, out, spec, 8)
     second, second_loaders = pids("rank"), pids("loader")
     assert not second & first, "the restarted group reused a process of the failed one"
     assert second <= spares, f"restarted workers {second} did not run in the warm spares {spares}"
@@ -161,7 +177,6 @@ def test_node_loss_restarts_its_workers_in_standby_spares_on_another_node(datase
     replacement group (same size, on the two survivors) runs only in spares that waited before the
     loss, one of them on the node that had no worker; every step sees the samples it should."""
     from actors.trainer.spares import HOOK
-    from actors.trainer.trainer import run_train
     from actors.warm import idle_spare_pids
     for _ in range(2):
         ray_cluster.add_node(num_cpus=1)
@@ -169,23 +184,12 @@ def test_node_loss_restarts_its_workers_in_standby_spares_on_another_node(datase
     spec = make_spec(dataset, str(tmp_path / "ckpt"), steps=6, interval=2)
     hold, held, pid_dir = tmp_path / "hold", tmp_path / "hold.held", tmp_path / "pids"
     hold.write_text("3")
-    out: dict = {}
-
-    def fit():
-        try:
-            out["result"] = run_train(spec, options={"hold_file": str(hold), "pid_dir": str(pid_dir)})
-        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
-            out["error"] = e
-
-    def held_at():
-        return tuple(map(int, held.read_text().split())) if held.exists() else None
 
     def ranks() -> list[int]:
         return [int((pid_dir / f"rank-{r}.pid").read_text()) for r in (0, 1)]
 
-    t = threading.Thread(target=fit, daemon=True)
-    t.start()
-    wait_until(lambda: held_at() == (3, 2), 300, 0.2, "2 workers holding at step 3")
+    t, out = start_training(spec, {"hold_file": str(hold), "pid_dir": str(pid_dir)})
+    wait_until(lambda: held_at(held) == (3, 2), 300, 0.2, "2 workers holding at step 3")
     first = ranks()
     nodes = {_node_running(ray_cluster, p).unique_id for p in first}
     standby = next(n for n in [ray_cluster.head_node, *ray_cluster.worker_nodes] if n.unique_id not in nodes)
@@ -196,16 +200,11 @@ def test_node_loss_restarts_its_workers_in_standby_spares_on_another_node(datase
                   if _node_running(ray_cluster, p) is not ray_cluster.head_node)
     held.unlink()
     ray_cluster.remove_node(victim, allow_graceful=False)
-    wait_until(lambda: held_at() == (3, 2), 300, 0.2, "2 restarted workers holding at step 3")
+    wait_until(lambda: held_at(held) == (3, 2), 300, 0.2, "2 restarted workers holding at step 3")
     second = ranks()
     second_nodes = {_node_running(ray_cluster, p).unique_id for p in second}
     hold.unlink()
-    t.join(600)
-    assert not t.is_alive(), "training did not finish"
-    assert "error" not in out, out.get("error")
-    result = out["result"]
-    assert result.final_step == 6 and [h["step"] for h in result.history] == list(range(1, 7))
-    assert_exact_sample_order(result.history, spec.dataset.url)
+    finished(t, out, spec, 6)
     assert set(second) <= spares, f"restarted workers {second} did not run in the spares {spares}"
     assert standby.unique_id in second_nodes
 
@@ -219,7 +218,6 @@ def test_node_loss_shrinks_then_grows_back_with_same_samples(baseline, ray_clust
 
     The run is pinned with the trainer's ``hold_file`` hook at known steps while the cluster
     changes, so the test does not race the trainer."""
-    from actors.trainer.trainer import run_train
     ref_spec, ref = baseline
     node = ray_cluster.add_node(num_cpus=1)
     ray_cluster.wait_for_nodes()
@@ -229,41 +227,23 @@ def test_node_loss_shrinks_then_grows_back_with_same_samples(baseline, ray_clust
     hold = tmp_path / "hold"
     held = tmp_path / "hold.held"
     hold.write_text("8")
-    out: dict = {}
-
-    def fit():
-        try:
-            out["result"] = run_train(spec, options={"hold_file": str(hold)})
-        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
-            out["error"] = e
-
-    def held_at():
-        return tuple(map(int, held.read_text().split())) if held.exists() else None
-
-    t = threading.Thread(target=fit, daemon=True)
-    t.start()
+    t, out = start_training(spec, {"hold_file": str(hold)})
     # 2 workers reach step 8 (checkpoints at 4 and 8) and wait; take a node away under them.
-    wait_until(lambda: held_at() == (8, 2), 300, 0.2, "2 workers holding at step 8")
+    wait_until(lambda: held_at(held) == (8, 2), 300, 0.2, "2 workers holding at step 8")
     held.unlink()
     ray_cluster.remove_node(node)
     # Ray Train restarts on the survivor from the step-8 checkpoint (accumulation 2 -> 4).
-    wait_until(lambda: held_at() == (8, 1), 300, 0.2, "1 worker resumed at step 8")
+    wait_until(lambda: held_at(held) == (8, 1), 300, 0.2, "1 worker resumed at step 8")
     held.unlink()
     hold.write_text("16")
-    wait_until(lambda: held_at() == (16, 1), 300, 0.2, "1 worker holding at step 16")
+    wait_until(lambda: held_at(held) == (16, 1), 300, 0.2, "1 worker holding at step 16")
     held.unlink()
     ray_cluster.add_node(num_cpus=1)
     # The resize monitor sees room for 2 and restarts from the step-16 checkpoint on 2 workers.
-    wait_until(lambda: held_at() == (16, 2), 300, 0.2, "2 workers again at step 16")
+    wait_until(lambda: held_at(held) == (16, 2), 300, 0.2, "2 workers again at step 16")
     hold.unlink()
-    t.join(600)
-    assert not t.is_alive(), "training did not finish"
-    assert "error" not in out, out.get("error")
-    result = out["result"]
-    assert result.final_step == steps
+    result = finished(t, out, spec, steps)
     assert result.world_sizes[:3] == [2, 1, 2], result.world_sizes
-    assert [h["step"] for h in result.history] == list(range(1, steps + 1))
-    assert_exact_sample_order(result.history, spec.dataset.url)
     # same data, same math, different reduction order and accumulation: losses agree closely
     n = min(len(ref.losses), steps)
     assert result.losses[:n] == pytest.approx(ref.losses[:n], abs=1e-4, rel=1e-4)
