@@ -34,7 +34,7 @@ from ray import serve
 
 from actors.serve import ingress
 from actors.serve.canary import ArmStats, Decision, canary_decision
-from actors.serve.checkpoint import CheckpointError, load_served_model
+from actors.serve.checkpoint import ServedCheckpointError, load_served_model
 from actors.serve.deployment import (STATS_NAMESPACE, CanaryStatsCollector, build_app,
                                      user_config)
 from actors.serve.request import api_key_digest
@@ -145,7 +145,7 @@ def deploy(spec: ServeSpec, checkpoint_url: str | None = None, *, host: str = "1
 
     Starts Ray with the spec's ``ingress`` if it is not running (see :func:`connect`), and Serve
     on ``host:spec.http_port`` if Serve is not running yet (a running Serve keeps its address and
-    ingress). Raises CheckpointError for an unusable checkpoint, and SpecError when
+    ingress). Raises ServedCheckpointError for an unusable checkpoint, and SpecError when
     ``api_key_env`` names an unset variable or ``ingress: haproxy`` cannot be had, before
     anything is deployed.
     """
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         endpoint = deploy(spec, args.checkpoint, host=args.host)
-    except (CheckpointError, SpecError) as e:
+    except (ServedCheckpointError, SpecError) as e:
         print(e, file=sys.stderr)
         return 2
     print(f"serving {args.checkpoint or spec.checkpoint_url} at {endpoint}", flush=True)

@@ -205,28 +205,6 @@ def test_failed_streamed_write_leaves_nothing_visible(url):
     assert st.read_bytes("d/file.bin") == b"whole"
 
 
-def test_format_1_checkpoints_still_load(tmp_path):
-    """Checkpoints written before the safetensors shards (torch.save + sha256) resume as before."""
-    import hashlib
-    import io
-    store = CheckpointStore(str(tmp_path))
-    d = tmp_path / step_dir(7)
-    d.mkdir()
-    files = {}
-    for name, obj in (("params-r00000.pt", {"w": {"fp32": torch.ones(3)}}), ("rng-r00000.pt", {"seed": 1})):
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        (d / name).write_bytes(buf.getvalue())
-        files[name] = {"bytes": len(buf.getvalue()), "sha256": hashlib.sha256(buf.getvalue()).hexdigest()}
-    (d / "state.json").write_text('{"step": 7}')
-    files["state.json"] = {"bytes": 11, "sha256": hashlib.sha256(b'{"step": 7}').hexdigest()}
-    (d / "MANIFEST.json").write_text(json.dumps({"format": 1, "step": 7, "world_size": 1, "files": files}))
-    assert store.latest_valid() == 7
-    assert torch.equal(store.load_tensors(7)["w"]["fp32"], torch.ones(3))
-    (d / "state.json").write_text('{"step": 8}')   # same size, different bytes: sha256 still checked
-    assert store.latest_valid() is None
-
-
 @pytest.mark.parametrize("first, then", [(2, 1), (3, 2)])
 def test_a_step_saved_again_by_another_attempt_on_another_world_size_commits_a_checkpoint_that_verifies(
         url, first, then):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from actors.serve.canary import ArmStats, canary_decision
-from actors.serve.checkpoint import (CheckpointError, load_served_model, read_served_meta,
+from actors.serve.checkpoint import (ServedCheckpointError, load_served_model, read_served_meta,
                                      save_served_model)
 from actors.serve.graph import GraphError, as_graph
 from actors.serve.request import (InputSchema, RequestError, api_key_digest, check_api_key,
@@ -192,9 +192,9 @@ def test_served_checkpoint_round_trips_on_any_storage_url(tmp_path):
 def test_checkpoint_that_does_not_fit_the_model_is_refused_with_its_url(tmp_path):
     url = str(tmp_path / "ckpt")
     save_served_model(_seeded_mlp(1), url, MLP, {})
-    with pytest.raises(CheckpointError, match="do not fit"):
+    with pytest.raises(ServedCheckpointError, match="do not fit"):
         load_served_model(url, ModelRef(factory=MLP, kwargs={"hidden": 8}))
-    with pytest.raises(CheckpointError, match="not a served checkpoint"):
+    with pytest.raises(ServedCheckpointError, match="not a served checkpoint"):
         load_served_model(str(tmp_path / "missing"))
 
 

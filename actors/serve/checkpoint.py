@@ -23,7 +23,7 @@ WEIGHTS = "model.pt"
 META = "model.json"
 
 
-class CheckpointError(ValueError):
+class ServedCheckpointError(ValueError):
     """A served checkpoint is missing, incomplete or does not fit the model it is loaded into."""
 
 
@@ -48,16 +48,16 @@ def save_served_model(module: torch.nn.Module, url: str, factory: str, kwargs: d
 
 
 def read_served_meta(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The checkpoint's ``model.json``. Raises CheckpointError if it is absent or not JSON."""
+    """The checkpoint's ``model.json``. Raises ServedCheckpointError if it is absent or not JSON."""
     st = storage.Storage(url, storage_options)
     try:
         meta = json.loads(st.read_text(META))
     except storage.StorageError as e:
-        raise CheckpointError(f"{url} is not a served checkpoint: {e}") from None
+        raise ServedCheckpointError(f"{url} is not a served checkpoint: {e}") from None
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{storage.join(url, META)} is not valid JSON: {e}") from None
+        raise ServedCheckpointError(f"{storage.join(url, META)} is not valid JSON: {e}") from None
     if not isinstance(meta, dict) or "factory" not in meta:
-        raise CheckpointError(f"{storage.join(url, META)} has no 'factory'")
+        raise ServedCheckpointError(f"{storage.join(url, META)} has no 'factory'")
     return meta
 
 
@@ -66,7 +66,7 @@ def load_served_model(url: str, model_ref: ModelRef | dict | None = None,
     """Build the model and load the checkpoint's weights; returns it in eval mode on CPU.
 
     ``model_ref`` (the serve spec's ``model``) decides the architecture; without it the
-    checkpoint's ``model.json`` does. Raises CheckpointError when files are missing or the
+    checkpoint's ``model.json`` does. Raises ServedCheckpointError when files are missing or the
     weights do not fit the model (the message names the URL and the mismatched keys).
     """
     meta = read_served_meta(url, storage_options)
@@ -79,11 +79,11 @@ def load_served_model(url: str, model_ref: ModelRef | dict | None = None,
     try:
         raw = st.read_bytes(WEIGHTS)
     except storage.StorageError as e:
-        raise CheckpointError(f"{url} has no weights: {e}") from None
+        raise ServedCheckpointError(f"{url} has no weights: {e}") from None
     state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"weights at {url} do not fit {model_ref.factory}"
+        raise ServedCheckpointError(f"weights at {url} do not fit {model_ref.factory}"
                               f"({model_ref.kwargs}): {e}") from None
     return model.eval()

@@ -23,13 +23,11 @@ loses a committed checkpoint. On local disk the step directory is then fsynced, 
 that are older checkpoints deleted by retention: if the machine itself goes down before the fsync
 finishes, the new checkpoint fails its checksums on the next start and the previous one, still on
 disk, is used. With ``background_durability`` that fsync-then-retention runs in a thread, off the
-training path. (Format 2, whole tensors per shard, and format 1, ``params-*.pt`` with sha256, still
-load.)
+training path. (Format 2 shards, whole tensors without ``fragments``, still load.)
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -60,13 +58,6 @@ class CheckpointError(RuntimeError):
 
 def step_dir(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def _digest(data: bytes, rec: dict) -> tuple[str, str]:
-    """(key, hex) of the checksum a record uses: xxh3-128 since format 2, sha256 before."""
-    if "sha256" in rec and tensorfile.CHECKSUM not in rec:
-        return "sha256", hashlib.sha256(data).hexdigest()
-    return tensorfile.CHECKSUM, tensorfile.checksum(data)
 
 
 def _torch_bytes(obj: Any) -> bytes:
@@ -226,8 +217,7 @@ class CheckpointStore:
             try:
                 if deep:
                     data = self.storage.read_bytes(f"{d}/{name}")
-                    size, (key, digest) = len(data), _digest(data, rec)
-                    intact = digest == rec.get(key)
+                    size, intact = len(data), tensorfile.checksum(data) == rec.get(tensorfile.CHECKSUM)
                 else:
                     size, intact = self.storage.size(f"{d}/{name}"), True
             except StorageError:
@@ -260,17 +250,16 @@ class CheckpointStore:
         out: dict[str, dict[str, torch.Tensor]] = {}
         asm = _Assembler(self.storage.url(d))
         for r in range(man["world_size"]):
-            new = f"params-r{r:05d}.safetensors"
-            if new in man["files"]:
-                where = self.storage.url(f"{d}/{new}")
-                tensors, meta = tensorfile.read_shard(self.storage.read_bytes(f"{d}/{new}"), where)
-                if "fragments" in meta:
-                    asm.add(tensors, json.loads(meta["fragments"]), where)
-                else:  # format 2: whole tensors
-                    out.update(tensors)
-            else:  # format 1
-                data = self.storage.read_bytes(f"{d}/params-r{r:05d}.pt")
-                out.update(torch.load(io.BytesIO(data), weights_only=True, map_location="cpu"))
+            name = f"params-r{r:05d}.safetensors"
+            if name not in man["files"]:
+                raise CheckpointError(f"{self.storage.url(d)}: {name} is not in the manifest "
+                                      f"(format {man.get('format')}; format 1 checkpoints are no longer read)")
+            where = self.storage.url(f"{d}/{name}")
+            tensors, meta = tensorfile.read_shard(self.storage.read_bytes(f"{d}/{name}"), where)
+            if "fragments" in meta:
+                asm.add(tensors, json.loads(meta["fragments"]), where)
+            else:  # format 2: whole tensors
+                out.update(tensors)
         out.update(asm.finish())
         return out
 

@@ -21,7 +21,6 @@ from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
 from ray.train.torch import TorchTrainer
 
 from actors.trainer import failures, spares
-from actors.trainer.checkpoint import CheckpointStore
 from actors.trainer.control import JobControl
 from actors.trainer.loop import train_loop_per_worker
 from orchestrator.batch import BatchPlan
@@ -225,10 +224,3 @@ def run_train(spec: TrainSpec, options: dict[str, Any] | None = None) -> TrainRe
     spec = with_absolute_paths(spec)
     build_trainer(spec, options).fit()
     return read_result(spec)
-
-
-def latest_checkpoint(spec: TrainSpec) -> str | None:
-    store = CheckpointStore(spec.checkpoint.url, spec.storage.as_options())
-    step = store.latest_valid(deep=False)
-    return None if step is None else store.storage.url(f"step-{step:08d}")
-
