@@ -83,8 +83,8 @@ def load(engine, url, step):
     from actors.trainer.checkpoint import CheckpointStore
     store = CheckpointStore(url)
     state = store.load_state(step)
-    zero_state.load_full_state(engine, store.load_tensors(step), zero_state.optimizer_state_keys("adamw"),
-                               state["optimizer_step"])
+    zero_state.load_local_state(engine, store.load_slices(step, zero_state.local_ranges(engine)),
+                                zero_state.optimizer_state_keys("adamw"), state["optimizer_step"])
 
 
 def optimizer_partition_bytes(engine) -> int:

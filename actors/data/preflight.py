@@ -50,7 +50,8 @@ def check_dataset(spec: TrainSpec) -> DataCheck:
     order = order_for(d.shuffle, m, global_batch_size=ds.global_batch_size, partitions=data_partitions(spec),
                       remote=remote, cache_limit=limit)
     plan = BatchPlan.of(spec)
-    per_rank = plan.per_rank(plan.min_allowed)  # the fewest workers: the most each rank reads
+    fewest = plan.min_allowed
+    per_rank = plan.per_rank(fewest)  # the fewest workers: the most each rank reads
     in_flight = max(1, min(d.prefetch_batches, d.max_prefetch_mb * mib // (per_rank * m.row_bytes)))
     held = working_set_bytes(order, m, 0, per_rank, in_flight + 2)
     limit_from = "dataset.cache_limit" if d.cache_limit else "default: half the free disk here"

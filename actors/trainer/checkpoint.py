@@ -263,6 +263,70 @@ class CheckpointStore:
         out.update(asm.finish())
         return out
 
+    def load_slices(self, step: int, want: dict[str, tuple[int, int, tuple[int, ...]]]
+                    ) -> dict[str, dict[str, torch.Tensor]]:
+        """Elements ``[start, start + n)`` of each named parameter's flattened tensors (every kind),
+        ``want[name] = (start, n, full_shape)``, reading from each shard only its header and the
+        byte ranges that overlap (a rank restores its own partition without assembling the rest).
+
+        Raises KeyError naming parameters the checkpoint lacks, ValueError naming one whose saved
+        shape differs, CheckpointError when the shards do not cover a wanted range exactly once.
+        """
+        man = self.read_manifest(step)
+        d = step_dir(step)
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        got: dict[str, list[tuple[int, int]]] = {name: [] for name in want}
+        seen: set[str] = set()
+        for r in range(man["world_size"]):
+            name = f"params-r{r:05d}.safetensors"
+            if name not in man["files"]:
+                raise CheckpointError(f"{self.storage.url(d)}: {name} is not in the manifest "
+                                      f"(format {man.get('format')}; format 1 checkpoints are no longer read)")
+            where = self.storage.url(f"{d}/{name}")
+            with self.storage.open_read(f"{d}/{name}", size=man["files"][name]["bytes"]) as f:
+                header, base = tensorfile.read_header(f, where)
+                frags = json.loads(header.get("__metadata__", {}).get("fragments", "null") or "null")
+                for pname, kinds in tensorfile.group(header).items():
+                    seen.add(pname)
+                    if pname not in want:
+                        continue
+                    start, n, shape = want[pname]
+                    fstart, fshape = frags[pname] if frags else (0, next(iter(kinds.values()))["shape"])
+                    if tuple(fshape) != tuple(shape):
+                        raise ValueError(f"parameter {pname}: checkpoint shape {tuple(fshape)} != model {tuple(shape)}")
+                    recs = list(kinds.values())
+                    fn = math.prod(recs[0]["shape"])
+                    lo, hi = max(start, fstart), min(start + n, fstart + fn)
+                    if lo >= hi:
+                        continue
+                    dst = out.setdefault(pname, {})
+                    for kind, rec in kinds.items():
+                        dtype = tensorfile.dtype_of(rec)
+                        size = torch.empty((), dtype=dtype).element_size()
+                        f.seek(base + rec["data_offsets"][0] + (lo - fstart) * size)
+                        buf = bytearray(f.read((hi - lo) * size))
+                        if len(buf) != (hi - lo) * size:
+                            raise CheckpointError(f"{where}: {pname}/{kind} runs past the end of the file")
+                        if kind not in dst:
+                            dst[kind] = torch.empty(n, dtype=dtype)
+                        dst[kind][lo - start:hi - start] = torch.frombuffer(buf, dtype=dtype)
+                    got[pname].append((lo, hi))
+        missing = sorted(set(want) - seen)
+        if missing:
+            raise KeyError(f"checkpoint lacks parameters {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        for pname, spans in got.items():
+            start, n, _ = want[pname]
+            pos = start
+            for lo, hi in sorted(spans):
+                if lo != pos:
+                    raise CheckpointError(f"{self.storage.url(d)}: {pname}: the shards' slices "
+                                          f"{'overlap' if lo < pos else 'leave a gap'} at element {pos}")
+                pos = hi
+            if pos != start + n:
+                raise CheckpointError(f"{self.storage.url(d)}: {pname}: the shards hold elements up to "
+                                      f"{pos}, {start + n} wanted")
+        return out
+
     def load_rng(self, step: int, rank: int) -> dict | None:
         name = f"{step_dir(step)}/rng-r{rank:05d}.pt"
         if not self.storage.exists(name):

@@ -281,8 +281,9 @@ class Worker:
         if step is None:
             return 0
         state = self.ckpt.load_state(step)
-        tensors = self.ckpt.load_tensors(step)
-        zero_state.load_full_state(self.engine, tensors, self.state_keys, state["optimizer_step"])
+        # each rank reads only the slices its partition holds, from whichever shards hold them
+        slices = self.ckpt.load_slices(step, zero_state.local_ranges(self.engine))
+        zero_state.load_local_state(self.engine, slices, self.state_keys, state["optimizer_step"])
         self.engine.global_steps = state["step"]
         self.loader.load_state_dict(state["data"])
         self.history = state.get("history", [])

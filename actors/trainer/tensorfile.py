@@ -98,6 +98,30 @@ def write_tensors(f: BinaryIO, tensors: dict[str, dict[str, torch.Tensor]],
     return w.n, w.h.hexdigest()
 
 
+def read_header(f: BinaryIO, where: str = "shard") -> tuple[dict[str, Any], int]:
+    """A shard's JSON header and the offset its tensor bytes start at (one small read)."""
+    try:
+        (hlen,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(hlen))
+    except (struct.error, ValueError) as e:
+        raise ValueError(f"{where}: not a tensor shard ({e})") from None
+    return header, 8 + hlen
+
+
+def group(header: dict[str, Any]) -> dict[str, dict[str, dict]]:
+    """``{parameter: {kind: record}}`` of a header (records: dtype, shape, data_offsets)."""
+    out: dict[str, dict[str, dict]] = {}
+    for key, rec in header.items():
+        if key != "__metadata__":
+            name, _, kind = key.rpartition("/")
+            out.setdefault(name, {})[kind] = rec
+    return out
+
+
+def dtype_of(rec: dict) -> torch.dtype:
+    return _BY_NAME[rec["dtype"]]
+
+
 def read_tensors(data: bytes | bytearray, where: str = "shard") -> dict[str, dict[str, torch.Tensor]]:
     """Parse a shard written by :func:`write_tensors` (or any safetensors file of such names)."""
     return read_shard(data, where)[0]

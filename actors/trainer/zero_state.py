@@ -1,17 +1,15 @@
-"""World-size-independent ZeRO state: gather full fp32 weights and optimizer moments per parameter,
-and set them into an engine of any world size and any ZeRO stage.
+"""World-size-independent ZeRO state: each rank saves and restores only the slices it holds.
 
 DeepSpeed's own checkpoints are partitioned by rank; reloading them on a different world size needs
-its offline Universal Checkpoint conversion (and growing a ZeRO-3 run is reported broken). We use
-DeepSpeed's tensor-fragment API instead (``safe_get_full_*`` / ``safe_set_full_*``), which works for
-stages 1-3 and bf16, plus the plain torch-optimizer path for stage 0 fp32.
-
-Saving does not gather: :func:`local_fragments` copies the slice of every parameter (and its
-moments) that this rank's optimizer partition holds, with its offset in the flattened parameter;
-no collective, so it costs one memcpy of 1/world of the state and an async save keeps only that on
-the training path. Readers assemble full tensors from every rank's fragments
-(``CheckpointStore.load_tensors``). :func:`iter_full_state` (a collective for stages 1-3: every rank
-must call it and consume it in the same order) gathers full tensors where a caller needs them live.
+its offline Universal Checkpoint conversion (and growing a ZeRO-3 run is reported broken). Here a
+save is :func:`local_fragments`: a copy of the slice of every parameter's fp32 master weight and
+optimizer moments that this rank's partition holds, with its offset in the flattened parameter (no
+collective: one memcpy of 1/world of the state). A restore is :func:`local_ranges` (what this rank's
+engine, of any world size and ZeRO stage, holds now) read back from whichever shards hold it
+(``CheckpointStore.load_slices``) and set by :func:`load_local_state`. ZeRO 1-2 and DeepSpeed's bf16
+optimizer are reached through their tensor-fragment mappings (``_hp_mapping``), ZeRO-3 through
+``safe_get/set_local_*``, stage 0 fp32 through the plain torch optimizer. :func:`iter_full_state`
+(a collective for stages 1-3) gathers full tensors where a caller needs them live (tests).
 """
 
 from __future__ import annotations
@@ -101,6 +99,82 @@ def local_fragments(engine, state_keys: tuple[str, ...], owns) -> tuple[
     return tensors, fragments
 
 
+def local_ranges(engine) -> dict[str, tuple[int, int, tuple[int, ...]]]:
+    """What this rank's engine holds of every trainable parameter's fp32 state:
+    ``{name: (start, n, full_shape)}``, elements ``[start, start + n)`` of the flattened
+    parameter (its ZeRO partition's slice; the whole parameter where no optimizer partitions it).
+    A restore reads only these (:func:`load_local_state`)."""
+    out = {}
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        shape = tuple(getattr(p, "ds_shape", p.shape))
+        if hasattr(p, "ds_id"):
+            start, n, _ = _zero3_partition(p)
+        elif hasattr(p, "_hp_mapping"):
+            m = p._hp_mapping
+            start, n = (m.lp_fragment_address.start, m.lp_fragment_address.numel) if m is not None else (0, 0)
+        else:
+            start, n = 0, p.numel()
+        out[name] = (start, max(0, n), shape)
+    return out
+
+
+def _zero3_partition(p):
+    """(start, valid elements, partition tensor) of this rank's ZeRO-3 partition of ``p``."""
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_local_fp32_param
+    local = safe_get_local_fp32_param(p).reshape(-1)
+    start = dist.get_rank(group=getattr(p, "ds_process_group", None)) * local.numel()
+    return start, min(local.numel(), p.ds_numel - start), local
+
+
+def load_local_state(engine, slices: dict[str, dict[str, torch.Tensor]], state_keys: tuple[str, ...],
+                     step_count: int) -> None:
+    """Set this rank's slices (``local_ranges``, read by ``CheckpointStore.load_slices``) into its
+    engine: fp32 master weights and optimizer moments, any ZeRO stage. All ranks call it together
+    (the final low-precision refresh of stages 1-2 is a collective)."""
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+    base = _base_optimizer(engine)
+    _ensure_optimizer_state(engine, base, state_keys)
+    zero_managed = False
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        t = slices.get(name, {})
+        if hasattr(p, "ds_id"):
+            zero_managed = True
+            start, n, local = _zero3_partition(p)
+            if n <= 0:
+                continue
+            for k in ("fp32", *state_keys):
+                part = local.clone() if k == "fp32" else torch.zeros_like(local)
+                part[:n] = t[k]
+                if k == "fp32":
+                    safe_set_local_fp32_param(p, part)
+                else:
+                    safe_set_local_optimizer_state(p, part, k)
+        elif hasattr(p, "_hp_mapping"):
+            zero_managed = True
+            m = p._hp_mapping
+            if m is None:
+                continue
+            with torch.no_grad():
+                m.get_hp_fragment().copy_(t["fp32"])
+                for k in state_keys:
+                    m.get_hp_fragment(k).copy_(t[k])
+        else:
+            with torch.no_grad():
+                p.data.copy_(t["fp32"].reshape(p.shape).to(p.dtype))
+            if state_keys:
+                st = base.state.setdefault(p, {})
+                for k in state_keys:
+                    st[k] = t[k].reshape(p.shape).clone().to(p.dtype)
+    _set_step(base, state_keys, step_count, engine)
+    if zero_managed:
+        _refresh_low_precision(engine)
+
+
 def _copy(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(device="cpu", dtype=torch.float32, copy=True)
 
@@ -117,12 +191,9 @@ def _hp_fragment(p, state_keys):
 
 
 def _zero3_fragment(p, state_keys):
-    import torch.distributed as dist
-    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
-    local = safe_get_local_fp32_param(p).reshape(-1)
-    start = dist.get_rank(group=getattr(p, "ds_process_group", None)) * local.numel()
-    n = min(local.numel(), p.ds_numel - start)  # the last partitions hold padding, or nothing
-    if n <= 0:
+    from deepspeed.utils import safe_get_local_optimizer_state
+    start, n, local = _zero3_partition(p)
+    if n <= 0:  # the last partitions hold padding, or nothing
         return None
     parts = {"fp32": local[:n]}
     for k in state_keys:
@@ -140,46 +211,6 @@ def optimizer_step_count(engine) -> int:
             s = st["step"]
             return int(s.item() if torch.is_tensor(s) else s)
     return 0
-
-
-def load_full_state(engine, tensors: dict[str, dict[str, torch.Tensor]], state_keys: tuple[str, ...],
-                    step_count: int) -> None:
-    """Set full fp32 weights and optimizer moments into ``engine`` (any world size, any stage).
-
-    ``tensors`` must hold every trainable parameter by name. Not a collective for the setters, but the
-    final low-precision refresh of stages 1-2 is (all ranks call this together).
-    Raises KeyError/ValueError naming the parameter when the checkpoint does not match the model.
-    """
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-    base = _base_optimizer(engine)
-    names = [n for n, p in engine.module.named_parameters() if p.requires_grad]
-    missing = [n for n in names if n not in tensors]
-    if missing:
-        raise KeyError(f"checkpoint lacks parameters {missing[:5]}{'...' if len(missing) > 5 else ''}")
-    _ensure_optimizer_state(engine, base, state_keys)
-    zero_managed = False
-    for name, p in engine.module.named_parameters():
-        if not p.requires_grad:
-            continue
-        t = tensors[name]
-        full_shape = tuple(getattr(p, "ds_shape", p.shape))
-        if tuple(t["fp32"].shape) != full_shape:
-            raise ValueError(f"parameter {name}: checkpoint shape {tuple(t['fp32'].shape)} != model {full_shape}")
-        if _is_zero_managed(p):
-            zero_managed = True
-            safe_set_full_fp32_param(p, t["fp32"].to(p.device if p.numel() else "cpu"))
-            for k in state_keys:
-                safe_set_full_optimizer_state(p, t[k], k)
-        else:
-            with torch.no_grad():
-                p.data.copy_(t["fp32"].to(p.dtype))
-            if state_keys:
-                st = base.state.setdefault(p, {})
-                for k in state_keys:
-                    st[k] = t[k].clone().to(p.dtype)
-    _set_step(base, state_keys, step_count, engine)
-    if zero_managed:
-        _refresh_low_precision(engine)
 
 
 def _ensure_optimizer_state(engine, base, state_keys) -> None:
