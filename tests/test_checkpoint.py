@@ -314,3 +314,31 @@ def test_slices_that_do_not_cover_a_parameter_exactly_once_are_refused_by_name(t
     else:
         with pytest.raises(CheckpointError, match=rf"step-00000004: a: .*{problem}"):
             store.load_tensors(4)
+        with pytest.raises(CheckpointError, match=r"step-00000004: a: the shards"):  # a restoring rank
+            store.load_slices(4, {"a": (0, 20, (4, 5))})
+
+
+@pytest.mark.parametrize("want", [(0, 20), (5, 10), (7, 6), (13, 7), (19, 1), (0, 0)])
+def test_a_rank_reads_back_exactly_its_range_across_the_shards_that_hold_it(url, want):
+    """A restoring rank asks for its partition's range of each parameter, whatever world size saved
+    it: the elements come from every shard that holds part of the range, and only those."""
+    full = {"a": torch.arange(20.0).reshape(4, 5), "b": torch.arange(100.0, 106.0).reshape(2, 3)}
+    store = CheckpointStore(url)
+    _save_fragments(store, 4, {"a": [0, 7, 13, 20], "b": [0, 6, 6, 6]}, full)
+    start, n = want
+    got = store.load_slices(4, {"a": (start, n, (4, 5)), "b": (0, 6, (2, 3))})
+    if n:
+        assert torch.equal(got["a"]["fp32"], full["a"].reshape(-1)[start:start + n])
+        assert torch.equal(got["a"]["exp_avg"], -full["a"].reshape(-1)[start:start + n])
+    assert torch.equal(got["b"]["fp32"], full["b"].reshape(-1))
+
+
+def test_reading_slices_names_a_missing_parameter_a_wrong_shape_and_a_whole_tensor_shard(tmp_path):
+    store = CheckpointStore(str(tmp_path))
+    _save(store, 10)   # whole tensors per shard (format 2 layout): w0..w4, 10..50 elements
+    got = store.load_slices(10, {"w1": (5, 10, (20,)), "w4": (0, 50, (50,))})
+    assert torch.equal(got["w1"]["fp32"], torch.full((10,), 10.0)) and got["w4"]["fp32"].shape == (50,)
+    with pytest.raises(KeyError, match="lacks parameters \\['nope'\\]"):
+        store.load_slices(10, {"nope": (0, 1, (1,))})
+    with pytest.raises(ValueError, match="parameter w0: checkpoint shape \\(10,\\) != model \\(2, 5\\)"):
+        store.load_slices(10, {"w0": (0, 10, (2, 5))})
