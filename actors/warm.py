@@ -161,6 +161,15 @@ def idle_thread_priority() -> None:
         lower_thread_priority(19)
 
 
+def normal_thread_priority(tid: int) -> None:
+    """Put thread ``tid`` (a native id) of this process back to normal scheduling (best effort:
+    an unprivileged process may lack the right where RLIMIT_NICE forbids it)."""
+    try:
+        os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+    except (OSError, AttributeError):
+        pass
+
+
 def at_low_priority(fn, by: int = 10):
     """Run ``fn()`` in a thread of its own at a lower CPU priority and wait for it: work that must
     not compete with a node's running trainers (a spare's preload) gets the cores only when they

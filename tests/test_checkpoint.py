@@ -265,6 +265,23 @@ def test_background_work_runs_below_the_trainers_priority_and_the_caller_keeps_i
         warm.at_low_priority(boom)
 
 
+def test_waiting_for_an_idle_priority_writer_lifts_it_to_normal_priority():
+    """On fully busy cores an idle-priority writer may never run: whoever waits for it (the next
+    save, the end of training) gives it normal priority, so the wait is bounded."""
+    import time
+    from actors.trainer.checkpoint import AsyncSaver
+    saver, seen = AsyncSaver(), []
+
+    def writer():
+        deadline = time.monotonic() + 30
+        while os.sched_getscheduler(0) == os.SCHED_IDLE and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.append(os.sched_getscheduler(0))
+    saver.submit(writer)
+    saver.wait()
+    assert seen == [os.SCHED_OTHER]
+
+
 def _save_fragments(store, step: int, cuts: dict[str, list[int]], full: dict[str, torch.Tensor]) -> None:
     """Each rank r writes elements [cuts[name][r], cuts[name][r + 1]) of every parameter (an empty
     slice is not written), the way ZeRO partitions hand them out."""

@@ -461,12 +461,17 @@ class AsyncSaver:
     def submit(self, fn: Callable[[], tuple[int, str] | None], background: bool = True) -> None:
         """Run ``fn`` in the writer thread once the previous one is done. ``background``: the
         step goes on meanwhile, so the writer takes only CPU time nothing else wants (a caller
-        that waits for it at once passes False: it runs at the caller's priority)."""
+        that waits for it at once passes False: it runs at the caller's priority). Whoever waits
+        for a background writer lifts it back to normal priority first: an idle-priority writer
+        on fully busy cores would otherwise hold up its waiter indefinitely."""
         self.wait()
+        started = threading.Event()
 
         def run():
+            self._tid = threading.get_native_id()
             if background:
                 warm.idle_thread_priority()
+            started.set()
             try:
                 res = fn()
                 if res:
@@ -476,9 +481,12 @@ class AsyncSaver:
 
         self._thread = threading.Thread(target=run, name="checkpoint-writer", daemon=True)
         self._thread.start()
+        started.wait()
 
     def wait(self) -> None:
         if self._thread is not None:
+            if self._thread.is_alive():
+                warm.normal_thread_priority(self._tid)
             self._thread.join()
             self._thread = None
         if self._error is not None:

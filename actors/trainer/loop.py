@@ -415,6 +415,7 @@ class Worker:
                 f.write(str(os.getpid()))
             with open(os.path.join(self.options["pid_dir"], f"loader-{self.rank}.pid"), "w") as f:
                 f.write(str(self.loader.actor_info()["pid"]))
+        save_s: float | None = None
         while step < self.max_steps:
             if hold_file:
                 _hold(hold_file, step, self.world, self.rank)
@@ -460,12 +461,14 @@ class Worker:
             self.history.append({"step": step, "loss": g_loss, "world_size": self.world, "lr": lr,
                                  "ids_sum": int(loss_sum[1]), "ids_sqsum": int(loss_sum[2]),
                                  "data_wait_s": data_wait, "t": time.time()})
+            if save_s is not None:  # the previous step's checkpoint: what the training thread waited
+                self.history[-1]["prev_save_s"], save_s = save_s, None  # (records never change later)
             metrics = {"step": step, "loss": g_loss, "world_size": self.world,
                        "epoch": self.loader.state_dict().get("epoch", 0)}
             if step % spec.checkpoint.interval_steps == 0 or step == self.max_steps or requested:
                 t_save = time.monotonic()
                 self.save(step, {"loss": g_loss}, sync=step == self.max_steps or requested)
-                self.history[-1]["save_s"] = time.monotonic() - t_save  # what training waited for
+                save_s = time.monotonic() - t_save
                 if requested and self.rank == 0:
                     self.control.mark_served(request, step)
                     log.warning("[%s] checkpointed at step %d as the scheduler asked (%s)",

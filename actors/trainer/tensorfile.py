@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
@@ -38,6 +39,15 @@ _HASH_POOL: ThreadPoolExecutor | None = None
 _OVERLAP_BYTES = 1 << 20
 
 
+def _hash_pool() -> ThreadPoolExecutor:
+    """The hashing helper thread, at normal priority whichever thread asks first (a thread
+    inherits its creator's scheduling; an idle-priority writer must not leave it idle)."""
+    from actors.warm import normal_thread_priority
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-hash")
+    normal_thread_priority(pool.submit(threading.get_native_id).result())
+    return pool
+
+
 class _HashingWriter:
     """Writes through to ``f`` while hashing; a large buffer is hashed in a helper thread while it
     is written (xxhash releases the GIL), in order, so the checksum costs almost no wall time."""
@@ -50,7 +60,7 @@ class _HashingWriter:
         mv = memoryview(b)
         if mv.nbytes >= _OVERLAP_BYTES:
             if _HASH_POOL is None:
-                _HASH_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-hash")
+                _HASH_POOL = _hash_pool()
             hashed = _HASH_POOL.submit(self.h.update, mv)
             try:
                 self.f.write(mv)

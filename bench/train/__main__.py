@@ -261,7 +261,7 @@ def run_ours(spec_dict: dict, options: dict | None = None, during=None, cpu: boo
     ts = [h["t"] for h in r.history]
     return {"t_fit": t_fit, "t": ts, "steps": [h["step"] for h in r.history],
             "data_wait_s": [h.get("data_wait_s", 0.0) for h in r.history],
-            "save_s": [h["save_s"] for h in r.history if "save_s" in h],
+            "save_s": [h["prev_save_s"] for h in r.history if "prev_save_s" in h],
             "world_sizes": r.world_sizes, "cold_start_s": ts[0] - t_fit, "wall_s": time.time() - t_fit,
             "loss_first_last": [r.losses[0], r.losses[-1]], "spares_evicted": evicted, **extra}
 
@@ -480,8 +480,8 @@ def _run_local(a, spec, data_url: str, ckpt_root: str, report: dict, deepspeed_c
                                    interval=a.ckpt_interval, log_interval=a.ckpt_interval,
                                    async_save=async_save))
             o["stall"] = stall(durations(o["t"]), a.ckpt_interval, a.warmup, a.stall_steps)
-            # rank 0's time inside save() (the last save is always sync: left out)
-            o["stall"]["save_call_s"] = statistics.median(o["save_s"][:-1])
+            # rank 0's time inside save() (every save but the last, which is always sync)
+            o["stall"]["save_call_s"] = statistics.median(o["save_s"])
             report["stall"][mode] = o
             log(f"  {mode}: +{o['stall']['extra_s_next_step']:.3f} s on the step after a checkpoint, "
                 f"+{o['stall']['extra_s_amortised']:.3f} s amortised (median step "
