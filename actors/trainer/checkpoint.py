@@ -249,18 +249,24 @@ class CheckpointStore:
         d = step_dir(step)
         out: dict[str, dict[str, torch.Tensor]] = {}
         asm = _Assembler(self.storage.url(d))
-        for r in range(man["world_size"]):
-            name = f"params-r{r:05d}.safetensors"
-            if name not in man["files"]:
-                raise CheckpointError(f"{self.storage.url(d)}: {name} is not in the manifest "
-                                      f"(format {man.get('format')}; format 1 checkpoints are no longer read)")
-            where = self.storage.url(f"{d}/{name}")
+        for name, where in self._param_shards(man, d):
             tensors, meta = tensorfile.read_shard(self.storage.read_bytes(f"{d}/{name}"), where)
             if "fragments" in meta:
                 asm.add(tensors, json.loads(meta["fragments"]), where)
             else:  # format 2: whole tensors
                 out.update(tensors)
         out.update(asm.finish())
+        return out
+
+    def _param_shards(self, man: dict, d: str) -> list[tuple[str, str]]:
+        """(file name, URL) of each rank's parameter shard of a committed step."""
+        out = []
+        for r in range(man["world_size"]):
+            name = f"params-r{r:05d}.safetensors"
+            if name not in man["files"]:
+                raise CheckpointError(f"{self.storage.url(d)}: {name} is not in the manifest "
+                                      f"(format {man.get('format')}; format 1 checkpoints are no longer read)")
+            out.append((name, self.storage.url(f"{d}/{name}")))
         return out
 
     def load_slices(self, step: int, want: dict[str, tuple[int, int, tuple[int, ...]]]
@@ -277,12 +283,7 @@ class CheckpointStore:
         out: dict[str, dict[str, torch.Tensor]] = {}
         got: dict[str, list[tuple[int, int]]] = {name: [] for name in want}
         seen: set[str] = set()
-        for r in range(man["world_size"]):
-            name = f"params-r{r:05d}.safetensors"
-            if name not in man["files"]:
-                raise CheckpointError(f"{self.storage.url(d)}: {name} is not in the manifest "
-                                      f"(format {man.get('format')}; format 1 checkpoints are no longer read)")
-            where = self.storage.url(f"{d}/{name}")
+        for name, where in self._param_shards(man, d):
             with self.storage.open_read(f"{d}/{name}", size=man["files"][name]["bytes"]) as f:
                 header, base = tensorfile.read_header(f, where)
                 frags = json.loads(header.get("__metadata__", {}).get("fragments", "null") or "null")
