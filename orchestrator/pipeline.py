@@ -112,7 +112,7 @@ def stage_checkpoint(spec, logs: str | Callable[[], str] | None
     checkpoint in storage, else what the job reported in its logs (``logs`` may be a callable,
     called only then)."""
     if isinstance(spec, specmod.TrainSpec):
-        from actors.trainer.control import latest_commit
+        from orchestrator.control import latest_commit
         try:
             c = latest_commit(spec.checkpoint.url, spec.storage.as_options())
         except storage.StorageError:

@@ -222,7 +222,7 @@ class Scheduler:
         run = pipemod.prepare_stage(spec, self._upstream(job) if job.parent_id else {},
                                     python=self.config.python)
         if isinstance(spec, specmod.TrainSpec):
-            from actors.trainer.control import JobControl
+            from orchestrator.control import JobControl
             control = JobControl(spec.checkpoint.url, spec.storage.as_options())
             control.clear()  # requests to an earlier attempt do not apply to this one
             control.set_max_workers(job.workers)  # grow only when the policy says so
@@ -327,7 +327,7 @@ class Scheduler:
             return
         self._checkpoint_read[job.id] = now
         spec = job.load()
-        from actors.trainer.control import latest_commit
+        from orchestrator.control import latest_commit
         try:
             c = latest_commit(spec.checkpoint.url, spec.storage.as_options())
         except storage.StorageError:
@@ -342,7 +342,7 @@ class Scheduler:
         sid = job.submission_id
         if job.kind == "train" and rj.status == "RUNNING":
             spec = job.load()
-            from actors.trainer.control import JobControl, latest_commit
+            from orchestrator.control import JobControl, latest_commit
             control = JobControl(spec.checkpoint.url, spec.storage.as_options())
             req = f"{sid}:preempt"
             control.request_checkpoint(req)
@@ -510,7 +510,7 @@ class Scheduler:
     def _resize(self, job: JobRecord, d, now: float) -> None:
         """Shrink or grow a running train job: checkpoint, then cap its workers; Ray Train's
         elastic policy restarts the group on the new size from that checkpoint."""
-        from actors.trainer.control import JobControl
+        from orchestrator.control import JobControl
         spec = job.load()
         control = JobControl(spec.checkpoint.url, spec.storage.as_options())
         req = f"{job.submission_id}:resize-{d.to_workers}-{int(now)}"

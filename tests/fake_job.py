@@ -9,7 +9,7 @@ Jobs API rather than training. What it does comes from the spec's ``model.kwargs
                    is below this
 ``checkpoint``     print ``{"checkpoint": ...}`` last, as real entrypoints do
 ``honor_control``  for a train spec: answer the scheduler's checkpoint requests (the protocol of
-                   ``actors.trainer.control``) by writing a step directory and the done record
+                   ``orchestrator.control``) by writing a step directory and the done record
 
 The submission id is the spec file's name (the scheduler writes ``<spec dir>/<submission id>.json``).
 """

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from actors.trainer.control import JobControl, latest_commit
+from orchestrator.control import JobControl, latest_commit
 from orchestrator import pipeline as pipemod
 from orchestrator.cli import main as cli
 from orchestrator.policy import Node, PolicyConfig

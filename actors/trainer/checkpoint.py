@@ -32,7 +32,6 @@ import io
 import json
 import logging
 import math
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -42,22 +41,17 @@ import torch
 
 from actors import warm
 from actors.trainer import tensorfile
+from orchestrator.control import MANIFEST, STEP_RE, step_dir  # the layout the scheduler reads
 from orchestrator.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "MANIFEST.json"
 STATE = "state.json"
 FORMAT_VERSION = 3
-_STEP_RE = re.compile(r"^step-(\d{8,})$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message names the step directory and the file."""
-
-
-def step_dir(step: int) -> str:
-    return f"step-{step:08d}"
 
 
 def _torch_bytes(obj: Any) -> bytes:
@@ -198,7 +192,7 @@ class CheckpointStore:
         """Step numbers of every directory that has a manifest (not yet verified), ascending."""
         out = []
         for name in self.storage.list():
-            m = _STEP_RE.match(name)
+            m = STEP_RE.match(name)
             if m and self.storage.exists(f"{name}/{MANIFEST}"):
                 out.append(int(m.group(1)))
         return sorted(out)
@@ -339,7 +333,7 @@ class CheckpointStore:
         """Delete every step directory >= ``step`` (manifest first, so none is ever half-trusted)."""
         gone = []
         for name in self.storage.list():
-            m = _STEP_RE.match(name)
+            m = STEP_RE.match(name)
             if m and int(m.group(1)) >= step:
                 self.storage.delete(f"{name}/{MANIFEST}")
                 self.storage.delete(name, recursive=True)
@@ -382,7 +376,7 @@ class CheckpointStore:
         newest = steps[-1] if steps else -1
         deleted = []
         for name in self.storage.list():
-            m = _STEP_RE.match(name)
+            m = STEP_RE.match(name)
             if not m:
                 continue
             s = int(m.group(1))

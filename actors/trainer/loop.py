@@ -27,7 +27,7 @@ import torch.distributed as dist
 from actors import warm
 from actors.trainer import failures, spares, zero_state
 from actors.trainer.checkpoint import AsyncSaver, CheckpointStore, SaveRequest, assign_params
-from actors.trainer.control import JobControl
+from orchestrator.control import JobControl
 from orchestrator import batch
 from orchestrator.batch import BatchPlan
 from orchestrator.spec import TrainSpec, parse_spec

@@ -21,7 +21,7 @@ from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
 from ray.train.torch import TorchTrainer
 
 from actors.trainer import failures, spares
-from actors.trainer.control import JobControl
+from orchestrator.control import JobControl
 from actors.trainer.loop import train_loop_per_worker
 from orchestrator.batch import BatchPlan
 from orchestrator.spec import TrainSpec, data_partitions, with_overrides
@@ -41,7 +41,7 @@ class BatchAwareScalingPolicy(ElasticScalingPolicy):
     When the cluster offers a size with no split (e.g. 3 workers for global batch 64 over micro 8),
     the resize is refused with a log line and the group uses the largest size that works; when no
     allowed size fits, the job waits (Ray Train's below-min path). The scheduler's worker cap
-    (``control``, see :mod:`actors.trainer.control`) bounds the count too, so lowering or raising
+    (``control``, see :mod:`orchestrator.control`) bounds the count too, so lowering or raising
     it makes Ray Train resize the running group from its latest checkpoint.
     """
 

@@ -315,7 +315,7 @@ def kill_targets(a) -> list[int]:
 
 def kill_after_commits(a, pid_dir: str):
     def during(spec, th) -> dict:
-        from actors.trainer.control import latest_commit
+        from orchestrator.control import latest_commit
         kills = []
         for target in kill_targets(a):
             while th.is_alive():
@@ -538,7 +538,7 @@ def _run_node_loss(a, data_url: str, ckpt_root: str, report: dict) -> None:
         raise RuntimeError(f"no node of this cluster runs pid {pid}")
 
     def during(spec, th) -> dict:
-        from actors.trainer.control import latest_commit
+        from orchestrator.control import latest_commit
         while th.is_alive():
             c = latest_commit(spec.checkpoint.url)
             if c and c.step >= a.kill_after:

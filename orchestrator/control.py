@@ -31,8 +31,13 @@ CONTROL_DIR = "_control"
 REQUEST = f"{CONTROL_DIR}/checkpoint-request.json"
 DONE = f"{CONTROL_DIR}/checkpoint-done.json"
 RESIZE = f"{CONTROL_DIR}/resize.json"
-_STEP_RE = re.compile(r"^step-(\d{8,})$")
-_MANIFEST = "MANIFEST.json"  # actors.trainer.checkpoint.MANIFEST (not imported: that pulls torch)
+# the checkpoint layout the scheduler reads (actors.trainer.checkpoint writes it)
+STEP_RE = re.compile(r"^step-(\d{8,})$")
+MANIFEST = "MANIFEST.json"
+
+
+def step_dir(step: int) -> str:
+    return f"step-{step:08d}"
 
 
 @dataclass(frozen=True)
@@ -111,10 +116,10 @@ class JobControl:
 def latest_commit(checkpoint_url: str, storage_options: dict[str, Any] | None = None) -> Commit | None:
     """The newest step directory with a manifest (not verified: that is the reader's job)."""
     st = Storage(checkpoint_url, storage_options)
-    steps = sorted((int(m.group(1)), name) for name in st.list() if (m := _STEP_RE.match(name)))
+    steps = sorted((int(m.group(1)), name) for name in st.list() if (m := STEP_RE.match(name)))
     for step, name in reversed(steps):
         try:
-            man = json.loads(st.read_text(f"{name}/{_MANIFEST}"))
+            man = json.loads(st.read_text(f"{name}/{MANIFEST}"))
         except (StorageError, ValueError):
             continue
         return Commit(step, st.url(name), float(man.get("committed_at", 0.0)))
