@@ -311,15 +311,7 @@ class CheckpointStore:
             raise KeyError(f"checkpoint lacks parameters {missing[:5]}{'...' if len(missing) > 5 else ''}")
         for pname, spans in got.items():
             start, n, _ = want[pname]
-            pos = start
-            for lo, hi in sorted(spans):
-                if lo != pos:
-                    raise CheckpointError(f"{self.storage.url(d)}: {pname}: the shards' slices "
-                                          f"{'overlap' if lo < pos else 'leave a gap'} at element {pos}")
-                pos = hi
-            if pos != start + n:
-                raise CheckpointError(f"{self.storage.url(d)}: {pname}: the shards hold elements up to "
-                                      f"{pos}, {start + n} wanted")
+            _check_cover(self.storage.url(d), pname, spans, start, start + n)
         return out
 
     def load_rng(self, step: int, rank: int) -> dict | None:
@@ -395,6 +387,18 @@ class CheckpointStore:
         return min(scored)[1] if scored else None
 
 
+def _check_cover(where: str, name: str, spans: list[tuple[int, int]], lo: int, hi: int) -> None:
+    """The element ranges ``spans`` cover ``[lo, hi)`` exactly once, or CheckpointError naming it."""
+    pos = lo
+    for a, b in sorted(spans):
+        if a != pos:
+            what = "overlap" if a < pos else "a gap"
+            raise CheckpointError(f"{where}: {name}: the shards' slices {what} at element {pos}")
+        pos = b
+    if pos != hi:
+        raise CheckpointError(f"{where}: {name}: the shards hold {pos - lo} of its {hi - lo} elements")
+
+
 class _Assembler:
     """Full tensors from flat slices ``[start, start + n)`` of each flattened parameter."""
 
@@ -428,14 +432,7 @@ class _Assembler:
 
     def finish(self) -> dict[str, dict[str, torch.Tensor]]:
         for name, spans in self.spans.items():
-            numel, pos = math.prod(self.shape[name]), 0
-            for start, n in sorted(spans):
-                if start != pos:
-                    what = "overlap" if start < pos else "a gap"
-                    raise CheckpointError(f"{self.where}: {name}: the shards' slices {what} at element {pos}")
-                pos += n
-            if pos != numel:
-                raise CheckpointError(f"{self.where}: {name}: the shards hold {pos} of its {numel} elements")
+            _check_cover(self.where, name, [(s, s + n) for s, n in spans], 0, math.prod(self.shape[name]))
         return {name: {k: t.reshape(self.shape[name]) for k, t in kinds.items()}
                 for name, kinds in self.full.items()}
 

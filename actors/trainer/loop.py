@@ -27,9 +27,9 @@ import torch.distributed as dist
 from actors import warm
 from actors.trainer import failures, spares, zero_state
 from actors.trainer.checkpoint import AsyncSaver, CheckpointStore, SaveRequest, assign_params
-from orchestrator.control import JobControl
 from orchestrator import batch
 from orchestrator.batch import BatchPlan
+from orchestrator.control import JobControl
 from orchestrator.spec import TrainSpec, parse_spec
 
 log = logging.getLogger("actors.trainer")
@@ -42,16 +42,16 @@ def deepspeed_config(spec: TrainSpec, world_size: int) -> dict[str, Any]:
 
     Raises ValueError when ``world_size`` does not split the global batch (the batch rule of
     :mod:`orchestrator.batch`; a probe may build an engine outside the spec's worker range)."""
-    ds, plan = spec.deepspeed, BatchPlan.of(spec)
-    accum = batch.accumulation(plan.global_batch_size, plan.micro_batch_size, world_size)
+    ds = spec.deepspeed
+    accum = batch.accumulation(ds.global_batch_size, ds.micro_batch_size, world_size)
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     cfg: dict[str, Any] = {
-        "train_batch_size": plan.global_batch_size,
-        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "train_batch_size": ds.global_batch_size,
+        "train_micro_batch_size_per_gpu": ds.micro_batch_size,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": ds.gradient_clipping,
         "zero_optimization": zero,
