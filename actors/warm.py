@@ -22,12 +22,13 @@ import os
 import threading
 import time
 
+from orchestrator.compat import ray_internals
+
 log = logging.getLogger("actors.warm")
 
 
 def hook_env_var() -> str:
-    from ray._private import ray_constants
-    return ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+    return ray_internals.worker_setup_hook_env_var()
 
 
 def setup_hook_env(hook: str) -> dict:
@@ -109,23 +110,11 @@ def prestart(count: int, keep_alive_s: float, runtime_env: str | None = None,
     """Ask ``node_id``'s raylet for ``count`` idle workers of this job with ``runtime_env`` (a
     serialized runtime env; default: the caller's own)."""
     import ray
-    from ray._private.grpc_utils import init_grpc_channel
-    from ray.core.generated import (common_pb2, node_manager_pb2, node_manager_pb2_grpc,
-                                    runtime_environment_pb2)
-
     ctx = ray.get_runtime_context()
     node_id = node_id or ctx.get_node_id()
     node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
-    channel = init_grpc_channel(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}")
-    try:
-        stub = node_manager_pb2_grpc.NodeManagerServiceStub(channel)
-        stub.PrestartWorkers(node_manager_pb2.PrestartWorkersRequest(
-            language=common_pb2.PYTHON, job_id=bytes.fromhex(ctx.get_job_id()),
-            runtime_env_info=runtime_environment_pb2.RuntimeEnvInfo(
-                serialized_runtime_env=runtime_env or ctx.get_runtime_env_string()),
-            keep_alive_duration_secs=max(1, int(keep_alive_s)), num_workers=count), timeout=10)
-    finally:
-        channel.close()
+    ray_internals.prestart_workers(node["NodeManagerAddress"], node["NodeManagerPort"], ctx.get_job_id(),
+                                   runtime_env or ctx.get_runtime_env_string(), count, keep_alive_s)
 
 
 def idle_spare_pids(hook: str) -> list[int]:

@@ -159,7 +159,7 @@ def main(argv=None) -> int:
 
     @check(f"Serve on the {'GPU' if gpu else 'CPU'}")
     def _():
-        from actors.serve.checkpoint import load_served_model
+        from actors.served_model import load_served_model
         from jobs.serve import deploy
         from orchestrator.spec import parse_spec
         sspec = parse_spec({"kind": "serve", "name": "gpu-check", "checkpoint_url": served,

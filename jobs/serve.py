@@ -34,7 +34,7 @@ from ray import serve
 
 from actors.serve import ingress
 from actors.serve.canary import ArmStats, Decision, canary_decision
-from actors.serve.checkpoint import ServedCheckpointError, load_served_model
+from actors.served_model import ServedCheckpointError, load_served_model
 from actors.serve.deployment import (STATS_NAMESPACE, CanaryStatsCollector, build_app,
                                      user_config)
 from actors.serve.request import api_key_digest

@@ -64,18 +64,11 @@ def human(b: float) -> str:
     return f"{b:.0f} B"
 
 
-def count_params(spec) -> int:
-    """Build the spec's model on the meta device (no memory) and count its parameters."""
-    import torch
-    with torch.device("meta"):
-        model = spec.model.resolve()(**spec.model.kwargs)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def plan_for_spec(spec) -> list[str]:
+def plan_for_spec(spec, count_params) -> list[str]:
     """Lines for ``orchestrator validate``: per-worker plan at the fewest and most workers the job
     runs at (its :class:`BatchPlan`), with a warning when it exceeds the spec's declared
-    ``resources.memory_per_worker_gb``."""
+    ``resources.memory_per_worker_gb``. ``count_params(spec)`` counts the model's trainable
+    parameters (building a model needs torch, which the core does not import)."""
     try:
         n = count_params(spec)
     except Exception as e:  # noqa: BLE001 - the factory may need a GPU or be unimportable here

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from orchestrator.compat import ray_internals
 from orchestrator.policy import Node
 
 log = logging.getLogger("orchestrator.ray")
@@ -230,11 +231,9 @@ def _dashboard_url(wait_s: float = 5.0) -> str | None:
     connects (``address_info``) was once found empty in CI right after a fresh ``ray start``
     whose dashboard already answered HTTP.
     """
-    import ray
     deadline = time.monotonic() + wait_s
     while True:
-        url = ray._private.services.get_webui_url_from_internal_kv() or \
-            ray._private.worker.global_worker.node.address_info.get("webui_url")
+        url = ray_internals.dashboard_url_from_gcs()
         if url or time.monotonic() >= deadline:
             return f"http://{url}" if url else None
         time.sleep(0.25)

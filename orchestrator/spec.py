@@ -639,9 +639,11 @@ def dump_spec(spec) -> str:
     return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
 
 
-def describe(spec) -> list[str]:
+def describe(spec, count_params=None) -> list[str]:
     """Human notes about a valid spec (worker counts that split the batch, memory plan), as
-    comment lines ``orchestrator validate`` prints under the resolved spec."""
+    comment lines ``orchestrator validate`` prints under the resolved spec. The memory plan needs
+    ``count_params(train_spec) -> int`` (``actors.trainer.preflight.count_params``); without it
+    there is none."""
     notes: list[str] = []
     trains = []
     if isinstance(spec, TrainSpec):
@@ -659,9 +661,7 @@ def describe(spec) -> list[str]:
         if bad:
             notes.append(f"# {prefix}WARNING: worker counts {bad} have no integer split; the job "
                          "will not resize to them")
-        try:
+        if count_params is not None:
             from orchestrator.memory import plan_for_spec
-        except ImportError:
-            continue
-        notes.extend(f"# {prefix}{line}" for line in plan_for_spec(t))
+            notes.extend(f"# {prefix}{line}" for line in plan_for_spec(t, count_params))
     return notes

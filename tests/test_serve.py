@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from actors.serve.canary import ArmStats, canary_decision
-from actors.serve.checkpoint import (ServedCheckpointError, load_served_model, read_served_meta,
+from actors.served_model import (ServedCheckpointError, load_served_model, read_served_meta,
                                      save_served_model)
 from actors.serve.graph import GraphError, as_graph
 from actors.serve.request import (InputSchema, RequestError, api_key_digest, check_api_key,
@@ -359,7 +359,7 @@ def test_ingress_haproxy_that_cannot_be_had_is_refused_naming_the_field_before_d
 _INGRESS_SCRIPT = """
 import json, os, sys
 import numpy as np, psutil, requests, torch
-from actors.serve.checkpoint import load_served_model
+from actors.served_model import load_served_model
 from jobs.serve import main, replica_endpoints
 from orchestrator.spec import load_spec
 spec = load_spec(sys.argv[1])

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from actors.data import write_shards
-from actors.serve.checkpoint import load_served_model
+from actors.served_model import load_served_model
 from actors.trainer.checkpoint import CheckpointStore
 from actors.tune.trial import trial_checkpoint_url, trial_root
 from conftest import ROOT, _start_local_ray, wait_until

@@ -70,7 +70,7 @@ def test_checkpoint_of_one_stage_loads_into_another(runs):
 def test_export_equals_deepspeed_zero_to_fp32(runs, stage, tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from actors.serve.checkpoint import load_served_model
+    from actors.served_model import load_served_model
     from actors.trainer.export import consolidated_state_dict, export
     tmp = runs["tmp"]
     ours, _ = consolidated_state_dict(f"{tmp}/ckpt{stage}")
@@ -90,7 +90,7 @@ def test_export_cli_matches_zero_to_fp32(runs, tmp_path):
     """``orchestrator export CKPT OUT`` as the README shows it."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from actors.serve.checkpoint import load_served_model
+    from actors.served_model import load_served_model
     tmp = runs["tmp"]
     out = tmp_path / "served"
     proc = subprocess.run([sys.executable, "-m", "orchestrator", "export", f"{tmp}/ckpt2", str(out)],
@@ -141,12 +141,13 @@ _ENGINE_SCRIPT = """
 import json, os, sys
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 import torch, torch.distributed as dist
-from actors.trainer.loop import defer_deepspeed_compile, use_environment_ninja
+from actors.trainer.loop import use_environment_ninja
+from orchestrator.compat.deepspeed_internals import defer_compile
 dist.init_process_group("gloo", rank=0, world_size=1)
 use_environment_ninja()
 import deepspeed
 if sys.argv[1] == "defer":
-    defer_deepspeed_compile()
+    defer_compile()
 model = torch.nn.Linear(4, 2)
 engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config={
     "train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": int(sys.argv[3])}}, dist_init_required=False)

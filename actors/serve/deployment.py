@@ -36,7 +36,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
-from actors.serve.checkpoint import load_served_model
+from actors.served_model import load_served_model
 from actors.serve.graph import as_graph
 from actors.serve.request import InputSchema, RequestError, check_api_key, parse_inputs
 

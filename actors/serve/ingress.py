@@ -21,7 +21,7 @@ import subprocess
 import time
 from typing import Literal
 
-import ray
+from orchestrator.compat import ray_internals
 
 Running = Literal["haproxy", "direct", "proxy"]
 
@@ -82,24 +82,15 @@ def start_env(ingress: str) -> tuple[Running, dict[str, str], str]:
     return ingress, dict(_ENV[ingress]), ""  # type: ignore[return-value]
 
 
-# Ray 2.60 has no public API that says which ingress Serve runs or where its replicas listen. The
-# controller's target groups (what it feeds HAProxy and external load balancers) say both; this
-# module is the only place that reads them. A change there fails tests/test_serve.py's ingress tests.
-def _controller():
-    from ray.serve.context import _get_global_client
-    return _get_global_client()
-
-
 def http_host() -> str:
     """The host Serve's HTTP servers (proxy, HAProxy, replica ports) bind."""
-    return _controller().http_config.host
+    return ray_internals.serve_http_host()
 
 
 def target_groups(app: str | None = None, *, behind_haproxy: bool = False) -> list:
     """Serve's HTTP target groups (of ``app``, or all): where a client, or with ``behind_haproxy``
     HAProxy itself, sends a route's requests. Group ``app_name`` is empty for Serve's front door."""
-    groups = ray.get(_controller()._controller.get_target_groups.remote(
-        app_name=app, from_proxy_manager=behind_haproxy))
+    groups = ray_internals.serve_target_groups(app, from_proxy_manager=behind_haproxy)
     return [g for g in groups if g.protocol == "HTTP"]
 
 

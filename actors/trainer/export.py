@@ -59,7 +59,7 @@ def export(ckpt_url: str, out_url: str, storage_options: dict | None = None) -> 
     spec stored in the checkpoint and loads the weights with ``strict=True`` before anything is
     written, so a mismatch fails here rather than in Serve.
     """
-    from actors.serve.checkpoint import save_served_model
+    from actors.served_model import save_served_model
     from orchestrator.spec import parse_spec
     if is_native_deepspeed(ckpt_url):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

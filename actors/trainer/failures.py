@@ -5,7 +5,7 @@ depend on the cluster's state (a model that cannot be imported or built, bad arg
 shape error in the first forward, out of memory while building), is re-raised as
 :class:`SetupError`. The driver's failure policy (``actors.trainer.trainer``) ends the run when
 every failed rank reports one; worker or node loss, preemption and errors after the first step
-are retried as before. Nothing here imports torch or Ray.
+are retried as before. Nothing here imports torch; Ray only to unwrap its exception wrapper.
 """
 
 from __future__ import annotations
@@ -61,6 +61,6 @@ def setup_failure(error: BaseException) -> SetupError | None:
 
 
 def _unwrap(e: BaseException) -> BaseException:
-    """A worker's exception as raised in the train function. Ray Train wraps it with its traceback
-    string (``UserExceptionWithTraceback``, the exception in ``_base_exc``; see the compat test)."""
-    return getattr(e, "_base_exc", e)
+    """A worker's exception as raised in the train function (Ray Train wraps it)."""
+    from orchestrator.compat.ray_internals import unwrap_user_exception
+    return unwrap_user_exception(e)

@@ -9,7 +9,6 @@ ever used after its manifest verifies.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -29,6 +28,7 @@ from actors.trainer import failures, spares, zero_state
 from actors.trainer.checkpoint import AsyncSaver, CheckpointStore, SaveRequest, assign_params
 from orchestrator import batch
 from orchestrator.batch import BatchPlan
+from orchestrator.compat import deepspeed_internals
 from orchestrator.control import JobControl
 from orchestrator.spec import TrainSpec, parse_spec
 
@@ -150,41 +150,11 @@ def use_environment_ninja() -> None:
         os.environ["PATH"] = bindir + os.pathsep + path
 
 
-def defer_deepspeed_compile() -> None:
-    """Make DeepSpeed's ``@compiler.compile()`` kernels compile on first call, not at import.
-
-    ``deepspeed.initialize`` and every ZeRO step import DeepSpeed's Muon optimizer module, whose
-    kernels are wrapped in ``torch.compile`` at import time; that loads TorchInductor's compiler
-    (``torch._inductor.compile_fx``): 1.5 s of every worker (re)start on an idle 2-core machine, 2-3 s with two
-    workers starting at once, for kernels that only Muon runs (a spec cannot name Muon). The
-    kernels still compile, the first time something calls them.
-    """
-    from deepspeed.runtime import compiler
-    if getattr(compiler.compile, "deferred", False):
-        return
-
-    def compile():
-        def decorate(fn):
-            compiled = None
-
-            @functools.wraps(fn)
-            def call(*args, **kwargs):
-                nonlocal compiled
-                if compiled is None:
-                    compiled = torch.compile(fn)
-                return compiled(*args, **kwargs)
-            return call
-        return decorate
-
-    compile.deferred = True
-    compiler.compile = compile
-
-
 def import_deepspeed():
     """``deepspeed``, imported with this environment's ninja and its Muon kernels' compile deferred."""
     use_environment_ninja()
     import deepspeed
-    defer_deepspeed_compile()
+    deepspeed_internals.defer_compile()
     return deepspeed
 
 
@@ -332,8 +302,7 @@ class Worker:
     def save(self, step: int, metrics: dict[str, float], sync: bool) -> None:
         """Copy this rank's slice of the state (no collective), then write shards and commit in the
         writer thread; the training step waits for that only if ``sync``."""
-        owner_sizes = {n: p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-                       for n, p in self.engine.module.named_parameters() if p.requires_grad}
+        owner_sizes = {n: deepspeed_internals.full_numel(p) for n, p in self.engine.module.named_parameters() if p.requires_grad}
         owner = assign_params(owner_sizes, self.world)  # who writes parameters no partition holds
         mine, fragments = zero_state.local_fragments(self.engine, self.state_keys,
                                                      owns=lambda n: owner[n] == self.rank)

@@ -16,6 +16,13 @@ from orchestrator.storage import Storage
 _PROBE_BATCH = 2
 
 
+def count_params(spec: TrainSpec) -> int:
+    """Build the spec's model on the meta device (no memory) and count its trainable parameters."""
+    with torch.device("meta"):
+        model = spec.model.resolve()(**spec.model.kwargs)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def model_errors(spec: TrainSpec, schema: dict | None) -> list[tuple[str, str]]:
     """``(field path, reason)`` for a factory that does not import, kwargs it refuses, something
     that is not a ``torch.nn.Module``, or (given the dataset's column ``schema``) samples whose

@@ -15,12 +15,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray.train.v2._internal.constants import HEALTH_CHECK_INTERVAL_S_ENV_VAR
-from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
-from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
-from ray.train.torch import TorchTrainer
-
 from actors.trainer import failures, spares
+from orchestrator.compat import ray_internals
+from orchestrator.compat.ray_internals import (NarrowingScalingPolicy, PolicyTorchTrainer,
+                                               RaisingFailurePolicy)
 from orchestrator.control import JobControl
 from actors.trainer.loop import train_loop_per_worker
 from orchestrator.batch import BatchPlan
@@ -35,7 +33,7 @@ class _NoNews(logging.Filter):
         return not record.getMessage().startswith("Did not detect any changes in the cluster resources")
 
 
-class BatchAwareScalingPolicy(ElasticScalingPolicy):
+class BatchAwareScalingPolicy(NarrowingScalingPolicy):
     """Ray Train's elastic policy, restricted to worker counts with an integer batch split.
 
     When the cluster offers a size with no split (e.g. 3 workers for global batch 64 over micro 8),
@@ -50,7 +48,7 @@ class BatchAwareScalingPolicy(ElasticScalingPolicy):
         super().__init__(scaling_config)
         # the stock policy logs "Did not detect any changes in the cluster resources" at every
         # resize check (once a second with a 1 s interval); nothing happened, so say nothing
-        stock = logging.getLogger(ElasticScalingPolicy.__module__)
+        stock = ray_internals.elastic_policy_logger()
         if not any(isinstance(f, _NoNews) for f in stock.filters):
             stock.addFilter(_NoNews())
         self.plan = plan
@@ -69,20 +67,14 @@ class BatchAwareScalingPolicy(ElasticScalingPolicy):
                 log.warning("[%s] cannot read the scheduler's worker cap: %s", self.job_name, e)
         return self._cap
 
-    def _get_num_workers_for_resource_request(self) -> int:
-        # Ray Train reserves max_workers in the cluster's AutoscalingCoordinator; under a cap that
-        # would starve other jobs of resources this one will not use.
-        cap = self._worker_cap()
-        n = super()._get_num_workers_for_resource_request()
-        if cap is not None:
-            n = min(n, cap)
-        return self.plan.largest_allowed_at_most(n) or self.plan.min_allowed
-
-    def _count_possible_workers(self, reserved_resources) -> int:
-        n = super()._count_possible_workers(reserved_resources)
+    def narrow(self, n: int, for_request: bool) -> int:
         cap = self._worker_cap()
         if cap is not None:
             n = min(n, cap)
+        if for_request:
+            # Ray Train reserves max_workers in the cluster's AutoscalingCoordinator; under a cap
+            # that would starve other jobs of resources this one will not use.
+            return self.plan.largest_allowed_at_most(n) or self.plan.min_allowed
         w = self.plan.largest_allowed_at_most(n) or 0
         if w != n and n != self._last_refusal:
             self._last_refusal = n
@@ -92,19 +84,17 @@ class BatchAwareScalingPolicy(ElasticScalingPolicy):
         return w if w else -1  # below min_workers: Ray Train waits
 
 
-class SetupAwareFailurePolicy(DefaultFailurePolicy):
+class SetupAwareFailurePolicy(RaisingFailurePolicy):
     """Ray Train's failure policy, except that a run whose failed ranks all raised
     :class:`~actors.trainer.failures.SetupError` (a deterministic error before the first step) ends
     at once: retrying would repeat it ``max_failures`` times. Worker and node loss, preemption and
     errors after the first step are decided by the stock policy."""
 
-    def make_decision(self, training_failed_error) -> FailureDecision:
-        if failures.setup_failure(training_failed_error) is not None:
-            return FailureDecision.RAISE
-        return super().make_decision(training_failed_error)
+    def ends_run(self, error: BaseException) -> bool:
+        return failures.setup_failure(error) is not None
 
 
-class ElasticDeepSpeedTrainer(TorchTrainer):
+class ElasticDeepSpeedTrainer(PolicyTorchTrainer):
     """``TorchTrainer`` with :class:`BatchAwareScalingPolicy` in place of the stock elastic policy
     and :class:`SetupAwareFailurePolicy` in place of the stock failure policy."""
 
@@ -115,12 +105,13 @@ class ElasticDeepSpeedTrainer(TorchTrainer):
         self._job_name = job_name
         self._control = control
 
-    def _initialize_and_run_controller(self, **kwargs):
-        if self.scaling_config.elasticity_enabled:
-            kwargs["scaling_policy"] = BatchAwareScalingPolicy(
-                self.scaling_config, self._plan, self._job_name, self._control)
-        kwargs["failure_policy"] = SetupAwareFailurePolicy(self.run_config.failure_config)
-        return super()._initialize_and_run_controller(**kwargs)
+    def scaling_policy(self):
+        if not self.scaling_config.elasticity_enabled:
+            return None
+        return BatchAwareScalingPolicy(self.scaling_config, self._plan, self._job_name, self._control)
+
+    def failure_policy(self):
+        return SetupAwareFailurePolicy(self.run_config.failure_config)
 
 
 @dataclass
@@ -176,7 +167,7 @@ def build_trainer(spec: TrainSpec, options: dict[str, Any] | None = None,
                                       elastic_resize_monitor_interval_s=r.resize_check_interval_s)
     # Ray Train reads its controller's poll interval from the driver's environment at fit() and
     # passes it on to the controller; it bounds how long a lost worker goes unnoticed
-    os.environ[HEALTH_CHECK_INTERVAL_S_ENV_VAR] = str(r.health_check_interval_s)
+    os.environ[ray_internals.train_health_check_env_var()] = str(r.health_check_interval_s)
     ray_store = Storage(spec.checkpoint.url, spec.storage.as_options()).sub("_ray_train")
     run_config = ray.train.RunConfig(
         name=run_name or f"{spec.name}-{uuid.uuid4().hex[:8]}",

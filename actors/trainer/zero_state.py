@@ -7,8 +7,9 @@ optimizer moments that this rank's partition holds, with its offset in the flatt
 collective: one memcpy of 1/world of the state). A restore is :func:`local_ranges` (what this rank's
 engine, of any world size and ZeRO stage, holds now) read back from whichever shards hold it
 (``CheckpointStore.load_slices``) and set by :func:`load_local_state`. ZeRO 1-2 and DeepSpeed's bf16
-optimizer are reached through their tensor-fragment mappings (``_hp_mapping``), ZeRO-3 through
-``safe_get/set_local_*``, stage 0 fp32 through the plain torch optimizer. :func:`iter_full_state`
+optimizer are reached through their tensor-fragment mappings, ZeRO-3 through
+``safe_get/set_local_*``, stage 0 fp32 through the plain torch optimizer; every DeepSpeed internal
+on the way is in :mod:`orchestrator.compat.deepspeed_internals`. :func:`iter_full_state`
 (a collective for stages 1-3) gathers full tensors where a caller needs them live (tests).
 """
 
@@ -18,20 +19,13 @@ from typing import Iterator
 
 import torch
 
+from orchestrator.compat import deepspeed_internals as dsi
+
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def optimizer_state_keys(optimizer_name: str) -> tuple[str, ...]:
     return ADAM_KEYS if optimizer_name in ("adam", "adamw") else ()
-
-
-def _base_optimizer(engine):
-    opt = engine.optimizer
-    return getattr(opt, "optimizer", opt)
-
-
-def _is_zero_managed(param) -> bool:
-    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
 
 
 def iter_full_state(engine, state_keys: tuple[str, ...]) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
@@ -40,12 +34,12 @@ def iter_full_state(engine, state_keys: tuple[str, ...]) -> Iterator[tuple[str, 
     Tensors are full (unpartitioned), fp32, on CPU. Collective for ZeRO stages 1-3.
     """
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-    base = _base_optimizer(engine)
+    base = dsi.base_optimizer(engine)
     for name, p in engine.module.named_parameters():
         if not p.requires_grad:
             continue
         out: dict[str, torch.Tensor] = {}
-        if _is_zero_managed(p):
+        if dsi.param_kind(p) != "plain":
             out["fp32"] = safe_get_full_fp32_param(p).detach().float().cpu().clone()
             for k in state_keys:
                 v = safe_get_full_optimizer_state(p, k)
@@ -70,16 +64,17 @@ def local_fragments(engine, state_keys: tuple[str, ...], owns) -> tuple[
     partition; parameters no optimizer partitions (ZeRO-0 fp32) whole, on the rank ``owns(name)``
     picks.
     """
-    base = _base_optimizer(engine)
+    base = dsi.base_optimizer(engine)
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     fragments: dict[str, list] = {}
     for name, p in engine.module.named_parameters():
         if not p.requires_grad:
             continue
-        if hasattr(p, "ds_id"):  # ZeRO-3: rank i of the partition group holds [i * n, (i + 1) * n)
+        kind = dsi.param_kind(p)
+        if kind == "zero3":  # rank i of the partition group holds [i * n, (i + 1) * n)
             frag = _zero3_fragment(p, state_keys)
-        elif hasattr(p, "_hp_mapping"):  # ZeRO 1-2, bf16 optimizer: a contiguous slice, or none
-            frag = _hp_fragment(p, state_keys)
+        elif kind == "fragment":  # ZeRO 1-2, bf16 optimizer: a contiguous slice, or none
+            frag = dsi.fragment_tensors(p, state_keys)
         elif owns(name):  # the module parameter is the master weight
             st = base.state.get(p, {})
             frag = (0, {"fp32": p.detach().reshape(-1)}
@@ -95,7 +90,7 @@ def local_fragments(engine, state_keys: tuple[str, ...], owns) -> tuple[
             v = parts.get(k)
             out[k] = _copy(v) if v is not None else torch.zeros(n)
         tensors[name] = out
-        fragments[name] = [start, list(getattr(p, "ds_shape", p.shape))]
+        fragments[name] = [start, list(dsi.full_shape(p))]
     return tensors, fragments
 
 
@@ -108,25 +103,15 @@ def local_ranges(engine) -> dict[str, tuple[int, int, tuple[int, ...]]]:
     for name, p in engine.module.named_parameters():
         if not p.requires_grad:
             continue
-        shape = tuple(getattr(p, "ds_shape", p.shape))
-        if hasattr(p, "ds_id"):
-            start, n, _ = _zero3_partition(p)
-        elif hasattr(p, "_hp_mapping"):
-            m = p._hp_mapping
-            start, n = (m.lp_fragment_address.start, m.lp_fragment_address.numel) if m is not None else (0, 0)
+        kind = dsi.param_kind(p)
+        if kind == "zero3":
+            start, n, _ = dsi.zero3_partition(p)
+        elif kind == "fragment":
+            start, n = dsi.fragment_range(p)
         else:
             start, n = 0, p.numel()
-        out[name] = (start, max(0, n), shape)
+        out[name] = (start, max(0, n), dsi.full_shape(p))
     return out
-
-
-def _zero3_partition(p):
-    """(start, valid elements, partition tensor) of this rank's ZeRO-3 partition of ``p``."""
-    import torch.distributed as dist
-    from deepspeed.utils import safe_get_local_fp32_param
-    local = safe_get_local_fp32_param(p).reshape(-1)
-    start = dist.get_rank(group=getattr(p, "ds_process_group", None)) * local.numel()
-    return start, min(local.numel(), p.ds_numel - start), local
 
 
 def load_local_state(engine, slices: dict[str, dict[str, torch.Tensor]], state_keys: tuple[str, ...],
@@ -135,16 +120,17 @@ def load_local_state(engine, slices: dict[str, dict[str, torch.Tensor]], state_k
     engine: fp32 master weights and optimizer moments, any ZeRO stage. All ranks call it together
     (the final low-precision refresh of stages 1-2 is a collective)."""
     from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
-    base = _base_optimizer(engine)
-    _ensure_optimizer_state(engine, base, state_keys)
+    base = dsi.base_optimizer(engine)
+    dsi.ensure_optimizer_state(engine, state_keys)
     zero_managed = False
     for name, p in engine.module.named_parameters():
         if not p.requires_grad:
             continue
         t = slices.get(name, {})
-        if hasattr(p, "ds_id"):
+        kind = dsi.param_kind(p)
+        if kind == "zero3":
             zero_managed = True
-            start, n, local = _zero3_partition(p)
+            start, n, local = dsi.zero3_partition(p)
             if n <= 0:
                 continue
             for k in ("fp32", *state_keys):
@@ -154,15 +140,9 @@ def load_local_state(engine, slices: dict[str, dict[str, torch.Tensor]], state_k
                     safe_set_local_fp32_param(p, part)
                 else:
                     safe_set_local_optimizer_state(p, part, k)
-        elif hasattr(p, "_hp_mapping"):
+        elif kind == "fragment":
             zero_managed = True
-            m = p._hp_mapping
-            if m is None:
-                continue
-            with torch.no_grad():
-                m.get_hp_fragment().copy_(t["fp32"])
-                for k in state_keys:
-                    m.get_hp_fragment(k).copy_(t[k])
+            dsi.set_fragment(p, t, state_keys)
         else:
             with torch.no_grad():
                 p.data.copy_(t["fp32"].reshape(p.shape).to(p.dtype))
@@ -172,27 +152,16 @@ def load_local_state(engine, slices: dict[str, dict[str, torch.Tensor]], state_k
                     st[k] = t[k].reshape(p.shape).clone().to(p.dtype)
     _set_step(base, state_keys, step_count, engine)
     if zero_managed:
-        _refresh_low_precision(engine)
+        dsi.refresh_low_precision(engine)
 
 
 def _copy(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(device="cpu", dtype=torch.float32, copy=True)
 
 
-def _hp_fragment(p, state_keys):
-    m = p._hp_mapping
-    if m is None:
-        return None
-    parts = {"fp32": m.get_hp_fragment()}
-    for k in state_keys:
-        if m.optim_fragment and k in m.optim_fragment:  # created by the optimizer's first step
-            parts[k] = m.get_hp_fragment(k)
-    return m.lp_fragment_address.start, parts
-
-
 def _zero3_fragment(p, state_keys):
     from deepspeed.utils import safe_get_local_optimizer_state
-    start, n, local = _zero3_partition(p)
+    start, n, local = dsi.zero3_partition(p)
     if n <= 0:  # the last partitions hold padding, or nothing
         return None
     parts = {"fp32": local[:n]}
@@ -206,30 +175,11 @@ def _zero3_fragment(p, state_keys):
 
 def optimizer_step_count(engine) -> int:
     """Adam's bias-correction step counter (same for every parameter group)."""
-    for st in _base_optimizer(engine).state.values():
+    for st in dsi.base_optimizer(engine).state.values():
         if "step" in st:
             s = st["step"]
             return int(s.item() if torch.is_tensor(s) else s)
     return 0
-
-
-def _ensure_optimizer_state(engine, base, state_keys) -> None:
-    """A fresh engine has no optimizer state until its first step: create zeroed Adam state so the
-    fragment setters have somewhere to write, then let ZeRO link it to the parameters."""
-    if not state_keys:
-        return
-    flat = [p for g in base.param_groups for p in g["params"]]
-    # ZeRO-3 keeps its fp32 partitions outside param_groups between steps
-    flat += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or [])
-    for p in flat:
-        st = base.state[p]
-        if not all(k in st for k in state_keys):
-            st.setdefault("step", torch.tensor(0.0))
-            for k in state_keys:
-                st.setdefault(k, torch.zeros_like(p, memory_format=torch.preserve_format))
-    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:
-        link()
 
 
 def _set_step(base, state_keys, step_count, engine) -> None:
@@ -243,13 +193,3 @@ def _set_step(base, state_keys, step_count, engine) -> None:
             st["step"] = int(step_count)
         else:
             st["step"] = torch.tensor(float(step_count))
-
-
-def _refresh_low_precision(engine) -> None:
-    """Copy fp32 master partitions into the model's working weights after a restore."""
-    opt = engine.optimizer
-    if hasattr(opt, "update_lp_params"):                 # ZeRO 1/2 (collective all-gather)
-        opt.update_lp_params()
-    elif hasattr(opt, "_reassign_or_swap_out_partitioned_parameters"):  # ZeRO 3
-        for sub_group_id in range(len(opt.fp16_groups)):
-            opt._reassign_or_swap_out_partitioned_parameters(sub_group_id)

@@ -33,6 +33,7 @@ from ray import tune
 from ray.train import UserCallback
 
 from actors.trainer.checkpoint import CheckpointError, CheckpointStore
+from orchestrator.compat import ray_internals
 from orchestrator.spec import TrainSpec, apply_overrides, parse_spec
 from orchestrator.storage import Storage, StorageError, join
 
@@ -215,7 +216,7 @@ class TrainRunTrial(tune.Trainable):
             self.thread.join(_ABORT_TIMEOUT_S)
         if self.thread.is_alive() and self.controller is not None:
             try:
-                ray.get(self.controller.abort.remote(), timeout=_ABORT_TIMEOUT_S)
+                ray_internals.abort_train_run(self.controller, _ABORT_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - abort ends the controller actor, failing the call
                 pass
         self.thread.join(_ABORT_TIMEOUT_S)

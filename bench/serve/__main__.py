@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from actors.serve.checkpoint import load_served_model, save_served_model
+    from actors.served_model import load_served_model, save_served_model
     from actors.serve.deployment import REPLICA_ENV, json_response
     from jobs.examples.models import mlp
     from jobs.serve import connect, deploy, replica_endpoints

@@ -32,7 +32,8 @@ def run(args) -> int:
     if not args.quiet:
         print(f"# {args.spec}: valid {spec.kind} spec")
         print(specmod.dump_spec(spec), end="")
-        for line in specmod.describe(spec) + notes:
+        from actors.trainer.preflight import count_params
+        for line in specmod.describe(spec, count_params) + notes:
             print(line)
     return 0
 
