@@ -39,7 +39,7 @@ from typing import Any
 
 from orchestrator.batch import BatchPlan
 from orchestrator.spec import Domain, SpecError, TuneSpec, with_overrides
-from orchestrator.storage import Storage
+from orchestrator.storage import Storage, resolve
 
 log = logging.getLogger("jobs.tune")
 
@@ -171,20 +171,17 @@ def trial_concurrency(spec: TuneSpec, free: dict[str, float]) -> int:
     return min(n, spec.max_concurrent_trials) if spec.max_concurrent_trials else n
 
 
-def _absolute(url: str | None, options: dict) -> str | None:
-    """Local paths made absolute: trials and Train workers run in other working directories."""
-    return None if url is None else (Storage(url, options).local_path() or url)
-
-
 def trial_base(spec: TuneSpec) -> dict:
     """The mapping every trial spec starts from: the spec's trial, named after the search, with local
-    paths absolute and the search's storage options where the trial has none."""
+    paths absolute and the search's storage options where the trial has none. The storage URLs are
+    absolute already (resolved when the spec was validated); the node-local ``cache_dir`` is made so
+    here, as trials and Train workers run in other working directories."""
     base = spec.trial.model_dump(mode="json")
     base["name"] = spec.name
     storage = spec.trial.storage if spec.trial.storage.as_options() else spec.storage
     base["storage"] = storage.model_dump(mode="json")
-    base["dataset"]["url"] = _absolute(base["dataset"]["url"], storage.as_options())
-    base["dataset"]["cache_dir"] = _absolute(base["dataset"]["cache_dir"], {})
+    if base["dataset"]["cache_dir"] is not None:
+        base["dataset"]["cache_dir"] = resolve(base["dataset"]["cache_dir"])
     return base
 
 
@@ -364,8 +361,6 @@ def run_tune(spec: TuneSpec, options: dict[str, Any] | None = None,
     """
     check_tune_spec(spec)
     results = Storage(spec.results_url, spec.storage.as_options())
-    if results.local_path():
-        results = Storage(results.local_path(), results.options)
     _check_same_search(spec, results)
 
     import ray

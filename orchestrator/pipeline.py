@@ -17,7 +17,6 @@ functions here:
 from __future__ import annotations
 
 import json
-import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -75,8 +74,7 @@ def served_location(train_checkpoint: str) -> str:
     """Where a training checkpoint ``.../step-N`` is exported for serving: ``.../served/step-N``
     (outside the ``step-*`` names, so checkpoint retention never touches it)."""
     base = train_checkpoint.rstrip("/")
-    name = posixpath.basename(base.split("://", 1)[-1])
-    return storage.join(storage.parent(base), "served", name)
+    return storage.join(storage.parent(base), "served", storage.basename(base))
 
 
 def is_served_checkpoint(url: str, storage_options: dict[str, Any] | None = None) -> bool:

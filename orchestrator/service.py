@@ -86,8 +86,7 @@ class SchedulerConfig:
             raise ValueError(f"SchedulerConfig.tick_s must be > 0, got {self.tick_s}")
         if "{spec}" not in self.entrypoint:
             raise ValueError(f"SchedulerConfig.entrypoint must contain {{spec}}: {self.entrypoint!r}")
-        if "://" not in self.spec_dir:
-            self.spec_dir = os.path.abspath(os.path.expanduser(self.spec_dir))
+        self.spec_dir = storage.resolve(self.spec_dir)
 
 
 def parse_submission_id(submission_id: str) -> tuple[str, int] | None:

@@ -48,8 +48,11 @@ class Strict(BaseModel):
 
 
 def _url(v: str) -> str:
+    """Every storage field: validated and resolved once, here (``storage.resolve``: a relative or
+    ``~`` local path becomes absolute against this process's cwd, so the stored and submitted spec
+    means the same thing wherever it runs)."""
     try:
-        return storage.check_url(v)
+        return storage.resolve(v)
     except storage.StorageError as e:
         raise ValueError(str(e)) from None
 
@@ -584,12 +587,8 @@ def load_spec(path_or_url: str | Path, overrides: dict[str, Any] | None = None):
     """Load YAML from a path or storage URL and validate it. Raises SpecError (never half-loads)."""
     src = str(path_or_url)
     try:
-        if storage.scheme_of(src) == "file":
-            text = Path(src.removeprefix("file://")).read_text()
-        else:
-            st = storage.Storage(storage.parent(src))
-            text = st.read_text(src.rsplit("/", 1)[1])
-    except (OSError, storage.StorageError) as e:
+        text = storage.read_text(src)
+    except (OSError, UnicodeDecodeError, storage.StorageError) as e:
         raise SpecError([("", f"cannot read spec: {e}")], src) from None
     try:
         data = yaml.safe_load(text)

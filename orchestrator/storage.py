@@ -1,7 +1,14 @@
 """Every read and write the system makes goes through this module (DESIGN invariant 2).
 
 A location is an fsspec URL: a plain path, ``file://``, ``s3://`` (s3fs) or ``memory://``.
-Nothing outside this module looks at the scheme.
+Nothing outside this module looks at the scheme: callers ask :func:`is_local`, :func:`local_path`,
+:func:`basename`, :func:`parent`, :func:`has_scheme`.
+
+A URL is put in canonical form once, by :func:`resolve`, when a spec is validated (every storage
+field of a spec goes through it): a local location becomes an absolute plain path (``~`` expanded,
+a relative path resolved against the current working directory, ``file://`` dropped), so the spec
+means the same thing in every process and on every node that reads it; a remote URL keeps its
+form, less trailing slashes. :class:`Storage` resolves its root the same way.
 
 S3 endpoint and credentials come from ``storage_options`` (e.g. a spec's ``storage`` block) or
 from the environment (``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID``,
@@ -52,6 +59,56 @@ def check_url(url: str) -> str:
         if not rest or rest.startswith("/"):
             raise StorageError(f"{url!r} has no bucket name")
     return url
+
+
+def resolve(url: str) -> str:
+    """The canonical form of a storage URL (validated as :func:`check_url` does). Idempotent.
+
+    Local (a plain path or ``file://``): an absolute, normalised plain path, ``~`` expanded and a
+    relative path resolved against the current working directory (plain paths, not ``file://``
+    URLs, because that is what users write and what OS calls take). Remote (``s3://``, ``gs://``,
+    ``memory://``...): unchanged but for a lower-case scheme and no trailing ``/``.
+    """
+    check_url(url)
+    scheme = scheme_of(url)
+    if scheme == "file":
+        path = url.split("://", 1)[1] if "://" in url else url
+        if not path.strip():
+            raise StorageError(f"{url!r} names no path")
+        return os.path.abspath(os.path.expanduser(path))
+    rest = url.split("://", 1)[1].rstrip("/")
+    return f"{scheme}://{rest}"
+
+
+def has_scheme(text: str) -> bool:
+    """Whether ``text`` is spelt as a URL with a scheme (``s3://b/k``, ``file:///x``), not a path."""
+    return "://" in text
+
+
+def is_local(url: str) -> bool:
+    """Whether the URL is on the local filesystem (a plain path or ``file://``)."""
+    return scheme_of(url) == "file"
+
+
+def local_path(url: str) -> str | None:
+    """The absolute OS path of a local URL; None for any other."""
+    return resolve(url) if is_local(url) else None
+
+
+def basename(url: str) -> str:
+    """The last component of the URL's path (``s3://b/ckpt/step-1/`` -> ``step-1``)."""
+    return os.path.basename(resolve(url)) if is_local(url) else \
+        posixpath.basename(url.split("://", 1)[1].rstrip("/"))
+
+
+def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    """One object named by its full URL (a path or any supported URL)."""
+    url = resolve(url)
+    return Storage(parent(url), storage_options).read_bytes(basename(url))
+
+
+def read_text(url: str, storage_options: dict[str, Any] | None = None) -> str:
+    return read_bytes(url, storage_options).decode("utf-8")
 
 
 def _env_s3_options() -> dict[str, Any]:
@@ -110,10 +167,43 @@ def join(url: str, *parts: str) -> str:
 
 
 def parent(url: str) -> str:
-    if "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://{posixpath.dirname(rest.rstrip('/'))}"
-    return os.path.dirname(url.rstrip("/"))
+    """The URL one level up (a local one resolved first: ``parent("a.yaml")`` is the cwd)."""
+    if is_local(url):
+        return os.path.dirname(resolve(url))
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://{posixpath.dirname(rest.rstrip('/'))}"
+
+
+@contextlib.contextmanager
+def _atomic(target: str, fsync: bool = False, fs=None) -> Iterator[str]:
+    """The one write-then-rename: yields a hidden temporary path beside ``target`` to write the new
+    content to. When the block exits cleanly the temporary is renamed onto ``target`` (after an
+    fsync of the file when ``fsync``); on any error it is removed and the error propagates, so
+    ``target`` holds the old content or the whole new one, never a prefix.
+
+    ``fs`` None: ``target`` is an OS path (created parents, ``os.replace``, atomic on POSIX);
+    otherwise an fsspec filesystem with no atomic write of its own (memory), renamed by ``fs.mv``.
+    Object stores need neither: a single PUT or a completed multipart upload is atomic already.
+    """
+    parent_dir, name = (os.path.split(target) if fs is None else posixpath.split(target))
+    tmp = f"{parent_dir}/.tmp-{uuid.uuid4().hex}-{name}"
+    if fs is None:
+        os.makedirs(parent_dir, exist_ok=True)
+    try:
+        yield tmp
+        if fs is None:
+            if fsync:
+                _fsync_path(tmp)
+            os.replace(tmp, target)
+        else:
+            fs.mv(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if fs is None:
+                os.unlink(tmp)
+            else:
+                fs.rm_file(tmp)
+        raise
 
 
 class Storage:
@@ -123,7 +213,7 @@ class Storage:
     """
 
     def __init__(self, root: str, storage_options: dict[str, Any] | None = None):
-        self.root = check_url(root).rstrip("/") or root
+        self.root = resolve(root)
         self.options = dict(storage_options or {})
         self.fs, self.root_path = filesystem(self.root, self.options)
         self.scheme = scheme_of(self.root)
@@ -223,23 +313,14 @@ class Storage:
         the page cache, safe against a killed process but not a lost machine (see :meth:`sync`).
         """
         target = self._p(rel)
-        parent_dir = posixpath.dirname(target)
         if self.scheme == "file":
-            os.makedirs(parent_dir, exist_ok=True)
-            tmp = os.path.join(parent_dir, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(target)}")
-            with open(tmp, "wb") as f:
+            with _atomic(target, fsync=fsync) as tmp, open(tmp, "wb") as f:
                 f.write(data)
-                if fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, target)
-            return
-        if self.scheme == "memory":
-            tmp = f"{parent_dir}/.tmp-{uuid.uuid4().hex}"
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, target)
-            return
-        self.fs.pipe_file(target, data)
+        elif self.scheme == "memory":
+            with _atomic(target, fs=self.fs) as tmp:
+                self.fs.pipe_file(tmp, data)
+        else:
+            self.fs.pipe_file(target, data)
 
     def write_text(self, rel: str, text: str, fsync: bool = True) -> None:
         self.write_bytes(rel, text.encode("utf-8"), fsync=fsync)
@@ -254,22 +335,12 @@ class Storage:
         """
         target = self._p(rel)
         if self.scheme == "file":
-            parent_dir = posixpath.dirname(target)
-            os.makedirs(parent_dir, exist_ok=True)
-            tmp = os.path.join(parent_dir, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(target)}")
-            try:
-                with open(tmp, "wb") as f:
-                    yield f
-                os.replace(tmp, target)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            with _atomic(target) as tmp, open(tmp, "wb") as f:
+                yield f
             return
         if self.scheme == "memory":
-            buf = io.BytesIO()
-            yield buf
-            self.write_bytes(rel, buf.getvalue())
+            with _atomic(target, fs=self.fs) as tmp, self.fs.open(tmp, "wb") as f:
+                yield f
             return
         f = self.fs.open(target, "wb")
         try:
@@ -311,28 +382,22 @@ class Storage:
         """Upload a local file atomically (streaming; no full copy in memory for object stores)."""
         target = self._p(rel)
         if self.scheme == "file":
-            parent_dir = posixpath.dirname(target)
-            os.makedirs(parent_dir, exist_ok=True)
-            tmp = os.path.join(parent_dir, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(target)}")
             import shutil
-            shutil.copyfile(local_path, tmp)
-            os.replace(tmp, target)
-            return
-        if self.scheme == "memory":
-            with open(local_path, "rb") as f:
-                self.write_bytes(rel, f.read())
-            return
-        self.fs.put_file(local_path, target)
+            with _atomic(target) as tmp:
+                shutil.copyfile(local_path, tmp)
+        elif self.scheme == "memory":
+            with _atomic(target, fs=self.fs) as tmp:
+                self.fs.put_file(local_path, tmp)
+        else:
+            self.fs.put_file(local_path, target)
 
     def download(self, rel: str, local_path: str) -> None:
         """Copy an object to a local file (atomic on the local side)."""
-        os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
-        tmp = f"{local_path}.tmp-{uuid.uuid4().hex}"
         try:
-            self.fs.get_file(self._p(rel), tmp)
+            with _atomic(os.path.abspath(local_path)) as tmp:
+                self.fs.get_file(self._p(rel), tmp)
         except FileNotFoundError:
             raise StorageError(f"not found: {self.url(rel)}") from None
-        os.replace(tmp, local_path)
 
     def delete(self, rel: str, recursive: bool = False) -> None:
         p = self._p(rel)

@@ -156,3 +156,106 @@ def test_an_object_replaced_while_it_is_read_is_read_again(tmp_path, monkeypatch
         return real_open(path, mode, **kw)
     monkeypatch.setattr(st.fs, "open", flaky_open)
     assert st.read_text("rec.json") == '{"v": 2}' and len(calls) == 2
+
+
+# resolve: one canonical form per URL, computed when a spec is validated ---------------------------
+@pytest.mark.parametrize("url,expected", [
+    ("data/x", "{cwd}/data/x"),
+    ("./data/../x/", "{cwd}/x"),
+    ("~/data", "{home}/data"),
+    ("/abs/path/", "/abs/path"),
+    ("file:///abs/path", "/abs/path"),
+    ("file://rel/path", "{cwd}/rel/path"),
+    ("s3://bucket/prefix/", "s3://bucket/prefix"),
+    ("S3://bucket", "s3://bucket"),
+    ("memory://r/", "memory://r"),
+    ("gs://b/k", "gs://b/k"),
+])
+def test_resolve_gives_absolute_local_paths_and_remote_urls_unchanged(url, expected, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    want = expected.format(cwd=str(tmp_path), home=os.path.expanduser("~"))
+    assert storage.resolve(url) == want
+    assert storage.resolve(want) == want          # idempotent: a stored spec resolves to itself
+    assert storage.is_local(url) == (not storage.has_scheme(want))
+    assert storage.local_path(url) == (want if storage.is_local(url) else None)
+
+
+@pytest.mark.parametrize("url", ["ftp://h/x", "s3://", "", "file://"])
+def test_resolve_rejects_what_check_url_rejects(url):
+    with pytest.raises(StorageError):
+        storage.resolve(url)
+
+
+def test_basename_parent_and_whole_url_reads(tmp_path, monkeypatch):
+    assert storage.basename("s3://b/ckpt/step-1/") == "step-1"
+    assert storage.parent("s3://b/ckpt/step-1") == "s3://b/ckpt"
+    monkeypatch.chdir(tmp_path)
+    assert storage.basename("file://a/b.yaml") == "b.yaml"
+    assert storage.parent("b.yaml") == str(tmp_path)
+    (tmp_path / "b.yaml").write_text("k: v")
+    assert storage.read_text("b.yaml") == storage.read_text(f"file://{tmp_path}/b.yaml") == "k: v"
+    assert Storage("sub/").root == str(tmp_path / "sub")
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_every_atomic_write_cleans_up_its_temporary_on_failure(kind, tmp_path):
+    root = str(tmp_path / "r") if kind == "local" else f"memory://atomic-{uuid.uuid4().hex[:8]}"
+    st = Storage(root)
+    st.write_text("f", "committed")
+    with pytest.raises(RuntimeError), st.open_atomic("f") as f:
+        f.write(b"half")
+        raise RuntimeError("writer failed")
+    with pytest.raises(FileNotFoundError):
+        st.write_from_file("f", str(tmp_path / "no-such-source"))
+    with pytest.raises(StorageError):
+        st.download("missing", str(tmp_path / "dl" / "x"))
+    assert st.read_text("f") == "committed"
+    assert [p.rsplit("/", 1)[-1] for p in st.fs.find(st.root_path)] == ["f"]  # no .tmp-* left
+    assert not (tmp_path / "dl").exists() or os.listdir(tmp_path / "dl") == []
+
+
+# no module but this one looks at a URL's scheme (DESIGN invariant 2) ----------------------------
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# (file, literal): "://" literals that are not about storage
+_NOT_STORAGE = {
+    ("orchestrator/ray_adapter.py", "://"): "a Ray address (ray://, http://) is not a storage URL",
+    ("orchestrator/store.py", "://"): "the job store's SQLAlchemy database URL",
+    ("orchestrator/store.py", "sqlite:///"): "the job store's SQLAlchemy database URL",
+    ("orchestrator/store.py", "sqlite:///:memory:"): "the job store's SQLAlchemy database URL",
+}
+
+
+def _scheme_literals(path: str):
+    """(line, text) of every string literal with "://" in it that is not a docstring, an argparse
+    ``help=`` / pydantic ``description=``, or an http(s) address; and every use of ``scheme_of``."""
+    import ast
+    tree = ast.parse(open(path).read(), path)
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                node.body and isinstance(node.body[0], ast.Expr):
+            skip.add(id(node.body[0].value))
+        if isinstance(node, ast.keyword) and node.arg in ("help", "description"):
+            skip.update(id(n) for n in ast.walk(node.value))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and "://" in node.value \
+                and id(node) not in skip and not node.value.startswith(("http://", "https://")):
+            yield node.lineno, node.value
+        elif (isinstance(node, ast.Name) and node.id == "scheme_of") or \
+                (isinstance(node, ast.Attribute) and node.attr == "scheme_of"):
+            yield node.lineno, "scheme_of"
+
+
+def test_no_module_outside_storage_branches_on_a_url_scheme():
+    bad = []
+    for top in ("orchestrator", "actors", "jobs"):
+        for dirpath, _, names in os.walk(os.path.join(_ROOT, top)):
+            for n in names:
+                rel = os.path.relpath(os.path.join(dirpath, n), _ROOT)
+                if not n.endswith(".py") or rel == "orchestrator/storage.py":
+                    continue
+                bad += [f"{rel}:{line}: {text!r}" for line, text in _scheme_literals(os.path.join(_ROOT, rel))
+                        if (rel, text) not in _NOT_STORAGE]
+    assert not bad, "URL scheme handled outside orchestrator/storage.py (ask storage.resolve, " \
+                    "is_local, local_path, basename, parent, has_scheme):\n" + "\n".join(bad)

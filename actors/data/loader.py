@@ -301,8 +301,8 @@ class DataLoader:
         self.tail = cfg.tail
         self.accumulation = plan.check_batch(global_batch_size, micro_batch_size, world_size, rank,
                                              self.num_samples, self.tail)
-        from orchestrator.storage import Storage
-        self.remote = Storage(url, storage_options).local_path() is None
+        from orchestrator.storage import is_local
+        self.remote = not is_local(url)
         self.cache_dir = expand_cache_dir(cache_dir or default_cache_dir())
         self.cache_limit = cache_limit or default_limit(self.cache_dir)
         self.cache_policy = cache_policy

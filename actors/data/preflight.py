@@ -10,7 +10,7 @@ from actors.data.loader import check_cache, order_for, working_set_bytes
 from actors.data.shards import ShardError, read_manifest
 from orchestrator.batch import BatchPlan
 from orchestrator.spec import TrainSpec, data_partitions
-from orchestrator.storage import Storage, StorageError
+from orchestrator.storage import StorageError, is_local
 
 
 @dataclass
@@ -39,7 +39,7 @@ def check_dataset(spec: TrainSpec) -> DataCheck:
         out.errors.append(("deepspeed.global_batch_size", f"global_batch_size ({ds.global_batch_size}) exceeds "
                            f"the dataset's {m.num_samples} samples: with shuffle.tail 'drop' no step fits in an epoch"))
         return out
-    remote = Storage(d.url, opts).local_path() is None
+    remote = not is_local(d.url)
     mib = 2**20
     where = f"{m.num_samples} samples in {m.num_shards} shards, {m.total_bytes / mib:,.1f} MiB"
     if not remote:

@@ -15,7 +15,7 @@ import re
 import torch
 
 from actors.trainer.checkpoint import CheckpointError, CheckpointStore
-from orchestrator.storage import Storage, parent
+from orchestrator.storage import Storage, local_path, parent
 
 _STEP = re.compile(r"step-(\d{8,})/?$")
 
@@ -43,9 +43,10 @@ def consolidated_state_dict(ckpt_url: str, storage_options: dict | None = None
     return {name: t["fp32"] for name, t in tensors.items()}, state
 
 
-def is_native_deepspeed(path: str) -> bool:
+def is_native_deepspeed(url: str) -> bool:
     """A local DeepSpeed ``save_checkpoint`` directory (has ``latest`` or ``*_model_states.pt``)."""
-    if not os.path.isdir(path):
+    path = local_path(url)
+    if path is None or not os.path.isdir(path):
         return False
     if os.path.exists(os.path.join(path, "latest")):
         return True
@@ -63,7 +64,7 @@ def export(ckpt_url: str, out_url: str, storage_options: dict | None = None) -> 
     from orchestrator.spec import parse_spec
     if is_native_deepspeed(ckpt_url):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_url)
+        sd = get_fp32_state_dict_from_zero_checkpoint(local_path(ckpt_url))
         buf = io.BytesIO()
         torch.save({k: v.float() for k, v in sd.items()}, buf)
         # A native checkpoint does not say which factory built the model: weights only.

@@ -23,7 +23,7 @@ from orchestrator.control import JobControl
 from actors.trainer.loop import train_loop_per_worker
 from orchestrator.batch import BatchPlan
 from orchestrator.spec import TrainSpec, data_partitions, with_overrides
-from orchestrator.storage import Storage
+from orchestrator.storage import Storage, is_local
 
 log = logging.getLogger("actors.trainer")
 
@@ -138,7 +138,7 @@ def pin_data_order(spec: TrainSpec) -> TrainSpec:
     pin: dict[str, Any] = {}
     if d.shuffle.mode == "auto":
         opts = spec.storage.as_options()
-        remote = Storage(d.url, opts).local_path() is None
+        remote = not is_local(d.url)
         limit = d.cache_limit or default_limit(expand_cache_dir(d.cache_dir or default_cache_dir()))
         manifest = read_manifest(d.url, opts)
         pin["dataset.shuffle.mode"] = resolve_mode("auto", manifest, remote, limit)
@@ -201,17 +201,9 @@ def read_result(spec: TrainSpec) -> TrainResult:
                        checkpoint_url=ck[1] if ck else None, world_sizes=sizes)
 
 
-def with_absolute_paths(spec: TrainSpec) -> TrainSpec:
-    """Plain relative paths resolved against the driver's cwd: Ray Train workers run elsewhere."""
-    import os
-    fix = {f: os.path.abspath(u) for f, u in (("dataset.url", spec.dataset.url),
-                                              ("checkpoint.url", spec.checkpoint.url))
-           if "://" not in u and not os.path.isabs(u)}
-    return with_overrides(spec, fix) if fix else spec
-
-
 def run_train(spec: TrainSpec, options: dict[str, Any] | None = None) -> TrainResult:
-    """Run a train spec to completion on the connected Ray cluster and return its summary."""
-    spec = with_absolute_paths(spec)
+    """Run a train spec to completion on the connected Ray cluster and return its summary.
+    Its URLs were resolved (local paths made absolute) when it was validated, so Ray Train
+    workers in other working directories read the same locations."""
     build_trainer(spec, options).fit()
     return read_result(spec)

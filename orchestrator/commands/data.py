@@ -57,10 +57,9 @@ def _load_source(source: str, args):
         import io
 
         import numpy as np
-        st = storage.Storage(storage.parent(source), _options(args))
-        with np.load(io.BytesIO(st.read_bytes(source.rsplit("/", 1)[-1]))) as z:
+        with np.load(io.BytesIO(storage.read_bytes(source, _options(args)))) as z:
             return {k: z[k] for k in z.files}
-    if ":" in source and "://" not in source:
+    if ":" in source and not storage.has_scheme(source):  # module:function
         mod, fn = source.split(":", 1)
         try:
             factory = getattr(importlib.import_module(mod), fn)
