@@ -1,11 +1,10 @@
 """Every shard of a dataset mapped side by side in one virtual address range (Linux).
 
 A global shuffle draws each batch from every shard. Gathering shard by shard costs a handful of
-numpy calls per shard per column (61 shards: about 0.45 ms of a 1.4 ms batch of 1024 x 4 KiB
-rows) and a second copy to put rows back in order. With the shards at fixed strides of one
-address range, a column whose rows sit at the same offset modulo the row size in every shard is
-one strided array over the whole range, and a batch is one fancy-indexing copy from it
-(0.9 ms for the same batch).
+numpy calls per shard per column and a second copy to put rows back in order. With the shards at
+fixed strides of one address range, a column whose rows sit at the same offset modulo the row size
+in every shard is one strided array over the whole range, and a batch is one fancy-indexing copy
+from it (docs/BENCHMARKS.md, Data loader).
 
 The range is reserved up front (``PROT_NONE``, no memory is committed) and each shard file is
 mapped read-only into its slot with ``MAP_FIXED`` when the store opens it. The mapping lives as
@@ -14,8 +13,8 @@ long as any buffer handed out from it.
 Slots of shards of 2 MiB and more start on 2 MiB boundaries and are marked ``MADV_HUGEPAGE``:
 the kernel maps a shard's page cache in 2 MiB entries where the cache holds it in 2 MiB folios
 (always for pages this mapping reads in itself; for pages already cached, whatever size they
-were read in). Each random 4 KiB row then costs fewer TLB misses: a 1024-row batch took 0.63 ms
-instead of 0.70 with 27% of a warm bench dataset so mapped, 0.52 ms when all of it is.
+were read in). Each random row then costs fewer TLB misses (docs/BENCHMARKS.md, Data loader,
+"Rerun 2026-11-30").
 """
 
 from __future__ import annotations

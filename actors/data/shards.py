@@ -70,10 +70,6 @@ class Manifest:
     def total_bytes(self) -> int:
         return sum(s.bytes for s in self.shards)
 
-    def shard_of(self, ids: np.ndarray) -> np.ndarray:
-        """Index of the shard holding each sample id."""
-        return np.asarray(ids, dtype=np.int64) // self.rows_per_shard
-
     def to_json(self) -> str:
         d = asdict(self)
         d.pop("url")
@@ -345,7 +341,7 @@ def write_shards(source, url: str, *, rows_per_shard: int = DEFAULT_ROWS_PER_SHA
 # reading one shard
 # ---------------------------------------------------------------------------------------------
 class ShardReader:
-    """Zero-copy numpy views over one memory-mapped (or in-memory) shard; ``take(rows)`` gathers."""
+    """Zero-copy numpy views (``columns``) over one memory-mapped (or in-memory) shard."""
 
     def __init__(self, source: pa.NativeFile | pa.Buffer, info: ShardInfo, schema: dict, where: str):
         try:
@@ -361,9 +357,6 @@ class ShardReader:
             if name not in table.column_names:
                 raise ShardError(f"shard {where}: column {name!r} missing")
             self.columns[name] = column_view(table.column(name), c["dtype"], c["shape"])
-
-    def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        return {k: v[rows] for k, v in self.columns.items()}
 
 
 def sha256_of_path(path: str) -> str:

@@ -48,8 +48,7 @@ _STATS_FLUSH_S = 0.2
 # Python's default is 5 ms. The forward thread needs the GIL back after its kernels run, and the
 # event loop (parsing the next batch's requests) seldom lets go sooner, so every hand-back could
 # cost up to 5 ms: an eager forward hands back after each op, a TorchScript graph once per batch
-# (actors/serve/graph.py). 0.1 ms measured 5-10% more requests/s than 0.5 ms, and 0.5 ms 10-30%
-# more than the default (docs/BENCHMARKS.md, Serve).
+# (actors/serve/graph.py). 0.1 ms serves the most requests/s (docs/BENCHMARKS.md, Serve).
 _GIL_SWITCH_INTERVAL_S = 0.0001
 # Ray Serve settings for the replica process (read when Serve's replica code is imported):
 # run the handler on the replica's own event loop instead of a second loop in another thread,

@@ -2,8 +2,8 @@
 
 Why: a replica's forward runs in its own thread beside the event loop that parses requests.
 An eager forward calls back into Python for every module and op, and each time it must win the
-GIL back from the event loop. On a 2-core machine a 13 ms batch of the default model took 20-25
-ms that way. A frozen TorchScript graph runs every op in C++ with the GIL released, so the
+GIL back from the event loop, which nearly doubles a batch's time on a 2-core machine. A frozen
+TorchScript graph runs every op in C++ with the GIL released, so the
 forward thread needs the GIL once at the start and once at the end of a batch
 (docs/BENCHMARKS.md, Serve).
 

@@ -29,8 +29,9 @@ def preload() -> None:
     """Ray worker setup hook: do before the process takes work what every trainer start does.
 
     Imports (torch, DeepSpeed, Ray Train, the loader), and what the first engine build loads
-    lazily: TorchDynamo, which the first ``torch.optim`` optimizer imports (1.1 s of a 1.3 s
-    ``deepspeed.initialize`` on an idle core), and DeepSpeed's CPU shared-memory communication op.
+    lazily: TorchDynamo, which the first ``torch.optim`` optimizer imports (most of a first
+    ``deepspeed.initialize``: docs/BENCHMARKS.md, Train), and DeepSpeed's CPU shared-memory
+    communication op.
     A failure here only costs the time: the worker must still start.
     """
     global PRELOADED_AT
