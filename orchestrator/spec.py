@@ -82,6 +82,9 @@ class Resources(Strict):
         "skips process start-up and imports; 0 turns them off")
     warm_spare_keep_alive_s: float = Field(
         600.0, ge=10, le=86400, description="how long the raylet keeps an unused spare; renewed while training")
+    peak_tflops_per_worker: float | None = Field(
+        None, gt=0, le=100000, description="each worker's peak TFLOP/s at the job's precision, for the "
+        "model FLOPs utilization metric (default: known GPUs by name; none on CPU)")
 
     @model_validator(mode="after")
     def _min_le_max(self):

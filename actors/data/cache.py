@@ -231,6 +231,10 @@ class NodeCache:
                 _remove(os.path.join(self.dir, ".partial", name))
         return out
 
+    def used_bytes(self) -> int:
+        """Bytes of the shard files the cache holds now (what its limit bounds, reservations aside)."""
+        return sum(b for b, _ in self._files().values())
+
     def _files(self) -> dict[str, tuple[int, float]]:
         """sha -> (bytes, last use time) of complete shards."""
         out = {}

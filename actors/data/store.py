@@ -19,6 +19,7 @@ import mmap
 import os
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -150,12 +151,20 @@ class ShardStore:
         self._views: dict[str, tuple[np.ndarray, int]] = {}  # column -> (rows over the region, start)
         self._rowbase = {k: np.full(self.manifest.num_shards, -1, dtype=np.int64) for k in self.manifest.schema}
         self._plain: dict[int, pa.Buffer] = {}  # mappings outside the region (no region support)
+        self.checks = {"verified": 0, "failed": 0}  # shard checksums this process computed
+        self._metrics = _DataMetrics(self)
 
     # fetching (the cache's side) -----------------------------------------------------------------
     def download_into(self, i: int, tmp: str) -> None:
         """Download shard ``i`` to the file ``tmp``, verifying it (ShardError if bad)."""
-        with open(tmp, "wb") as dst:
-            download(self.storage, self.manifest, i, dst)
+        try:
+            with open(tmp, "wb") as dst:
+                download(self.storage, self.manifest, i, dst)
+        except ShardError:
+            self.checks["failed"] += 1
+            raise
+        self.checks["verified"] += 1
+        self._metrics.publish()
 
     def fetch(self, shards: list[int], pin: bool = True, prefetch: bool = False, evict: bool = True,
               pool: ThreadPoolExecutor | None = None) -> list[str | None]:
@@ -189,6 +198,7 @@ class ShardStore:
                               f"{info.sha256}-{st.st_size}-{st.st_mtime_ns}-{st.st_ino}")
         if not os.path.exists(marker):
             got = sha256_of_path(path)
+            self.checks["verified" if got == info.sha256 else "failed"] += 1
             if got != info.sha256:
                 raise ShardError(f"shard {where(self.storage, self.manifest, i)} is corrupt: sha256 "
                                  f"{got[:12]}... does not match the manifest's {info.sha256[:12]}...")
@@ -290,6 +300,7 @@ class ShardStore:
         rps = self.manifest.rows_per_shard
         shard = ids // rps
         self.ensure(np.unique(shard))
+        self._metrics.publish()
         row = ids - shard * rps
         out, rest = {}, []
         for k, c in self.manifest.schema.items():
@@ -360,3 +371,48 @@ def _map(path: str, populate: bool) -> pa.Buffer:
     with open(path, "rb") as f:
         flags = mmap.MAP_SHARED | (region.POPULATE if populate else 0)
         return pa.py_buffer(mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ))
+
+
+class _DataMetrics:
+    """Publishes a store's counters (shard checks, and its node cache's fetches and hits) as
+    deltas, and the node cache's size, at most once a second (``orchestrator.metrics.DATA``)."""
+
+    EVERY_S = 1.0
+    COUNTERS = (("orchestrator_data_fetched_bytes", "fetched_bytes"),
+                ("orchestrator_data_fetched_shards", "fetched_shards"),
+                ("orchestrator_data_cache_hits", "hits"),
+                ("orchestrator_data_shard_verifications", "verified"),
+                ("orchestrator_data_shard_failures", "failed"))
+
+    def __init__(self, store: "ShardStore"):
+        self.store = store
+        self.rec = None
+        self.sent: dict[str, float] = {}
+        self.next = 0.0
+
+    def publish(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if now < self.next and not force:
+            return
+        self.next = now + self.EVERY_S
+        try:
+            if self.rec is None:
+                import ray
+                if not ray.is_initialized():  # outside Ray (tools, tests): nowhere to export to
+                    self.next = float("inf")
+                    return
+                from orchestrator.metrics import DATA, Recorder
+                self.rec = Recorder(DATA, node=ray.get_runtime_context().get_node_id()[:12])
+            cache = self.store.cache
+            counts = {**self.store.checks, **(cache.stats if cache else {})}
+            for metric, key in self.COUNTERS:
+                cur = counts.get(key, 0)
+                self.rec.inc(metric, cur - self.sent.get(key, 0))
+                self.sent[key] = cur
+            if cache is not None:
+                self.rec.set("orchestrator_data_cache_bytes", cache.used_bytes())
+                self.rec.set("orchestrator_data_cache_limit_bytes", cache.limit)
+        except Exception as e:  # noqa: BLE001 - metrics never break reading data
+            self.next = now + 60.0
+            log.warning("data metrics not published (%s: %s)", type(e).__name__, e)
+
