@@ -39,6 +39,8 @@ def connect_ray(address: str | None = None):
         under_ray_job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or os.environ.get("RAY_JOB_ID")
         runtime_env = None if under_ray_job else {"env_vars": {"PYTHONPATH": root}}
         ray.init(address=addr, runtime_env=runtime_env, log_to_driver=True)
+    from orchestrator.dashboards import install_for_ray
+    install_for_ray()
     return ray
 
 

@@ -94,6 +94,8 @@ class RayAdapter:
                 with _env(RAY_ADDRESS=None):
                     ray.init(address=gcs, namespace=namespace, log_to_driver=False,
                              logging_level=logging.WARNING, configure_logging=False)
+                from orchestrator.dashboards import install_for_ray
+                install_for_ray()  # the scheduler runs on the head: Grafana finds ours beside Ray's
             dashboard = self.address if _is_http(self.address) else None
             if dashboard is None:
                 url = _dashboard_url()

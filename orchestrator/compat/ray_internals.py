@@ -182,6 +182,16 @@ SERVE_ENV_VARS = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 
 
 # -------------------------------------------------------------------------------- Ray core
+# Why: Ray provisions Grafana from its session directory (``metrics/grafana/dashboards``) and no
+# public API says where that is for the Ray this process is connected to.
+def session_dir() -> str | None:
+    import ray
+    if not ray.is_initialized():
+        return None
+    node = getattr(ray._private.worker, "_global_node", None)
+    return node.get_session_dir_path() if node is not None else None
+
+
 # Why: the URL the cluster publishes for its dashboard lives in the GCS; ``ray.init``'s context
 # copies it once at connect, and was once found empty in CI right after ``ray start``.
 def dashboard_url_from_gcs() -> str | None:
@@ -257,3 +267,6 @@ def verify() -> None:
 
     _need(services, "get_webui_url_from_internal_kv", "ray._private.services")
     _need(worker, "global_worker", "ray._private.worker")
+    _need(worker, "_global_node", "ray._private.worker")
+    from ray._private.node import Node
+    _need(Node, "get_session_dir_path", "ray._private.node.Node")
