@@ -114,6 +114,7 @@ def main(argv=None) -> int:
             raise AssertionError(f"backend {res.metrics['backend']}")
         return f"backend nccl, all_reduce {res.metrics['sum']}"
 
+    from actors.trainer.hooks import TrainHooks
     from actors.trainer.trainer import run_train
     runs = {}
 
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
         spec = spec_for(data, os.path.join(tmp, f"ckpt-z{stage}-{precision}"), stage=stage,
                         precision=precision, gpus=gpus)
         t = time.time()
-        result = run_train(spec, options={"fail_at_step": 5} if kill else None)
+        result = run_train(spec, TrainHooks(fail_at_step=5) if kill else None)
         if result.final_step != spec.max_steps or [h["step"] for h in result.history] != list(range(1, 9)):
             raise AssertionError(f"steps {[h['step'] for h in result.history]}")
         exact_order(result.history)

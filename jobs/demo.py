@@ -59,7 +59,8 @@ def start_ray(num_cpus: int | None):
     os.environ["PYTHONPATH"] = ROOT + (os.pathsep + os.environ["PYTHONPATH"]
                                        if os.environ.get("PYTHONPATH") else "")
     # Pace training (every train step >= this long, as if the model were bigger) so the demo's
-    # chaos step lands mid-run on any machine; Ray's processes inherit it from this one.
+    # chaos step lands mid-run on any machine; Ray's processes inherit it from this one, and each
+    # train driver (``build_trainer``) turns it into its workers' pacing hook.
     os.environ.setdefault("ORCHESTRATOR_MIN_STEP_TIME_S", "0.3")
     if ray.is_initialized():
         return ray

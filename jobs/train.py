@@ -17,12 +17,13 @@ from orchestrator.spec import SpecError, TrainSpec, load_spec, parse_assignments
 
 
 TRAIN_OPTIONS_HELP = (
-    "a hook for demos and tests (value parsed as YAML): min_step_time_s=S stretches every step to "
-    "S seconds (pacing); fail_at_step=N makes the last rank's process exit at step N, once (chaos); "
-    "hold_file=PATH holds every rank before the step number written in PATH while the file exists "
-    "(rank 0 writes PATH.held as 'step world_size'); pid_dir=DIR has each rank write its pid and its "
-    "loader actor's (rank-R.pid, loader-R.pid); control_poll_s=S is how often rank 0 reads the "
-    "scheduler's requests (default 1)")
+    "a hook for demos and tests (value parsed as YAML; actors/trainer/hooks.py:TrainHooks): "
+    "min_step_time_s=S stretches every step to S seconds (pacing; default: the "
+    "ORCHESTRATOR_MIN_STEP_TIME_S environment variable); fail_at_step=N makes the last rank's process "
+    "exit at step N, once (chaos); hold_file=PATH holds every rank before the step number written in "
+    "PATH while the file exists (rank 0 writes PATH.held as 'step world_size'); pid_dir=DIR has each "
+    "rank write its pid and its loader actor's (rank-R.pid, loader-R.pid); control_poll_s=S is how "
+    "often rank 0 reads the scheduler's requests (default 1). An unknown KEY is an error")
 
 
 def connect_ray(address: str | None = None):
@@ -48,9 +49,12 @@ def parse_job_cli(argv: list[str] | None, module: str, doc: str, spec_type: type
                   set_example: str, option_help: str):
     """The command line every job entrypoint shares: ``SPEC [--set F=V] [--address A] [--option K=V]``.
 
-    Returns ``(args, spec, options)``; raises SpecError (naming the field) for a bad spec, bad
-    assignments, or a spec of another kind, before Ray is touched.
+    Returns ``(args, spec, hooks)``, ``hooks`` the train loop's
+    :class:`~actors.trainer.hooks.TrainHooks` built from the ``--option`` flags; raises SpecError
+    (naming the field or flag) for a bad spec, bad assignments, an unknown or mistyped option, or
+    a spec of another kind, before Ray is touched.
     """
+    from actors.trainer.hooks import TrainHooks
     p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n")[0])
     p.add_argument("spec", help=f"{spec_type.model_fields['kind'].default} spec YAML (path or URL)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -61,15 +65,19 @@ def parse_job_cli(argv: list[str] | None, module: str, doc: str, spec_type: type
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     spec = load_spec(args.spec, parse_assignments(args.set, "--set", args.spec))
     options = parse_assignments(args.option, "--option", args.spec)
+    try:
+        hooks = TrainHooks.from_options(options)
+    except ValueError as e:
+        raise SpecError([("--option", str(e))], args.spec) from None
     kind = spec_type.model_fields["kind"].default
     if not isinstance(spec, spec_type):
         raise SpecError([("kind", f"{module} runs {kind} specs, got {spec.kind!r}")], args.spec)
-    return args, spec, options
+    return args, spec, hooks
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args, spec, options = parse_job_cli(
+        args, spec, hooks = parse_job_cli(
             argv, "jobs.train", __doc__, TrainSpec, "max_steps=20", TRAIN_OPTIONS_HELP)
         from jobs.preflight import preflight
         preflight(spec, args.spec)
@@ -80,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from actors.trainer.failures import setup_failure
     from actors.trainer.trainer import run_train
     try:
-        result = run_train(spec, options)
+        result = run_train(spec, hooks)
     except Exception as e:  # noqa: BLE001 - told apart below, re-raised unless deterministic
         setup = setup_failure(e)
         if setup is None:

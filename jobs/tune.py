@@ -37,6 +37,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from actors.trainer.hooks import TrainHooks
 from orchestrator.batch import BatchPlan
 from orchestrator.spec import Domain, SpecError, TuneSpec, with_overrides
 from orchestrator.storage import Storage, resolve
@@ -351,12 +352,12 @@ def _check_same_search(spec: TuneSpec, results: Storage) -> None:
         results.write_text("spec.json", json.dumps(spec.model_dump(mode="json"), indent=1))
 
 
-def run_tune(spec: TuneSpec, options: dict[str, Any] | None = None,
+def run_tune(spec: TuneSpec, hooks: TrainHooks | None = None,
              address: str | None = None) -> TuneResult:
     """Run (or resume) ``spec``'s search and publish its results; returns them.
 
     Uses the connected Ray cluster, else joins ``address`` / ``RAY_ADDRESS``, else starts local Ray.
-    ``options`` go to every trial's train loop (as ``run_train``'s do). Raises SpecError before
+    ``hooks`` go to every trial's train loop (as ``run_train``'s do). Raises SpecError before
     Ray is touched when the spec cannot run, or when results_url holds a different search.
     """
     check_tune_spec(spec)
@@ -372,7 +373,7 @@ def run_tune(spec: TuneSpec, options: dict[str, Any] | None = None,
         connect_ray(address)
     trainable = tune.with_resources(
         tune.with_parameters(TrainRunTrial, base=trial_base(spec), paths=list(spec.search_space),
-                             results_url=results.root, options=options or {}),
+                             results_url=results.root, hooks=hooks),
         # The trial only drives its Train run: the workers hold the CPUs. Tune needs some
         # resource to place it by, so it reserves memory.
         {"memory": TRIAL_DRIVER_MEMORY})
@@ -410,11 +411,11 @@ def run_tune(spec: TuneSpec, options: dict[str, Any] | None = None,
 def main(argv: list[str] | None = None) -> int:
     from jobs.train import TRAIN_OPTIONS_HELP, parse_job_cli
     try:
-        args, spec, options = parse_job_cli(
+        args, spec, hooks = parse_job_cli(
             argv, "jobs.tune", __doc__, TuneSpec, "num_samples=8", "every trial's: " + TRAIN_OPTIONS_HELP)
         from jobs.preflight import preflight
         preflight(spec, args.spec)
-        result = run_tune(spec, options, address=args.address)
+        result = run_tune(spec, hooks, address=args.address)
     except SpecError as e:
         print(e, file=sys.stderr)
         return 2

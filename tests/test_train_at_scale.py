@@ -12,6 +12,7 @@ import pytest
 
 from actors.data import global_step_sample_ids, read_manifest, write_shards
 from actors.trainer.checkpoint import CheckpointStore
+from actors.trainer.hooks import TrainHooks
 from bench.data.scale_node import dir_bytes
 from conftest import wait_until
 from jobs.examples.datasets import classification
@@ -48,7 +49,7 @@ def test_train_on_data_larger_than_each_node_cache_survives_a_resize_mid_epoch_e
 
     def fit():
         try:
-            out["result"] = run_train(spec, options={"hold_file": str(hold)})
+            out["result"] = run_train(spec, TrainHooks(hold_file=str(hold)))
         except BaseException as e:  # noqa: BLE001 - reported by the assertion below
             out["error"] = e
 

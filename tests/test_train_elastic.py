@@ -9,6 +9,7 @@ import pytest
 
 from actors.data import global_step_sample_ids, write_shards
 from actors.trainer.checkpoint import CheckpointStore
+from actors.trainer.hooks import TrainHooks
 from conftest import _start_local_ray, wait_until
 from jobs.examples.datasets import classification
 from orchestrator.spec import parse_spec
@@ -43,14 +44,14 @@ def assert_exact_sample_order(history, data_url):
         assert (h["ids_sum"], h["ids_sqsum"]) == (int(ids.sum()), int((ids * ids).sum())), h
 
 
-def start_training(spec, options: dict):
-    """``run_train(spec, options)`` in a thread; returns (thread, box with "result" or "error")."""
+def start_training(spec, hooks: TrainHooks):
+    """``run_train(spec, hooks)`` in a thread; returns (thread, box with "result" or "error")."""
     from actors.trainer.trainer import run_train
     out: dict = {}
 
     def fit():
         try:
-            out["result"] = run_train(spec, options=options)
+            out["result"] = run_train(spec, hooks)
         except BaseException as e:  # noqa: BLE001 - reported by the caller's assertion
             out["error"] = e
     t = threading.Thread(target=fit, daemon=True)
@@ -102,7 +103,7 @@ def test_worker_death_resumes_with_bitwise_identical_losses(baseline, tmp_path, 
     from actors.trainer.trainer import run_train
     ref_spec, ref = baseline
     spec = make_spec(ref_spec.dataset.url, str(tmp_path / "ckpt"), steps=12)
-    result = run_train(spec, options={"fail_at_step": 6})   # last rank's process exits at step 6
+    result = run_train(spec, TrainHooks(fail_at_step=6))   # last rank's process exits at step 6
     assert result.final_step == 12
     # steps 5-6 were redone from the step-4 checkpoint; the final trajectory is the same run
     assert [h["step"] for h in result.history] == list(range(1, 13))
@@ -141,7 +142,7 @@ def test_restart_after_worker_death_runs_in_the_warm_spare_processes(dataset, tm
         s = set(idle_spare_pids(hook)) - in_use
         return s if len(s) >= 2 and _quiet(s) else None
 
-    t, out = start_training(spec, {"hold_file": str(hold), "pid_dir": str(pid_dir), "fail_at_step": 4})
+    t, out = start_training(spec, TrainHooks(hold_file=str(hold), pid_dir=str(pid_dir), fail_at_step=4))
     wait_until(held.exists, 300, 0.2, "2 workers holding at step 3")
     first, first_loaders = pids("rank"), pids("loader")
     # resources.health_check_interval_s (0.5 s) reached Ray Train, which hands it to its workers
@@ -188,7 +189,7 @@ def test_node_loss_restarts_its_workers_in_standby_spares_on_another_node(datase
     def ranks() -> list[int]:
         return [int((pid_dir / f"rank-{r}.pid").read_text()) for r in (0, 1)]
 
-    t, out = start_training(spec, {"hold_file": str(hold), "pid_dir": str(pid_dir)})
+    t, out = start_training(spec, TrainHooks(hold_file=str(hold), pid_dir=str(pid_dir)))
     wait_until(lambda: held_at(held) == (3, 2), 300, 0.2, "2 workers holding at step 3")
     first = ranks()
     nodes = {_node_running(ray_cluster, p).unique_id for p in first}
@@ -227,7 +228,7 @@ def test_node_loss_shrinks_then_grows_back_with_same_samples(baseline, ray_clust
     hold = tmp_path / "hold"
     held = tmp_path / "hold.held"
     hold.write_text("8")
-    t, out = start_training(spec, {"hold_file": str(hold)})
+    t, out = start_training(spec, TrainHooks(hold_file=str(hold)))
     # 2 workers reach step 8 (checkpoints at 4 and 8) and wait; take a node away under them.
     wait_until(lambda: held_at(held) == (8, 2), 300, 0.2, "2 workers holding at step 8")
     held.unlink()

@@ -10,6 +10,7 @@ import torch
 
 from actors.data import global_step_sample_ids, write_shards
 from actors.trainer.checkpoint import CheckpointStore
+from actors.trainer.hooks import TrainHooks
 from conftest import _start_local_ray
 from jobs.examples.datasets import classification
 from orchestrator.spec import parse_spec
@@ -62,7 +63,7 @@ def bf16_runs(s3_endpoint, data, tmp_path_factory):
     sched = {"warmup_steps": 2, "schedule": "cosine", "min_lr": 0.001}
     ref_spec = make_spec(data, str(tmp / "ref"), stage=3, **sched)
     killed_spec = make_spec(data, str(tmp / "killed"), stage=3, **sched)
-    return (ref_spec, run_train(ref_spec)), (killed_spec, run_train(killed_spec, options={"fail_at_step": 5}))
+    return (ref_spec, run_train(ref_spec)), (killed_spec, run_train(killed_spec, TrainHooks(fail_at_step=5)))
 
 
 @pytest.mark.slow

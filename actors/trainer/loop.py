@@ -26,6 +26,7 @@ import torch.distributed as dist
 from actors import warm
 from actors.trainer import failures, spares, zero_state
 from actors.trainer.checkpoint import AsyncSaver, CheckpointStore, SaveRequest, assign_params
+from actors.trainer.hooks import TrainHooks
 from orchestrator import batch
 from orchestrator.batch import BatchPlan
 from orchestrator.compat import deepspeed_internals
@@ -164,30 +165,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def _plot_history(history: list[dict], path: str, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1.2)
-    restarts = [h["step"] for i, h in enumerate(history) if i and h["world_size"] != history[i - 1]["world_size"]]
-    for s in restarts:
-        ax.axvline(s, color="tab:red", ls="--", lw=0.8)
-    ax.set_xlabel("global step")
-    ax.set_ylabel("loss")
-    ax.set_title(title + (" (dashed: world size changed)" if restarts else ""))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 class Worker:
     """State of one training worker across the loop; one instance per Ray Train worker process."""
 
-    def __init__(self, spec: TrainSpec, options: dict[str, Any]):
+    def __init__(self, spec: TrainSpec, hooks: TrainHooks | None = None):
         import ray.train
         self.spec = spec
-        self.options = options
+        self.hooks = hooks or TrainHooks()
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world = ctx.get_world_size()
@@ -203,6 +187,8 @@ class Worker:
         self.control = JobControl(c.url, st_opts)
         self.history: list[dict] = []
         self.reported_commit: str | None = None
+        self.resumed_from: tuple[int, int] | None = None  # (step, world size) of the restored checkpoint
+        self._next_poll = 0.0                              # when rank 0 next reads the scheduler's requests
         r = spec.resources
         self.spares = warm.WarmSpares(r.warm_spares, r.warm_spare_keep_alive_s, "trainer workers")
         self.standby = warm.StandbySpares(r.warm_spares, r.warm_spare_keep_alive_s, "trainer workers")
@@ -369,66 +355,31 @@ class Worker:
                         self.world, spec.deepspeed.micro_batch_size, self.accum, self.world,
                         spec.deepspeed.global_batch_size, spec.deepspeed.zero_stage,
                         spec.deepspeed.precision)
+        hooks = self.hooks
+        hooks.on_start(self.rank, lambda: self.loader.actor_info()["pid"])
         t_last, n_last, wait_last = time.monotonic(), 0, 0.0
         step = start
-        fail_at = self.options.get("fail_at_step")
-        # Pacing for demos and chaos tests: stretch each step as if the model were bigger.
-        min_step_s = float(self.options.get(
-            "min_step_time_s", os.environ.get("ORCHESTRATOR_MIN_STEP_TIME_S", 0.0)))
-        poll_s = float(self.options.get("control_poll_s", 1.0))  # scheduler requests, rank 0
-        next_poll = 0.0
-        hold_file = self.options.get("hold_file")
-        if self.options.get("pid_dir"):  # demo/chaos hook: where to find (and kill) each worker
-            os.makedirs(self.options["pid_dir"], exist_ok=True)
-            with open(os.path.join(self.options["pid_dir"], f"rank-{self.rank}.pid"), "w") as f:
-                f.write(str(os.getpid()))
-            with open(os.path.join(self.options["pid_dir"], f"loader-{self.rank}.pid"), "w") as f:
-                f.write(str(self.loader.actor_info()["pid"]))
         save_s: float | None = None
         while step < self.max_steps:
-            if hold_file:
-                _hold(hold_file, step, self.world, self.rank)
+            hooks.before_step(step, self.world, self.rank)
             t_step = time.monotonic()
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr = learning_rate(spec, step, self.max_steps)
-            t_data = time.monotonic()
-            micro_batches = self.loader.next_step()
-            t_data = time.monotonic() - t_data  # input stall: waiting for this step's batches
-            # loss, sum(id), sum(id^2), checkpoint requested (rank 0's flag rides the same
-            # all-reduce), seconds waited for data (on the engine's device: NCCL reduces GPU tensors only)
-            loss_sum = torch.zeros(5, dtype=torch.float64, device=self.device)
-            loss_sum[4] = t_data
-            for mb in micro_batches:
-                out = self.engine(model_input(mb["x"], self.device, self.compute_dtype))
-                loss = compute_loss(spec.loss, out, mb["y"].to(self.device, non_blocking=True))
-                self.engine.backward(loss)
-                self.engine.step()
-                ids = mb["id"].to(self.device, torch.float64)
-                loss_sum[:3] += torch.stack([loss.detach().double(), ids.sum(), (ids * ids).sum()])
-            if min_step_s:
-                time.sleep(max(0.0, min_step_s - (time.monotonic() - t_step)))
-            request = None
-            if self.rank == 0 and time.monotonic() >= next_poll:
-                next_poll = time.monotonic() + poll_s
-                request = self.control.pending_request()
-                loss_sum[3] = 1.0 if request else 0.0
-            dist.all_reduce(loss_sum)
-            requested = bool(loss_sum[3] > 0)
+            lr, totals = self._compute(step)
+            hooks.after_compute(t_step)
+            request = self._poll_control()
+            totals[3] = 1.0 if request else 0.0  # rank 0's flag rides the same all-reduce
+            dist.all_reduce(totals)
+            requested = bool(totals[3] > 0)
             step += 1
             self.stepped = True
-            if step == start + 1:
-                self.spares.request()  # training: have the next group's processes warmed meanwhile
-                self._request_standby_spares()
-                if self.rank == 0:
-                    self._log_start(step, t_enter, t_built, t_restored)
-            self.spares.renew_if_due()
-            self.standby.renew_if_due()
+            self._keep_spares(first_step=step == start + 1)
+            if step == start + 1 and self.rank == 0:
+                self._log_start(step, t_enter, t_built, t_restored)
             n_last += spec.deepspeed.global_batch_size
-            g_loss = float(loss_sum[0]) / (self.accum * self.world)
-            data_wait = float(loss_sum[4]) / self.world  # mean over the ranks
+            g_loss = float(totals[0]) / (self.accum * self.world)
+            data_wait = float(totals[4]) / self.world  # mean over the ranks
             wait_last += data_wait
             self.history.append({"step": step, "loss": g_loss, "world_size": self.world, "lr": lr,
-                                 "ids_sum": int(loss_sum[1]), "ids_sqsum": int(loss_sum[2]),
+                                 "ids_sum": int(totals[1]), "ids_sqsum": int(totals[2]),
                                  "data_wait_s": data_wait, "t": time.time()})
             if save_s is not None:  # the previous step's checkpoint: what the training thread waited
                 self.history[-1]["prev_save_s"], save_s = save_s, None  # (records never change later)
@@ -452,9 +403,50 @@ class Worker:
                                 self.world)
                 self.report(metrics)
                 t_last, n_last, wait_last = time.monotonic(), 0, 0.0
-            if fail_at is not None and step == fail_at and self.rank == self.world - 1 and \
-                    not getattr(self, "resumed_from", None):
-                os._exit(1)  # test hook: a worker process dies mid-run
+            hooks.after_step(step, self.rank, self.world, resumed=self.resumed_from is not None)
+        return self._finish(step)
+
+    def _compute(self, step: int) -> tuple[float, torch.Tensor]:
+        """Step ``step``'s learning rate, data and forward/backward/optimizer work on this rank.
+
+        Returns the learning rate and the tensor the step all-reduces (on the engine's device:
+        NCCL reduces GPU tensors only): loss, sum(id), sum(id^2), checkpoint requested (left 0
+        here), seconds waited for this step's batches."""
+        spec = self.spec
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr = learning_rate(spec, step, self.max_steps)
+        t_data = time.monotonic()
+        micro_batches = self.loader.next_step()
+        t_data = time.monotonic() - t_data  # input stall: waiting for this step's batches
+        totals = torch.zeros(5, dtype=torch.float64, device=self.device)
+        totals[4] = t_data
+        for mb in micro_batches:
+            out = self.engine(model_input(mb["x"], self.device, self.compute_dtype))
+            loss = compute_loss(spec.loss, out, mb["y"].to(self.device, non_blocking=True))
+            self.engine.backward(loss)
+            self.engine.step()
+            ids = mb["id"].to(self.device, torch.float64)
+            totals[:3] += torch.stack([loss.detach().double(), ids.sum(), (ids * ids).sum()])
+        return lr, totals
+
+    def _poll_control(self) -> dict | None:
+        """Rank 0 reads the scheduler's checkpoint request, at most every ``hooks.control_poll_s``."""
+        if self.rank != 0 or time.monotonic() < self._next_poll:
+            return None
+        self._next_poll = time.monotonic() + self.hooks.control_poll_s
+        return self.control.pending_request()
+
+    def _keep_spares(self, first_step: bool) -> None:
+        """Warm spares: asked for at this attempt's first step (so the next group's processes warm
+        while this one trains), renewed when due."""
+        if first_step:
+            self.spares.request()
+            self._request_standby_spares()
+        self.spares.renew_if_due()
+        self.standby.renew_if_due()
+
+    def _finish(self, step: int) -> dict[str, Any]:
+        """Wait for the last checkpoint, close the loader, report done; rank 0 writes summary.json."""
         self.saver.wait()
         self.ckpt.wait_durable()
         self.loader.close()
@@ -480,39 +472,12 @@ class Worker:
                     t_restored - t_built, time.time() - t_restored)
 
     def _write_summary(self, step: int) -> None:
+        """summary.json (the run's history) beside the checkpoints; the driver reads it back and
+        draws loss.png (``trainer.write_loss_plot``)."""
         import json
-        st = self.ckpt.storage
         summary = {"name": self.spec.name, "final_step": step, "world_size": self.world,
                    "history": self.history, "checkpoint": self.saver.last_committed}
-        st.write_text("summary.json", json.dumps(summary))
-        with tempfile.TemporaryDirectory() as tmp:
-            png = os.path.join(tmp, "loss.png")
-            _plot_history(self.history, png, self.spec.name)
-            st.write_from_file("loss.png", png)
-
-
-def _hold(path: str, step: int, world: int, rank: int) -> None:
-    """Test/demo hook: while ``path`` exists and holds a step number <= ``step``, wait here.
-
-    Rank 0 writes ``<path>.held`` (``"<step> <world size>"``) while waiting, so a chaos test can
-    pin the run at a known step until the cluster change it waits for has taken effect, instead
-    of racing the trainer with sleeps.
-    """
-    announced = False
-    while True:
-        try:
-            with open(path) as f:
-                at = int(f.read().strip() or 0)
-        except (FileNotFoundError, ValueError):
-            return
-        if step < at:
-            return
-        if rank == 0 and not announced:
-            with open(path + ".held.tmp", "w") as f:
-                f.write(f"{step} {world}")
-            os.replace(path + ".held.tmp", path + ".held")
-            announced = True
-        time.sleep(0.1)
+        self.ckpt.storage.write_text("summary.json", json.dumps(summary))
 
 
 def quiet_known_warnings() -> None:
@@ -523,8 +488,9 @@ def quiet_known_warnings() -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Entry point handed to ``TorchTrainer``: ``config = {"spec": <json>, "options": {...}}``."""
+    """Entry point handed to ``TorchTrainer``: ``config = {"spec": <json>, "hooks": TrainHooks}``
+    (the hooks built once by the driver; absent: none)."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     quiet_known_warnings()
     spec = parse_spec(config["spec"])
-    Worker(spec, config.get("options", {})).run()
+    Worker(spec, config.get("hooks")).run()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.trainer import failures, spares
+from actors.trainer.hooks import TrainHooks
 from orchestrator.compat import ray_internals
 from orchestrator.compat.ray_internals import (NarrowingScalingPolicy, PolicyTorchTrainer,
                                                RaisingFailurePolicy)
@@ -150,10 +151,16 @@ def pin_data_order(spec: TrainSpec) -> TrainSpec:
     return with_overrides(spec, pin) if pin else spec
 
 
-def build_trainer(spec: TrainSpec, options: dict[str, Any] | None = None,
+def build_trainer(spec: TrainSpec, hooks: TrainHooks | None = None,
                   run_name: str | None = None, callbacks: list | None = None) -> ElasticDeepSpeedTrainer:
-    """The Ray Train trainer for ``spec``; ``callbacks`` go to ``RunConfig`` (Tune forwards reports)."""
+    """The Ray Train trainer for ``spec``; ``hooks`` go to every worker's train loop (with
+    ``ORCHESTRATOR_MIN_STEP_TIME_S`` read here, on the driver, when they set no pacing);
+    ``callbacks`` go to ``RunConfig`` (Tune forwards reports)."""
     import ray.train
+    if hooks is not None and not isinstance(hooks, TrainHooks):
+        raise TypeError(f"hooks must be a TrainHooks (TrainHooks.from_options(...) for a dict), "
+                        f"got {type(hooks).__name__}")
+    hooks = (hooks or TrainHooks()).with_environment()
     spec = pin_data_order(spec)
     r = spec.resources
     resources = {"CPU": r.cpus_per_worker}
@@ -181,7 +188,7 @@ def build_trainer(spec: TrainSpec, options: dict[str, Any] | None = None,
     )
     return ElasticDeepSpeedTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "options": options or {}},
+        train_loop_config={"spec": spec.model_dump(mode="json"), "hooks": hooks},
         scaling_config=scaling, run_config=run_config,
         batch_plan=plan, job_name=spec.name,
         control=JobControl(spec.checkpoint.url, spec.storage.as_options()))
@@ -201,9 +208,45 @@ def read_result(spec: TrainSpec) -> TrainResult:
                        checkpoint_url=ck[1] if ck else None, world_sizes=sizes)
 
 
-def run_train(spec: TrainSpec, options: dict[str, Any] | None = None) -> TrainResult:
-    """Run a train spec to completion on the connected Ray cluster and return its summary.
-    Its URLs were resolved (local paths made absolute) when it was validated, so Ray Train
-    workers in other working directories read the same locations."""
-    build_trainer(spec, options).fit()
-    return read_result(spec)
+def plot_history(history: list[dict], path: str, title: str) -> None:
+    """The loss curve of ``history`` as a PNG at ``path``; dashed lines where the world size changed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1.2)
+    restarts = [h["step"] for i, h in enumerate(history) if i and h["world_size"] != history[i - 1]["world_size"]]
+    for s in restarts:
+        ax.axvline(s, color="tab:red", ls="--", lw=0.8)
+    ax.set_xlabel("global step")
+    ax.set_ylabel("loss")
+    ax.set_title(title + (" (dashed: world size changed)" if restarts else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_loss_plot(spec: TrainSpec, result: TrainResult) -> None:
+    """``loss.png`` beside ``summary.json`` under the checkpoint URL, drawn here on the driver from
+    the history the run's rank 0 wrote."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        png = os.path.join(tmp, "loss.png")
+        plot_history(result.history, png, result.name)
+        Storage(spec.checkpoint.url, spec.storage.as_options()).write_from_file("loss.png", png)
+
+
+def finish_run(spec: TrainSpec) -> TrainResult:
+    """After ``fit()`` returned: the run's summary, and its loss plot written beside it."""
+    result = read_result(spec)
+    write_loss_plot(spec, result)
+    return result
+
+
+def run_train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
+    """Run a train spec to completion on the connected Ray cluster and return its summary
+    (``hooks``: the loop's test and demo hooks, :class:`~actors.trainer.hooks.TrainHooks`). Its
+    URLs were resolved (local paths made absolute) when it was validated, so Ray Train workers in
+    other working directories read the same locations."""
+    build_trainer(spec, hooks).fit()
+    return finish_run(spec)

@@ -33,6 +33,7 @@ from ray import tune
 from ray.train import UserCallback
 
 from actors.trainer.checkpoint import CheckpointError, CheckpointStore
+from actors.trainer.hooks import TrainHooks
 from orchestrator.compat import ray_internals
 from orchestrator.spec import TrainSpec, apply_overrides, parse_spec
 from orchestrator.storage import Storage, StorageError, join
@@ -110,7 +111,8 @@ def restore_origin(store: CheckpointStore, pointer: dict | None, trial_id: str) 
 
 
 class TrainRunTrial(tune.Trainable):
-    """The Tune trainable (bind ``base``, ``paths``, ``results_url``, ``options`` with
+    """The Tune trainable (bind ``base``, ``paths``, ``results_url``, ``hooks`` (a
+    :class:`~actors.trainer.hooks.TrainHooks` for every trial's train loop) with
     ``tune.with_parameters``). ``config`` holds one sampled value per dotted path in ``paths``.
 
     Each ``step()`` returns one logged report of the train loop (``step``, ``loss``, ``epoch``,
@@ -119,12 +121,12 @@ class TrainRunTrial(tune.Trainable):
     """
 
     def setup(self, config: dict[str, Any], base: dict | None = None, paths: list[str] | None = None,
-              results_url: str = "", options: dict[str, Any] | None = None) -> None:
+              results_url: str = "", hooks: TrainHooks | None = None) -> None:
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         self.paths = list(paths or [])
         self.values = {p: config[p] for p in self.paths}
         self.results_url = results_url
-        self.options = options or {}
+        self.hooks = hooks
         self.spec = trial_spec(base, self.values, self.trial_id, results_url)
         self.store = CheckpointStore(self.spec.checkpoint.url, self.spec.storage.as_options())
         self.pointer: dict | None = None       # from load_checkpoint (a restore or a PBT exploit)
@@ -152,7 +154,7 @@ class TrainRunTrial(tune.Trainable):
         """
         from ray.util.queue import Queue
 
-        from actors.trainer.trainer import build_trainer
+        from actors.trainer.trainer import build_trainer, finish_run
         origin = restore_origin(self.store, self.pointer, self.trial_id)
         self.committed = self.store.latest_valid(deep=False)
         self.start_step = self.committed or 0
@@ -164,17 +166,22 @@ class TrainRunTrial(tune.Trainable):
             state = self.store.load_state(self.committed)
             hist = state.get("history") or [{}]
             self.last_done = True
+            st = self.store.storage
+            if st.exists("summary.json") and not st.exists("loss.png"):
+                finish_run(self.spec)  # the trial that ran it ended before it drew the plot
             return {"step": state["step"], "loss": hist[-1].get("loss", float("nan")),
                     "world_size": state["world_size"], "epoch": state["data"].get("epoch", 0),
                     "start_step": self.start_step, "done": True}
         self.queue = Queue(actor_options={"num_cpus": 0})
-        trainer = build_trainer(self.spec, self.options,
+        trainer = build_trainer(self.spec, self.hooks,
                                 run_name=f"{self.trial_id}-{uuid.uuid4().hex[:6]}",
                                 callbacks=[ForwardReports(self.queue)])
 
         def fit():
             try:
                 trainer.fit()
+                if self.store.storage.exists("summary.json"):  # the run ended (not aborted):
+                    finish_run(self.spec)                      # its loss.png, drawn here
             except BaseException as e:  # noqa: BLE001 - raised from step()
                 self.failure.append(e)
             finally:

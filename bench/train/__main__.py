@@ -42,6 +42,8 @@ import tempfile
 import threading
 import time
 
+from actors.trainer.hooks import TrainHooks
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 T0 = time.time()
 PHASES = ("save", "step", "stall", "recovery", "node-loss")
@@ -228,7 +230,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ours(spec_dict: dict, options: dict | None = None, during=None, cpu: bool = False) -> dict:
+def run_ours(spec_dict: dict, hooks: TrainHooks | None = None, during=None, cpu: bool = False) -> dict:
     """``run_train`` the spec; ``during(spec, thread)`` runs in this thread while it trains."""
     from actors.trainer.trainer import run_train
     from orchestrator.spec import parse_spec
@@ -237,7 +239,7 @@ def run_ours(spec_dict: dict, options: dict | None = None, during=None, cpu: boo
 
     def fit():
         try:
-            box["result"] = run_train(spec, options)
+            box["result"] = run_train(spec, hooks)
         except BaseException as e:  # noqa: BLE001 - re-raised below
             box["error"] = e
 
@@ -493,7 +495,7 @@ def _run_local(a, spec, data_url: str, ckpt_root: str, report: dict, deepspeed_c
         pid_dir = os.path.join(a.workdir, "pids")
         o = run_ours(make_spec(a, data_url, f"{ckpt_root}/recovery", steps=a.recovery_steps,
                                interval=a.ckpt_interval, log_interval=a.ckpt_interval),
-                     options={"pid_dir": pid_dir}, during=kill_after_commits(a, pid_dir))
+                     hooks=TrainHooks(pid_dir=pid_dir), during=kill_after_commits(a, pid_dir))
         _recovered(o)
         report["recovery"] = o
         log(f"  cold start of this run {o['cold_start_s']:.1f} s")
@@ -559,7 +561,7 @@ def _run_node_loss(a, data_url: str, ckpt_root: str, report: dict) -> None:
     try:
         o = run_ours(make_spec(a, data_url, f"{ckpt_root}/node-loss", steps=a.node_loss_steps,
                                interval=a.ckpt_interval, log_interval=a.ckpt_interval),
-                     options={"pid_dir": pid_dir}, during=during)
+                     hooks=TrainHooks(pid_dir=pid_dir), during=during)
         _recovered(o)
         report["node_loss"] = o
         log(f"  cold start of this run {o['cold_start_s']:.1f} s")
