@@ -116,12 +116,22 @@ def s3(s3_endpoint):
 # ---------------------------------------------------------------------------------------------
 # Ray
 # ---------------------------------------------------------------------------------------------
+_METRICS_PORT: list[int] = []
+
+
 def _start_local_ray():
     import ray
     if not ray.is_initialized():
+        _METRICS_PORT[:] = [free_port()]  # where this node's metrics agent serves Prometheus text
         ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+                 runtime_env={"env_vars": {"PYTHONPATH": ROOT}}, _metrics_export_port=_METRICS_PORT[0])
     return ray
+
+
+@pytest.fixture
+def metrics_url(ray_local):
+    """The session Ray node's metrics endpoint (Prometheus text), as Prometheus would scrape it."""
+    return f"http://127.0.0.1:{_METRICS_PORT[0]}/metrics"
 
 
 @pytest.fixture(scope="session")

@@ -425,6 +425,11 @@ class DataLoader:
         self._stats["peak_inflight"] = max(self._stats["peak_inflight"], k)
         self._stats["peak_inflight_bytes"] = max(self._stats["peak_inflight_bytes"], k * self.bytes_per_request)
 
+    @property
+    def inflight(self) -> int:
+        """Batch requests in flight ahead of the trainer (the prefetch depth)."""
+        return len(self._inflight)
+
     def next_step(self) -> list[dict[str, "torch.Tensor"]]:  # noqa: F821
         """This rank's ``accumulation`` micro-batches of the next global step; advances the cursor."""
         import torch

@@ -285,9 +285,10 @@ class Worker:
         return box[0]
 
     # ------------------------------------------------------------------ checkpoint
-    def save(self, step: int, metrics: dict[str, float], sync: bool) -> None:
+    def save(self, step: int, metrics: dict[str, float], sync: bool) -> int:
         """Copy this rank's slice of the state (no collective), then write shards and commit in the
-        writer thread; the training step waits for that only if ``sync``."""
+        writer thread; the training step waits for that only if ``sync``. Returns the bytes of
+        state this rank copied (what its shard holds)."""
         owner_sizes = {n: deepspeed_internals.full_numel(p) for n, p in self.engine.module.named_parameters() if p.requires_grad}
         owner = assign_params(owner_sizes, self.world)  # who writes parameters no partition holds
         mine, fragments = zero_state.local_fragments(self.engine, self.state_keys,
@@ -312,6 +313,7 @@ class Worker:
         self.saver.submit(write, background=not wait)
         if wait:
             self.saver.wait()
+        return sum(t.numel() * t.element_size() for parts in mine.values() for t in parts.values())
 
     def report(self, metrics: dict[str, float]) -> None:
         """ray.train.report on every rank (a barrier); rank 0 attaches a pointer to a new commit."""
@@ -357,13 +359,16 @@ class Worker:
                         spec.deepspeed.precision)
         hooks = self.hooks
         hooks.on_start(self.rank, lambda: self.loader.actor_info()["pid"])
-        t_last, n_last, wait_last = time.monotonic(), 0, 0.0
+        kpi = self._telemetry()
+        committed = self.saver.last_committed
+        t_last, n_last, wait_last, own_wait_last, steps_last = time.monotonic(), 0, 0.0, 0.0, 0
         step = start
         save_s: float | None = None
         while step < self.max_steps:
             hooks.before_step(step, self.world, self.rank)
             t_step = time.monotonic()
-            lr, totals = self._compute(step)
+            lr, totals, own_wait = self._compute(step)
+            own_wait_last += own_wait
             hooks.after_compute(t_step)
             request = self._poll_control()
             totals[3] = 1.0 if request else 0.0  # rank 0's flag rides the same all-reduce
@@ -372,9 +377,14 @@ class Worker:
             step += 1
             self.stepped = True
             self._keep_spares(first_step=step == start + 1)
-            if step == start + 1 and self.rank == 0:
-                self._log_start(step, t_enter, t_built, t_restored)
+            if step == start + 1:
+                resumed = self.resumed_from is not None
+                kpi.started(self.accum, restore_s=t_restored - t_built if resumed else None,
+                            recovery_s=self._since_process_start() if resumed else None)
+                if self.rank == 0:
+                    self._log_start(step, t_enter, t_built, t_restored)
             n_last += spec.deepspeed.global_batch_size
+            steps_last += 1
             g_loss = float(totals[0]) / (self.accum * self.world)
             data_wait = float(totals[4]) / self.world  # mean over the ranks
             wait_last += data_wait
@@ -383,12 +393,15 @@ class Worker:
                                  "data_wait_s": data_wait, "t": time.time()})
             if save_s is not None:  # the previous step's checkpoint: what the training thread waited
                 self.history[-1]["prev_save_s"], save_s = save_s, None  # (records never change later)
+            kpi.step(step, g_loss, lr, self._grad_norm() if self.rank == 0 else None,
+                     self.loader.inflight)
             metrics = {"step": step, "loss": g_loss, "world_size": self.world,
                        "epoch": self.loader.state_dict().get("epoch", 0)}
             if step % spec.checkpoint.interval_steps == 0 or step == self.max_steps or requested:
                 t_save = time.monotonic()
-                self.save(step, {"loss": g_loss}, sync=step == self.max_steps or requested)
+                nbytes = self.save(step, {"loss": g_loss}, sync=step == self.max_steps or requested)
                 save_s = time.monotonic() - t_save
+                kpi.saved(save_s, nbytes)
                 if requested and self.rank == 0:
                     self.control.mark_served(request, step)
                     log.warning("[%s] checkpointed at step %d as the scheduler asked (%s)",
@@ -397,21 +410,26 @@ class Worker:
                 dt = time.monotonic() - t_last
                 metrics["samples_per_s"] = n_last / dt if dt > 0 else 0.0
                 metrics["input_stall"] = wait_last / dt if dt > 0 else 0.0  # share of the time
+                kpi.interval(metrics["samples_per_s"], dt / max(1, steps_last),
+                             own_wait_last / dt if dt > 0 else 0.0)
                 if self.rank == 0:
                     log.warning("[%s] step %d/%d loss %.4f %.0f samples/s workers %d",
                                 spec.name, step, self.max_steps, g_loss, metrics["samples_per_s"],
                                 self.world)
                 self.report(metrics)
-                t_last, n_last, wait_last = time.monotonic(), 0, 0.0
+                t_last, n_last, wait_last, own_wait_last, steps_last = time.monotonic(), 0, 0.0, 0.0, 0
+            if self.saver.last_committed is not committed:  # the writer committed a checkpoint
+                committed = self.saver.last_committed
+                kpi.committed()
             hooks.after_step(step, self.rank, self.world, resumed=self.resumed_from is not None)
         return self._finish(step)
 
-    def _compute(self, step: int) -> tuple[float, torch.Tensor]:
+    def _compute(self, step: int) -> tuple[float, torch.Tensor, float]:
         """Step ``step``'s learning rate, data and forward/backward/optimizer work on this rank.
 
-        Returns the learning rate and the tensor the step all-reduces (on the engine's device:
+        Returns the learning rate, the tensor the step all-reduces (on the engine's device:
         NCCL reduces GPU tensors only): loss, sum(id), sum(id^2), checkpoint requested (left 0
-        here), seconds waited for this step's batches."""
+        here), seconds waited for this step's batches; and this rank's own seconds waited."""
         spec = self.spec
         for g in self.optimizer.param_groups:
             g["lr"] = lr = learning_rate(spec, step, self.max_steps)
@@ -427,7 +445,35 @@ class Worker:
             self.engine.step()
             ids = mb["id"].to(self.device, torch.float64)
             totals[:3] += torch.stack([loss.detach().double(), ids.sum(), (ids * ids).sum()])
-        return lr, totals
+        return lr, totals, t_data
+
+    def _telemetry(self):
+        """This rank's :class:`~actors.trainer.telemetry.TrainMetrics` for this attempt."""
+        from actors.trainer import telemetry
+        x = self.loader.manifest.schema.get("x", {})
+        shape, dtype = tuple(x.get("shape", ())), str(x.get("dtype", "float32"))
+        tokens = None
+        if dtype.startswith(("int", "uint")) and shape:
+            tokens = int(np.prod(shape))
+        trainable = sum(deepspeed_internals.full_numel(p) for p in self.engine.module.parameters() if p.requires_grad)
+        try:
+            flops = telemetry.flops_per_sample(self.engine.module, self.spec.model.resolve(), shape, dtype, trainable)
+        except Exception as e:  # noqa: BLE001 - a declared FLOPs function that fails costs only the metric
+            log.warning("[%s] model FLOPs per sample unavailable: %s", self.spec.name, e)
+            flops = None
+        return telemetry.TrainMetrics(self.spec.name, self.attempt, self.rank, self.world,
+                                      tokens_per_sample=tokens, flops_per_sample=flops,
+                                      peak_flops=telemetry.peak_flops(self.spec, self.device))
+
+    def _grad_norm(self) -> float | None:
+        """The last step's global gradient norm where DeepSpeed computed it (ZeRO 1-3, bf16)."""
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    @staticmethod
+    def _since_process_start() -> float:
+        import psutil
+        return time.time() - psutil.Process().create_time()
 
     def _poll_control(self) -> dict | None:
         """Rank 0 reads the scheduler's checkpoint request, at most every ``hooks.control_poll_s``."""

@@ -28,12 +28,14 @@ def _by(samples, name):
 
 
 def _latest_attempt(samples) -> dict[str, str]:
-    best: dict[str, str] = {}
-    for s in samples:
+    """Each job's current attempt (a worker group's id): the one furthest along (highest step);
+    a finished or failed attempt's series linger until Ray drops them."""
+    best: dict[str, tuple[float, str]] = {}
+    for s in _by(samples, "orchestrator_train_step"):
         job, attempt = s.labels.get("job"), s.labels.get("attempt")
-        if job is not None and attempt is not None and (job not in best or int(attempt) > int(best[job])):
-            best[job] = attempt
-    return best
+        if job is not None and attempt is not None and (job not in best or s.value > best[job][0]):
+            best[job] = (s.value, attempt)
+    return {job: a for job, (_, a) in best.items()}
 
 
 def train_rows(samples: list[M.Sample], now: float) -> list[dict]:
@@ -41,7 +43,7 @@ def train_rows(samples: list[M.Sample], now: float) -> list[dict]:
     world size, seconds since the last checkpoint."""
     train = [s for s in samples if s.name.startswith(M.PREFIX + "orchestrator_train_")]
     attempt = _latest_attempt(train)
-    rows: dict[str, dict] = {job: {"job": job, "attempt": int(a)} for job, a in attempt.items()}
+    rows: dict[str, dict] = {job: {"job": job, "attempt": a} for job, a in attempt.items()}
 
     def current(s):
         return s.labels.get("job") in rows and s.labels.get("attempt") == attempt[s.labels["job"]]
@@ -112,7 +114,7 @@ def render(train: list[dict], serve: list[dict]):
     for col in ("job", "attempt", "step", "loss", "samples/s", "input stall", "workers", "last ckpt"):
         t.add_column(col, justify="left" if col == "job" else "right")
     for r in train:
-        t.add_row(r["job"], str(r["attempt"]), _fmt(r.get("step"), "{:.0f}"), _fmt(r.get("loss")),
+        t.add_row(r["job"], r["attempt"], _fmt(r.get("step"), "{:.0f}"), _fmt(r.get("loss")),
                   _fmt(r.get("samples_per_s"), "{:,.0f}"), _fmt(r.get("input_stall"), "{:.1%}"),
                   _fmt(r.get("world_size"), "{:.0f}"), _fmt(r.get("checkpoint_age_s"), "{:.0f}s ago"))
     s = Table(title="serve applications", expand=True)
