@@ -3,6 +3,8 @@
 1. write a small classification dataset as shards (local disk);
 2. start local Ray with its dashboard, a SQLite job store and the scheduler service, and submit a
    pipeline ``train -> tune -> serve`` through the scheduler (every stage runs as a Ray Job);
+   prints Ray's session directory, whose Prometheus and Grafana settings (our dashboards
+   installed beside Ray's) watch every stage live (README, "Metrics, Grafana and orchestrator top");
 3. the train stage runs DeepSpeed ZeRO-2 on 2 Ray Train workers; the demo SIGKILLs one worker
    process mid-run and the job resumes elastically from its last checkpoint (exactly-once data
    order checked afterwards);
@@ -80,9 +82,25 @@ def start_ray(num_cpus: int | None):
     from actors.serve.ingress import start_env
     # the serve stage's ingress (auto): Serve reads it from the environment Ray starts with
     os.environ.update(start_env("auto")[1])
+    # every process reports its metrics each second (Ray's default: 10 s), so that Prometheus sees
+    # the demo's short-lived ones too (the first train attempt's shard checks, before the kill)
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=True,
              dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=env)
     return ray
+
+
+def ray_session_dir(timeout: float = 15.0) -> str | None:
+    """This Ray's session directory, with our Grafana dashboards installed beside Ray's (its
+    dashboard writes its Grafana and Prometheus settings there just after it starts; a head on
+    another machine gets them from the job drivers, which run there)."""
+    from orchestrator.compat.ray_internals import session_dir
+    from orchestrator.dashboards import install_for_ray
+    try:
+        poll(install_for_ray, timeout, what="Ray's Grafana settings in its session directory")
+    except TimeoutError:
+        pass
+    return session_dir()
 
 
 def pipeline_spec(out: str, *, steps: int, port: int):
@@ -252,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     gcs = ray.get_runtime_context().gcs_address
     store = JobStore(os.path.join(out, "jobs.db"))
     adapter = RayAdapter(gcs)
+    session = ray_session_dir()
     sched = Scheduler(store, adapter, SchedulerConfig(
         policy=PolicyConfig(min_run_before_preempt_s=0), spec_dir=os.path.join(out, "specs"),
         workdir=out, tick_s=1.0, checkpoint_poll_s=2.0), metrics=RayMetrics())
@@ -262,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     stages = {j.stage: j for j in store.list(parent_id=pid)}
     say(2, f"submitted pipeline {pid} (train -> tune -> serve) to the scheduler; store "
            f"{out}/jobs.db; Ray dashboard at {adapter.dashboard_url}")
+    say(2, f"Ray session {session} (Prometheus: {session}/metrics/prometheus/prometheus.yml; "
+           "Grafana: metrics/grafana/, our dashboards included)")
 
     def state(stage: str) -> str:
         job = store.get(stages[stage].id)
@@ -319,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy(tune_info["plot"], os.path.join(out, "plots", "tune_learning_curves.png"))
         plots.append(os.path.join(out, "plots", "tune_learning_curves.png"))
     summary = {
-        "pipeline": pid,
+        "pipeline": pid, "ray_session": session,
         "train": {k: v for k, v in train.items() if k != "history"},
         "tune": tune_info,
         "serve": {k: v for k, v in serve_info.items() if k != "latencies_ms"},

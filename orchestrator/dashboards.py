@@ -49,8 +49,9 @@ TRAINING: list[Panel] = [
 SERVING: list[Panel] = [
     ("Requests/s by code and arm",
      [("{{arm}} {{code}}", f"sum by (arm, code) (rate(ray_orchestrator_serve_requests_total{_A}[1m]))")], "reqps"),
-    ("Error rate by arm (non-2xx)",
-     [("{{arm}}", 'sum by (arm) (rate(ray_orchestrator_serve_requests_total{app=~"$app", code!~"2.."}[1m])) '
+    ("Error rate by arm (non-2xx)",  # 0, not "no data", while an arm answers only 2xx
+     [("{{arm}}", '(sum by (arm) (rate(ray_orchestrator_serve_requests_total{app=~"$app", code!~"2.."}[1m])) '
+                  f'or 0 * sum by (arm) (rate(ray_orchestrator_serve_requests_total{_A}[1m]))) '
                   f'/ sum by (arm) (rate(ray_orchestrator_serve_requests_total{_A}[1m]))')], "percentunit"),
     ("Latency p50 / p95 / p99 by arm",
      [(f"p{q} {{{{arm}}}}", f"histogram_quantile(0.{q}, sum by (le, arm) "

@@ -23,6 +23,10 @@ def mlp(in_dim: int = 32, hidden: int = 64, num_classes: int = 4, depth: int = 2
     return nn.Sequential(*layers)
 
 
+# model FLOPs per training sample (the train loop's model FLOP/s): 2 per weight forward, 4 backward
+mlp.flops_per_sample = lambda model: 6.0 * sum(p.numel() for p in model.parameters())
+
+
 class TinyLM(nn.Module):
     """A tiny causal transformer LM: ``x`` int64 [B, T] tokens -> logits [B, T, vocab]."""
 
