@@ -256,6 +256,9 @@ class RayMetrics:
         self.wait = Histogram("orchestrator_wait_seconds", "queue wait before admission",
                               boundaries=[1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600],
                               tag_keys=tags)
+        self.waiting = Gauge("orchestrator_jobs_waiting", "queued jobs not admitted this tick, by "
+                             "why they wait (orchestrator.policy.WAIT_CODES; never_fits: rejected "
+                             "this tick)", tag_keys=("reason",))
 
     def on_tick(self, queued: dict[str, int], running: dict[str, int]) -> None:
         for prio, n in queued.items():
@@ -269,6 +272,10 @@ class RayMetrics:
 
     def on_preempt(self, priority: str) -> None:
         self.preemptions.inc(1, tags={"priority": priority})
+
+    def on_waiting(self, by_reason: dict[str, int]) -> None:
+        for reason, n in by_reason.items():
+            self.waiting.set(n, tags={"reason": reason})
 
 
 def connection_help(address: str | None) -> str:
