@@ -19,6 +19,9 @@ What one call does, in order:
    freshest checkpoint first, after they checkpoint. Nothing is touched unless that frees enough.
 6. Elastic jobs below their largest allowed count grow into capacity nobody queued needs.
 7. Gangs still blocked are announced to the autoscaler (:class:`RequestResources`).
+
+:func:`decide_with_reasons` makes the same decisions and also says, where each is made, why every
+queued job it did not admit waits (:class:`Wait`, one code of :data:`WAIT_CODES`).
 """
 
 from __future__ import annotations
@@ -215,6 +218,25 @@ class RequestResources:
 
 Decision = Union[Admit, Grow, Shrink, Preempt, Requeue, Reject, RequestResources]
 
+# Why a queued job is not admitted. ``backoff`` is decided by the service (a failed job is not
+# offered to the policy until its retry delay has passed); the others here, in :func:`decide`.
+WAIT_CODES = ("quota", "gang_does_not_fit", "autoscaler", "behind_reserved_head", "backoff",
+              "never_fits")
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Why ``job_id`` waits this cycle: ``code`` (one of :data:`WAIT_CODES`) and a line naming
+    the specifics (the quota and its use, the gang's need and the free room, the head holding the
+    reservation, ...). ``never_fits`` carries the :class:`Reject`'s reason."""
+    job_id: str
+    code: str
+    detail: str
+
+    def __post_init__(self):
+        if self.code not in WAIT_CODES:
+            raise ValueError(f"wait code {self.code!r} is not one of {', '.join(WAIT_CODES)}")
+
 
 # ---------------------------------------------------------------------------------------------
 # capacity index
@@ -380,6 +402,22 @@ def decide(queue: Sequence[JobView], running: Sequence[JobView], cluster: Cluste
     holding capacity (their ``placement`` is already subtracted from ``cluster``'s free capacity).
     Pure: the inputs are not modified.
     """
+    return _decide(queue, running, cluster, quotas, now, config, None)
+
+
+def decide_with_reasons(queue: Sequence[JobView], running: Sequence[JobView], cluster: ClusterState,
+                        quotas: Mapping[str, Quota] | None, now: float,
+                        config: PolicyConfig = PolicyConfig()) -> tuple[list[Decision], list[Wait]]:
+    """:func:`decide`'s decisions (the same ones) and a :class:`Wait` for every job of ``queue``
+    that is not admitted this cycle (a rejected one: ``never_fits``). Pure, like :func:`decide`."""
+    waits: list[Wait] = []
+    return _decide(queue, running, cluster, quotas, now, config, waits), waits
+
+
+def _decide(queue, running, cluster, quotas, now, config, waits: list[Wait] | None) -> list[Decision]:
+    """The cycle itself; with ``waits`` (a list) it also records why each job not admitted waits,
+    at the point where that is decided. Without it, it does no extra work (the benchmark)."""
+    explain = waits is not None
     quotas = quotas or {}
     out: list[Decision] = []
     cap = Capacity(cluster.nodes)
@@ -401,6 +439,8 @@ def decide(queue: Sequence[JobView], running: Sequence[JobView], cluster: Cluste
         reason = never[key] or _over_whole_quota(j, quotas.get(j.team))
         if reason:
             out.append(Reject(j.id, reason))
+            if explain:
+                waits.append(Wait(j.id, "never_fits", reason))
         else:
             waiting.append(j)
 
@@ -412,13 +452,21 @@ def decide(queue: Sequence[JobView], running: Sequence[JobView], cluster: Cluste
     failed_shapes: set[tuple[int, float, float]] = set()  # min gangs that did not fit this cycle
     examined = 0
     touched: set[str] = set()  # jobs already told to shrink or stop this cycle
+    # explain only: job id -> (code, detail) of a blocked job; "gang" becomes gang_does_not_fit or
+    # autoscaler once step 7 knows what it asked for. Room on reserved nodes, by free shape.
+    why: dict[str, tuple[str, str]] = {}
+    reserved: Counter | None = None
     for j in order:
         if head is not None:
             if not config.backfill or examined >= config.backfill_depth:
                 blocked.append(j)
+                if explain:
+                    why[j.id] = ("behind_reserved_head", _behind(head, preemptor, config))
                 continue
             examined += 1
         if not _within_quota(j, j.min_allowed, usage, quotas.get(j.team)):
+            if explain:
+                waits.append(Wait(j.id, "quota", _quota_detail(j, usage, quotas[j.team])))
             continue  # over quota: waits without blocking other teams
         key = (j.min_allowed, j.cpus_per_worker, j.gpus_per_worker)
         placement = None
@@ -427,9 +475,18 @@ def decide(queue: Sequence[JobView], running: Sequence[JobView], cluster: Cluste
         if placement is None:
             failed_shapes.add(key)
             blocked.append(j)
+            if explain:
+                if reserved is None:
+                    reserved = Counter(cap.free[n] for n in cap.withheld)
+                room, detail = _room(j, cap, reserved)
+                why[j.id] = (("behind_reserved_head", _behind(head, preemptor, config, on_reserved=True))
+                             if head is not None and room >= j.min_allowed else ("gang", detail))
             if head is None:  # 4: the head reserves its nodes (and may preempt for them)
                 head = j
-                _reserve_for(j, cap, running, config=config, now=now, out=out, touched=touched)
+                note = _reserve_for(j, cap, running, config=config, now=now, out=out, touched=touched)
+                if explain:
+                    why[j.id] = ("gang", why[j.id][1] + (f"; {note}" if note else ""))
+                    reserved = None
                 continue
             if not (config.preemption and preemptor is None and j.priority > head.priority):
                 continue
@@ -439,10 +496,15 @@ def decide(queue: Sequence[JobView], running: Sequence[JobView], cluster: Cluste
             hi = _quota_cap(j, usage, quotas.get(j.team))
             placement = _place_gang(cap.copy(withheld=False), j, hi)
             if placement is None:
-                _reserve_for(j, cap, running, config=config, now=now, out=out, touched=touched,
-                             preempts_head=True)
+                note = _reserve_for(j, cap, running, config=config, now=now, out=out, touched=touched,
+                                    preempts_head=True)
+                if explain:  # it fits nowhere now, reserved nodes included: its room stands
+                    why[j.id] = ("gang", why[j.id][1] + (f"; {note}" if note else ""))
+                    reserved = None
                 continue
             blocked.pop()
+            why.pop(j.id, None)
+            reserved = None  # it may take reserved nodes
         workers = sum(placement.values())
         cap.take(placement, j.bundle)
         u = usage[j.team]
@@ -470,6 +532,7 @@ def decide(queue: Sequence[JobView], running: Sequence[JobView], cluster: Cluste
                 out.append(Grow(r.id, r.workers + n, add))
 
     # 7: tell the autoscaler about everything running plus the blocked gangs.
+    asked: set[str] = set()  # blocked jobs whose whole gang is in the request
     if blocked and cluster.autoscale_shapes:
         demand = [(r.workers, r) for r in running] + [(b.min_allowed, b) for b in blocked]
         bundles: list[dict[str, float]] = []
@@ -479,6 +542,19 @@ def decide(queue: Sequence[JobView], running: Sequence[JobView], cluster: Cluste
             if len(bundles) >= config.max_request_bundles:
                 break
         out.append(RequestResources(bundles[:config.max_request_bundles]))
+        if explain:
+            n = sum(r.workers for r in running)
+            for b in blocked:
+                n += b.min_allowed
+                if n > config.max_request_bundles:
+                    break
+                asked.add(b.id)
+    if explain:
+        for j in blocked:
+            code, detail = why[j.id]
+            if code == "gang" and j.id in asked:
+                code, detail = "autoscaler", f"requested {_gang(j)} from the autoscaler; {detail}"
+            waits.append(Wait(j.id, "gang_does_not_fit" if code == "gang" else code, detail))
     return out
 
 
@@ -524,30 +600,90 @@ def _quota_cap(job: JobView, usage, quota: Quota | None, have: int = 0) -> int:
     return max(hi, 0)
 
 
+def _gang(job: JobView) -> str:
+    c, g = job.bundle
+    return f"{job.min_allowed} x ({c:g} CPU{f', {g:g} GPU' if g else ''})"
+
+
+def _quota_detail(job: JobView, usage, quota: Quota) -> str:
+    """Which of the team's quotas holds the job's smallest gang back, with use and limit."""
+    uc, ug = usage[job.team] if job.team in usage else (0.0, 0.0)
+    parts = []
+    for res, used, limit, per in (("CPU", uc, quota.cpus, job.cpus_per_worker),
+                                  ("GPU", ug, quota.gpus, job.gpus_per_worker)):
+        if limit is not None and per > 0 and int((limit - used + _EPS) // per) < job.min_allowed:
+            parts.append(f"team {job.team!r} {res} quota {used:g}/{limit:g} in use, "
+                         f"its gang needs {job.min_allowed * per:g} more")
+    return "; ".join(parts)
+
+
+def _room(job: JobView, cap: Capacity, reserved: Counter) -> tuple[int, str]:
+    """How many of the job's workers the free nodes hold, counting nodes reserved for a blocked
+    job (``reserved``: their free shapes), and a line with its need, the largest free node and
+    the total free capacity. O(free shapes)."""
+    shapes = Counter({s: len(ns) for s, ns in cap.by_shape.items() if ns})
+    shapes.update(reserved)
+    room, best, best_shape, fc, fg = 0, 0, (0.0, 0.0), 0.0, 0.0
+    for shape, k in shapes.items():
+        w = _fit(shape, job.bundle)
+        room += w * k
+        fc, fg = fc + shape[0] * k, fg + shape[1] * k
+        if (w, shape) > (best, best_shape):
+            best, best_shape = w, shape
+    gpu = job.gpus_per_worker > 0
+    res = (lambda c, g: f"{c:g} CPU" + (f", {g:g} GPU" if gpu else ""))
+    return room, (f"needs {_gang(job)}; largest free node {res(*best_shape)} (fits {best}), "
+                  f"free in all {res(fc, fg)} (fits {room})")
+
+
+def _behind(head: JobView, preemptor: JobView | None, config: PolicyConfig,
+            on_reserved: bool = False) -> str:
+    holders = head.id + (f" and {preemptor.id}" if preemptor is not None else "")
+    if on_reserved:
+        return f"head {holders} holds the nodes it fits on (first in line)"
+    why = "backfill is off" if not config.backfill else \
+        f"backfill looks at {config.backfill_depth} jobs behind it per cycle"
+    return f"head {holders} is first in line; {why}"
+
+
 def _reserve_for(job: JobView, cap: Capacity, running: Sequence[JobView], *, config: PolicyConfig,
                  now: float, out: list[Decision], touched: set[str],
-                 preempts_head: bool = False) -> None:
+                 preempts_head: bool = False) -> str | None:
     """Give a blocked job a reservation backfill cannot touch, preempting for it if it may.
 
     Order of resort: capacity already being released by stopping jobs; then shrinking elastic
     lower-class jobs to their smallest allowed count; then stopping lower-class victims (lowest
     class, freshest checkpoint first). Victims are only touched if the job then fits. Otherwise the
     job reserves the nodes with most free room whose total size holds its gang.
+
+    Returns what the job waits for besides free nodes, if anything (for :class:`Wait`).
     """
     # Capacity that jobs already told to stop or shrink will hand back. A job outranking the head
     # by class may also take the head's nodes (the head got there by aging alone).
     trial = cap.copy(withheld=not preempts_head)
+    stopping = []
     for r in running:
         if r.stopping:
             trial.give(_released(r, r.target_workers or 0), r.bundle)
+            stopping.append(r)
     placement = trial.place(job.min_allowed, job.min_allowed, job.bundle)
-    if placement is None and config.preemption:
+    note = None
+    if placement is not None:
+        ids = sorted(r.id for r in stopping if set(r.placement) & set(placement))
+        note = f"reserved nodes {', '.join(sorted(placement))}, freed by stopping {', '.join(ids)}" if ids else None
+    elif config.preemption:
+        n = len(out)
         placement = _preempt_for(job, trial, running, out, now - config.min_run_before_preempt_s,
                                  touched)
+        if placement is not None:
+            note = "preempting " + ", ".join(
+                f"{d.job_id} ({'shrink to ' + str(d.to_workers) if isinstance(d, Shrink) else 'stop'})"
+                for d in out[n:])
     if placement is not None:
         cap.withhold(placement)
-        return
+        return note
     cap.withhold(_nodes_to_wait_for(job, cap))
+    return None
 
 
 def _place_gang(cap: Capacity, job: JobView, hi: int) -> dict[str, int] | None:

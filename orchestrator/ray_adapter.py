@@ -242,35 +242,28 @@ def _dashboard_url(wait_s: float = 5.0) -> str | None:
 
 
 class RayMetrics:
-    """Scheduler metrics in the Ray dashboard / Prometheus (``ray.util.metrics``)."""
+    """Scheduler metrics in the Ray dashboard / Prometheus (``orchestrator.metrics.SCHEDULER``)."""
 
     def __init__(self):
-        from ray.util.metrics import Counter, Gauge, Histogram
-        tags = ("priority",)
-        self.queue_depth = Gauge("orchestrator_queue_depth", "jobs waiting, by priority class",
-                                 tag_keys=tags)
-        self.running = Gauge("orchestrator_running_jobs", "jobs holding capacity, by priority class",
-                             tag_keys=tags)
-        self.admissions = Counter("orchestrator_admissions", "jobs admitted, by priority class",
-                                  tag_keys=tags)
-        self.preemptions = Counter("orchestrator_preemptions", "jobs preempted, by priority class",
-                                   tag_keys=tags)
-        self.wait = Histogram("orchestrator_wait_seconds", "queue wait before admission",
-                              boundaries=[1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600],
-                              tag_keys=tags)
+        from orchestrator.metrics import SCHEDULER, Recorder
+        self.rec = Recorder(SCHEDULER)
 
     def on_tick(self, queued: dict[str, int], running: dict[str, int]) -> None:
         for prio, n in queued.items():
-            self.queue_depth.set(n, tags={"priority": prio})
+            self.rec.set("orchestrator_queue_depth", n, priority=prio)
         for prio, n in running.items():
-            self.running.set(n, tags={"priority": prio})
+            self.rec.set("orchestrator_running_jobs", n, priority=prio)
 
     def on_admit(self, priority: str, wait_s: float) -> None:
-        self.admissions.inc(1, tags={"priority": priority})
-        self.wait.observe(max(0.0, wait_s), tags={"priority": priority})
+        self.rec.inc("orchestrator_admissions", 1, priority=priority)
+        self.rec.observe("orchestrator_wait_seconds", max(0.0, wait_s), priority=priority)
 
     def on_preempt(self, priority: str) -> None:
-        self.preemptions.inc(1, tags={"priority": priority})
+        self.rec.inc("orchestrator_preemptions", 1, priority=priority)
+
+    def on_waiting(self, by_reason: dict[str, int]) -> None:
+        for reason, n in by_reason.items():
+            self.rec.set("orchestrator_jobs_waiting", n, reason=reason)
 
 
 def connection_help(address: str | None) -> str:

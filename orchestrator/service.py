@@ -9,10 +9,12 @@ One :meth:`Scheduler.tick`, top to bottom:
    jobs; failed ones are retried with exponential backoff up to ``max_retries``; preempted train
    jobs are asked to checkpoint and then stopped; Ray jobs no store job owns any more (cancelled,
    superseded attempts) are stopped and stray placement groups removed.
-3. **Decide** (:func:`orchestrator.policy.decide`, pure; a pipeline stage is only offered once
-   its upstream stages succeeded) and **apply** the decisions: admit, requeue, reject, preempt,
-   shrink/grow (train jobs: a worker cap Ray Train's elastic policy honours), and
-   ``request_resources`` for blocked gangs.
+3. **Decide** (:func:`orchestrator.policy.decide_with_reasons`, pure; a pipeline stage is only
+   offered once its upstream stages succeeded, a failed job once its retry backoff has passed)
+   and **apply** the decisions: admit, requeue, reject, preempt, shrink/grow (train jobs: a worker
+   cap Ray Train's elastic policy honours), and ``request_resources`` for blocked gangs. Why each
+   job not admitted waits (the policy's :class:`~orchestrator.policy.Wait`, or ``backoff``) is
+   written to the store when it changed, and counted in a metric.
 4. **Pipelines**: stages whose upstream failed fail with the reason; a pipeline runs once a stage
    has started and finishes when its stages have.
 
@@ -33,15 +35,17 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Protocol
 
 from orchestrator import pipeline as pipemod
 from orchestrator import spec as specmod
 from orchestrator import storage
 from orchestrator.outcome import retryable
-from orchestrator.policy import (Admit, ClusterState, Grow, JobView, Node, PolicyConfig, Preempt,
-                                 Quota, Reject, Requeue, RequestResources, Shrink, decide)
-from orchestrator.store import IllegalTransition, JobRecord, JobStore, UnknownJob
+from orchestrator.policy import (WAIT_CODES, Admit, ClusterState, Grow, JobView, Node, PolicyConfig,
+                                 Preempt, Quota, Reject, Requeue, RequestResources, Shrink, Wait,
+                                 decide_with_reasons)
+from orchestrator.store import WAITING, IllegalTransition, JobRecord, JobStore, UnknownJob
 
 log = logging.getLogger("orchestrator.scheduler")
 
@@ -56,6 +60,7 @@ class Metrics(Protocol):
     def on_tick(self, queued: dict[str, int], running: dict[str, int]) -> None: ...
     def on_admit(self, priority: str, wait_s: float) -> None: ...
     def on_preempt(self, priority: str) -> None: ...
+    def on_waiting(self, by_reason: dict[str, int]) -> None: ...
 
 
 @dataclass
@@ -138,9 +143,11 @@ class Scheduler:
                 self._reconcile(job, ray_jobs.get(job.submission_id), now)
         self._release_stray_reservations()
         active = self.store.list(UNFINISHED)
-        queue, running = self._views(active, ray_jobs, now)
+        queue, running, backoff = self._views(active, ray_jobs, now)
         cluster = ClusterState.of(_free(nodes, running), self.config.autoscale_shapes)
-        decisions = decide(queue, running, cluster, self.config.quotas, now, self.config.policy)
+        decisions, waits = decide_with_reasons(queue, running, cluster, self.config.quotas, now,
+                                               self.config.policy)
+        waits += backoff
         asked = False
         for d in decisions:
             try:
@@ -153,9 +160,10 @@ class Scheduler:
         if not asked and self._requested:
             self.ray.request_resources([])
             self._requested = None
+        self._record_waits(active, decisions, waits)
         self._advance_pipelines()
         if self.metrics is not None:
-            self._report(self.store.list(UNFINISHED))
+            self._report(self.store.list(UNFINISHED), waits)
         return self._events
 
     def _event(self, line: str) -> None:
@@ -313,11 +321,16 @@ class Scheduler:
                                   f"{message}", expect=job.state)
             self._event(f"{job.id} failed for good: {message}")
 
-    def _in_backoff(self, job: JobRecord, now: float) -> bool:
+    def _backoff_wait(self, job: JobRecord, now: float) -> Wait | None:
+        """Why a failed job is not offered to the policy yet (its retry delay), or None."""
         if job.attempts == 0:
-            return False
+            return None
         used, at = self.retries_used(job)
-        return at is not None and now < at + self._backoff(used)
+        if at is None or now >= at + self._backoff(used):
+            return None
+        until = datetime.fromtimestamp(at + self._backoff(used), timezone.utc)
+        return Wait(job.id, "backoff", f"until {until:%Y-%m-%d %H:%M:%S} UTC: retry {used}/"
+                                       f"{job.max_retries} after a failure, {self._backoff(used):g}s backoff")
 
     def _read_checkpoint(self, job: JobRecord, now: float) -> None:
         """Keep a running train job's newest checkpoint in the store (the policy preempts the
@@ -440,8 +453,10 @@ class Scheduler:
 
     # -------------------------------------------------------------------------------- policy
     def _views(self, active: list[JobRecord], ray_jobs: dict, now: float):
+        """The policy's queue and running jobs, and the waits of jobs held back from it."""
         queue: list[JobView] = []
         running: list[JobView] = []
+        held: list[Wait] = []
         stage_states: dict[str, dict[str, str]] = {}
         for j in active:
             if j.kind == "pipeline":
@@ -450,7 +465,9 @@ class Scheduler:
             if j.state == "queued":
                 if j.parent_id and not self._stage_ready(j, stage_states):
                     continue
-                if self._in_backoff(j, now):
+                w = self._backoff_wait(j, now)
+                if w is not None:
+                    held.append(w)
                     continue
                 queue.append(v)
             elif j.state == "preempted":
@@ -464,7 +481,20 @@ class Scheduler:
                     v = dataclasses.replace(v, min_workers=j.workers, max_workers=j.workers,
                                             allowed=None)
                 running.append(v)
-        return queue, running
+        return queue, running, held
+
+    def _record_waits(self, active: list[JobRecord], decisions, waits: list[Wait]) -> None:
+        """Store each waiting job's reason where it changed (one write per change, none per tick
+        otherwise). Admitted and rejected jobs are left to their transition, which sets it."""
+        acted = {d.job_id for d in decisions if isinstance(d, (Admit, Reject))}
+        want = {w.job_id: (w.code, w.detail) for w in waits}
+        changes = {j.id: want.get(j.id) for j in active
+                   if j.state in WAITING and j.kind != "pipeline" and j.id not in acted
+                   and want.get(j.id) != ((j.wait_reason, j.wait_detail) if j.wait_reason else None)}
+        try:
+            self.store.set_waits(changes)
+        except Exception as e:  # noqa: BLE001 - a reason not shown must not stop scheduling
+            log.warning("could not record why jobs wait: %s", e)
 
     def _apply(self, d, now: float) -> bool:
         """Act on one decision; True if it was an autoscaler request."""
@@ -476,7 +506,8 @@ class Scheduler:
             return True
         job = self.store.get(d.job_id)
         if isinstance(d, Reject):
-            self.store.transition(job.id, "failed", f"rejected: {d.reason}", expect="queued")
+            self.store.transition(job.id, "failed", f"rejected: {d.reason}", expect="queued",
+                                  wait_reason="never_fits", wait_detail=d.reason, wait_since=now)
             self._event(f"{job.id} rejected: {d.reason}")
         elif isinstance(d, Requeue):
             self.store.transition(job.id, "queued", f"requeued: {d.reason}", expect="preempted",
@@ -533,7 +564,7 @@ class Scheduler:
         at = [t.at for t in hist if t.to_state == "queued"]
         return at[-1] if at else job.submit_time
 
-    def _report(self, active: list[JobRecord]) -> None:
+    def _report(self, active: list[JobRecord], waits: list[Wait]) -> None:
         classes = tuple(specmod.PRIORITY_CLASSES)
         queued = Counter(j.priority for j in active if j.kind != "pipeline"
                          and j.state in ("queued", "preempted"))
@@ -541,6 +572,8 @@ class Scheduler:
                           and j.state in ("admitted", "running"))
         self.metrics.on_tick({c: queued.get(c, 0) for c in classes},
                              {c: running.get(c, 0) for c in classes})
+        by_reason = Counter(w.code for w in waits)
+        self.metrics.on_waiting({code: by_reason.get(code, 0) for code in WAIT_CODES})
 
 
 class _Live:

@@ -101,6 +101,11 @@ jobs_t = sa.Table(
     sa.Column("start_time", sa.Float),
     sa.Column("end_time", sa.Float),
     sa.Column("updated_time", sa.Float, nullable=False),
+    # Why a queued job waits (orchestrator.policy.WAIT_CODES), what exactly, and since when;
+    # NULL while it is not waiting. Added after schema 1: see _add_columns.
+    sa.Column("wait_reason", sa.String(32)),
+    sa.Column("wait_detail", sa.Text),
+    sa.Column("wait_since", sa.Float),
 )
 transitions_t = sa.Table(
     "transitions", metadata,
@@ -115,7 +120,9 @@ schema_t = sa.Table("schema_version", metadata, sa.Column("version", sa.Integer,
 
 # Columns a caller may set alongside a transition (or with :meth:`JobStore.update`).
 MUTABLE = frozenset({"workers", "placement", "ray_submission_id", "checkpoint_url", "checkpoint_step",
-                     "checkpoint_time", "attempts", "start_time", "end_time", "reason"})
+                     "checkpoint_time", "attempts", "start_time", "end_time", "reason",
+                     "wait_reason", "wait_detail", "wait_since"})
+WAITING = ("queued", "preempted")  # states in which a job may have a wait reason
 
 
 @dataclass(frozen=True)
@@ -158,6 +165,9 @@ class JobRecord:
     start_time: float | None
     end_time: float | None
     updated_time: float
+    wait_reason: str | None = None
+    wait_detail: str | None = None
+    wait_since: float | None = None
     history: tuple[Transition, ...] = field(default=(), compare=False)
 
     @property
@@ -253,6 +263,7 @@ class JobStore:
                 elif v > SCHEMA_VERSION:
                     raise StoreUnavailable(url, f"schema version {v} is newer than this orchestrator "
                                                 f"understands ({SCHEMA_VERSION}); upgrade it")
+            _add_columns(self.engine)
         except StoreUnavailable:
             raise
         except (ArgumentError, NoSuchModuleError, ImportError) as e:
@@ -320,6 +331,9 @@ class JobStore:
             if new_state not in ACTIVE:
                 values.setdefault("workers", 0)
                 values.setdefault("placement", "{}")
+            if new_state not in WAITING:  # admitted or ended: it waits no more
+                for k in ("wait_reason", "wait_detail", "wait_since"):
+                    values.setdefault(k, None)
             # Compare-and-set: only this transaction's view of the state may be replaced.
             n = c.execute(jobs_t.update().where(jobs_t.c.id == job_id, jobs_t.c.state == cur)
                           .values(**values)).rowcount
@@ -341,6 +355,27 @@ class JobStore:
             if n != 1:
                 raise UnknownJob(job_id)
         return self.get(job_id)
+
+    def set_waits(self, waits: dict[str, tuple[str, str] | None]) -> int:
+        """Record why jobs wait: job id -> ``(code, detail)``, or None for no reason. Only rows of
+        jobs still waiting (:data:`WAITING`) whose reason differs are written; ``wait_since``
+        moves only when the code changes. No transaction at all for an empty dict. Returns the
+        number of rows changed. ``updated_time`` is left alone (it times admission and
+        checkpoint deadlines, not this)."""
+        if not waits:
+            return 0
+        now, n = self.clock(), 0
+        with self._begin() as c:
+            for job_id, w in waits.items():
+                code, detail = w if w is not None else (None, None)
+                since = None if code is None else sa.case(
+                    (jobs_t.c.wait_reason == code, sa.func.coalesce(jobs_t.c.wait_since, now)), else_=now)
+                n += c.execute(jobs_t.update().where(
+                    jobs_t.c.id == job_id, jobs_t.c.state.in_(WAITING),
+                    sa.or_(jobs_t.c.wait_reason.is_distinct_from(code),
+                           jobs_t.c.wait_detail.is_distinct_from(detail)))
+                    .values(wait_reason=code, wait_detail=detail, wait_since=since)).rowcount
+        return n
 
     def cancel(self, job_id: str, reason: str = "cancelled by user") -> JobRecord:
         """Cancel a job (and, for a pipeline, its unfinished stages). Raises IllegalTransition
@@ -409,6 +444,23 @@ class JobStore:
                 yield c
         except OperationalError as e:
             raise StoreUnavailable(self.url, _short(e)) from None
+
+
+def _add_columns(engine) -> None:
+    """Add the ``jobs`` columns a store made by an older orchestrator lacks (all nullable), so it
+    opens unchanged: ``create_all`` creates missing tables only. Idempotent; a second process
+    adding the same column at the same time is fine."""
+    have = {c["name"] for c in sa.inspect(engine).get_columns("jobs")}
+    for col in jobs_t.columns:
+        if col.name in have:
+            continue
+        ddl = f"ALTER TABLE jobs ADD COLUMN {col.name} {col.type.compile(dialect=engine.dialect)}"
+        try:
+            with engine.begin() as c:
+                c.execute(sa.text(ddl))
+        except SQLAlchemyError:
+            if col.name not in {c["name"] for c in sa.inspect(engine).get_columns("jobs")}:
+                raise
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from orchestrator.policy import (PRIORITY, Admit, Capacity, ClusterState, Grow, JobView, Node,
                                  PolicyConfig, Preempt, Quota, Reject, Requeue, RequestResources,
-                                 Shrink, decide)
+                                 Shrink, Wait, decide, decide_with_reasons)
 
 LOW, NORMAL, HIGH, CRIT = (PRIORITY[c] for c in ("low", "normal", "high", "critical"))
 NOW = 100_000.0
@@ -341,3 +341,107 @@ def test_a_job_is_never_told_to_shrink_or_stop_twice_in_one_cycle():
                 NOW, CFG)
     victims = [d.job_id for d in ds if isinstance(d, (Preempt, Shrink))]
     assert sorted(victims) == ["low-a", "low-b"]
+
+
+# --- why a queued job waits (decide_with_reasons) -----------------------------------------------
+def why(ds_waits) -> dict[str, Wait]:
+    ds, waits = ds_waits
+    assert len({w.job_id for w in waits}) == len(waits)  # one reason per job
+    return {w.job_id: w for w in waits}
+
+
+def test_a_job_held_by_its_teams_quota_waits_for_quota_naming_the_team_its_use_and_limit():
+    held = run("a-running", NORMAL, {"n0": 4}, team="a")
+    ds, waits = decide_with_reasons([job("a-next", mn=4, t=1, team="a"), job("b-next", mn=4, t=2, team="b")],
+                                    [held], cluster_with([held], 4), {"a": Quota(cpus=6)}, NOW, CFG)
+    assert list(admitted(ds)) == ["b-next"]
+    assert waits == [Wait("a-next", "quota", "team 'a' CPU quota 4/6 in use, its gang needs 4 more")]
+
+
+def test_a_gang_too_big_for_the_free_nodes_says_what_it_needs_and_what_is_free():
+    c = ClusterState.of([Node("a", 4, 0, 3), Node("b", 4, 0, 1)])  # 4 CPUs free, one 2-CPU worker fits
+    ds, waits = decide_with_reasons([job("g", mn=3, cpus=2)], [], c, None, NOW, CFG)
+    assert ds == []  # no autoscaler: nothing asked
+    assert waits == [Wait("g", "gang_does_not_fit", "needs 3 x (2 CPU); largest free node 3 CPU (fits 1), "
+                                                    "free in all 4 CPU (fits 1)")]
+
+
+def test_a_gang_the_autoscaler_was_asked_for_says_so_and_how_much():
+    busy = [run("r", NORMAL, {"n0": 2}, cpus=2)]
+    c = cluster_with(busy, 1, autoscale_shapes=[(4, 0)])
+    ds, waits = decide_with_reasons([job("g", mn=3, cpus=2, gpus_per_worker=0)], busy, c, None, NOW, CFG)
+    [req] = of(RequestResources, ds)
+    assert req.bundles == [{"CPU": 2.0}] * 5
+    [w] = waits
+    assert (w.job_id, w.code) == ("g", "autoscaler")
+    assert w.detail.startswith("requested 3 x (2 CPU) from the autoscaler; needs 3 x (2 CPU); "
+                               "largest free node 0 CPU (fits 0)")
+
+
+def test_a_job_that_fits_only_on_the_heads_reserved_nodes_waits_behind_the_head_naming_it():
+    busy = [run("r0", NORMAL, {"n0": 2}), run("r1", NORMAL, {"n1": 2}), run("r2", NORMAL, {"n2": 3})]
+    ds, waits = decide_with_reasons([job("wide", mn=8, t=1), job("small", t=2), job("small2", t=3)], busy,
+                                    cluster_with(busy, 3), None, NOW, CFG)
+    assert list(admitted(ds)) == ["small"]
+    w = why((ds, waits))
+    assert w["small2"] == Wait("small2", "behind_reserved_head",
+                               "head wide holds the nodes it fits on (first in line)")
+    assert w["wide"].code == "gang_does_not_fit" and w["wide"].detail.startswith("needs 8 x (1 CPU);")
+    # Without backfill nobody behind the head is even tried.
+    cfg = PolicyConfig(backfill=False, min_run_before_preempt_s=0)
+    _, waits = decide_with_reasons([job("wide", mn=8, t=1), job("small", t=2)], busy, cluster_with(busy, 3),
+                                   None, NOW, cfg)
+    assert why((_, waits))["small"].detail == "head wide is first in line; backfill is off"
+
+
+def test_a_head_that_preempts_says_whom_it_waits_for():
+    ds, waits = decide_with_reasons([job("high", HIGH, mn=8, t=NOW)], two_low_elastic_jobs(),
+                                    cluster_with(two_low_elastic_jobs(), 2), None, NOW, CFG)
+    assert {d.job_id for d in of(Preempt, ds)} == {"low-a", "low-b"}
+    [w] = waits
+    assert w.code == "gang_does_not_fit" and w.detail.endswith("; preempting low-a (stop), low-b (stop)")
+
+
+def test_a_job_that_can_never_fit_is_rejected_and_its_wait_is_never_fits_with_the_same_reason():
+    ds, waits = decide_with_reasons([job("huge", mn=3, cpus=3), job("ok", mn=2, cpus=3)], [],
+                                    ClusterState.of(nodes(2)), None, NOW, CFG)
+    [r] = of(Reject, ds)
+    assert waits == [Wait("huge", "never_fits", r.reason)] and "even when empty" in r.reason
+    with pytest.raises(ValueError, match="not one of"):
+        Wait("x", "bored", "")
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_reasons_change_no_decision_and_every_job_not_admitted_has_one(seed):
+    rng = random.Random(seed)
+    n = rng.randint(2, 6)
+    running, used = [], {f"n{i}": 0 for i in range(n)}
+    for k in range(rng.randint(0, 8)):
+        node = f"n{rng.randrange(n)}"
+        w = rng.randint(1, 4 - used[node]) if used[node] < 4 else 0
+        if w:
+            used[node] += w
+            running.append(run(f"r{k}", rng.choice([LOW, NORMAL]), {node: w}, team=rng.choice("ab")))
+    queue = [job(f"q{k}", rng.choice([LOW, NORMAL, HIGH]), mn=rng.randint(1, 10), t=k, team=rng.choice("ab"))
+             for k in range(rng.randint(1, 12))]
+    quotas = rng.choice([None, {"a": Quota(cpus=rng.randint(4, 16))}])
+    shapes = rng.choice([[], [(4, 0)]])
+    cfg = PolicyConfig(min_run_before_preempt_s=0, backfill_depth=rng.choice([0, 2, 100]))
+    c = cluster_with(running, n, autoscale_shapes=shapes)
+    ds, waits = decide_with_reasons(queue, running, c, quotas, NOW, cfg)
+    assert ds == decide(queue, running, c, quotas, NOW, cfg)
+    assert {w.job_id for w in waits} == {j.id for j in queue} - set(admitted(ds))
+    for w in waits:
+        if w.code == "autoscaler":
+            assert shapes and of(RequestResources, ds)
+
+
+def test_one_cycle_with_reasons_over_5000_queued_jobs_and_1000_nodes_is_fast():
+    rng = random.Random(0)
+    ns = [Node(f"n{i}", 32, 0, rng.choice([0, 4, 8, 32])) for i in range(1000)]
+    queue = [job(f"q{i}", rng.choice([LOW, NORMAL, HIGH, CRIT]), mn=rng.choice([1, 2, 8, 64]), cpus=4,
+                 t=float(i)) for i in range(5000)]
+    t0 = time.perf_counter()
+    ds, waits = decide_with_reasons(queue, [], ClusterState.of(ns), {"default": Quota(cpus=20_000)}, NOW, CFG)
+    assert time.perf_counter() - t0 < 2.0
+    assert len(waits) == 5000 - len(admitted(ds))

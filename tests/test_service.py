@@ -346,7 +346,8 @@ def test_metrics_reach_the_ray_metrics_endpoint(env, head):
     def scraped():
         text = urllib.request.urlopen(url, timeout=5).read().decode()
         return all(m in text for m in ("orchestrator_queue_depth", "orchestrator_admissions",
-                                       "orchestrator_wait_seconds"))
+                                       "orchestrator_wait_seconds", "orchestrator_jobs_waiting",
+                                       'reason="behind_reserved_head"'))  # every code, every tick
     wait_until(scraped, 90, 2.0, "scheduler metrics on the node's Prometheus endpoint")
 
 

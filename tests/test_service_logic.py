@@ -12,7 +12,7 @@ import pytest
 from orchestrator.control import JobControl, latest_commit
 from orchestrator import pipeline as pipemod
 from orchestrator.cli import main as cli
-from orchestrator.policy import Node, PolicyConfig
+from orchestrator.policy import Node, PolicyConfig, Quota
 from orchestrator.ray_adapter import RayJob
 from orchestrator.service import Scheduler, SchedulerConfig, parse_submission_id
 from orchestrator.spec import parse_spec
@@ -282,6 +282,91 @@ def test_blocked_gangs_are_announced_to_the_autoscaler_and_never_fitting_ones_re
     store.cancel(big)
     s.tick()
     assert ray.requests[-1] == []                 # nothing blocked any more: request withdrawn
+
+
+class Recorder:
+    """The scheduler's Metrics callbacks, remembered."""
+
+    def __init__(self):
+        self.waiting: list[dict[str, int]] = []
+
+    def on_tick(self, queued, running):
+        pass
+
+    def on_admit(self, priority, wait_s):
+        pass
+
+    def on_preempt(self, priority):
+        pass
+
+    def on_waiting(self, by_reason):
+        self.waiting.append(dict(by_reason))
+
+
+def test_a_quota_held_job_shows_why_in_queue_and_status_until_it_is_admitted(world, tmp_path, capsys):
+    clock, store, ray, scheduler = world
+    s = scheduler()
+    s.config.quotas = {"t": Quota(cpus=2)}
+    s.metrics = Recorder()
+    writes = []
+    set_waits = store.set_waits
+    store.set_waits = lambda w: writes.append(w) or set_waits(w)
+    a = store.submit(train_spec(tmp_path, "a", lo=2, hi=2))
+    b = store.submit(train_spec(tmp_path, "b", lo=2, hi=2))
+    s.tick()
+    detail = "team 't' CPU quota 2/2 in use, its gang needs 2 more"
+    job = store.get(b)
+    assert (job.state, job.wait_reason, job.wait_detail, job.wait_since) == ("queued", "quota", detail, clock.t)
+    assert s.metrics.waiting[-1] == {"quota": 1, "gang_does_not_fit": 0, "autoscaler": 0,
+                                     "behind_reserved_head": 0, "backoff": 0, "never_fits": 0}
+    db = str(tmp_path / "jobs.db")
+    assert cli(["queue", "--store", db]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "WAITING-FOR" in out[0].split()
+    [row] = [ln for ln in out if ln.startswith(b)]
+    assert "quota: team 't' CPU quota 2/2 in use" in row
+    [row] = [ln for ln in out if ln.startswith(a)]
+    assert row.split()[8] == "-"                  # admitted: waits for nothing
+    assert cli(["status", b, "--store", db]) == 0
+    assert "waiting for: quota since " in (out := capsys.readouterr().out) and detail in out
+    assert cli(["status", b, "--store", db, "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["wait_reason"], d["wait_detail"], d["wait_since"]) == ("quota", detail, clock.t)
+    clock.t += 5
+    s.tick()
+    s.tick()                                      # nothing changed: nothing written
+    assert writes[-2:] == [{}, {}] and store.get(b).wait_since == clock.t - 5
+    run_ray_jobs(ray)
+    s.tick()
+    ray.set(f"orch-{a}-a0", "SUCCEEDED")
+    s.tick()                                      # a is done: b is admitted, its reason gone
+    job = store.get(b)
+    assert job.state == "admitted" and (job.wait_reason, job.wait_detail, job.wait_since) == (None, None, None)
+    assert s.metrics.waiting[-1]["quota"] == 0
+
+
+def test_a_failed_job_in_backoff_says_until_when_and_a_rejected_one_why_it_never_fits(world, tmp_path):
+    clock, store, ray, scheduler = world
+    jid = store.submit(train_spec(tmp_path, "a", retries=2))
+    s = scheduler()
+    s.tick()
+    ray.set(f"orch-{jid}-a0", "FAILED", "exit code 1")
+    s.tick()                                      # failed at t=1000: retry after 10s
+    s.tick()
+    job = store.get(jid)
+    assert job.state == "queued" and job.wait_reason == "backoff"
+    assert job.wait_detail == "until 1970-01-01 00:16:50 UTC: retry 1/2 after a failure, 10s backoff"
+    clock.t += 10
+    s.tick()
+    job = store.get(jid)
+    assert job.state == "admitted" and job.wait_reason is None
+    huge = parse_spec({**train_spec(tmp_path, "huge").model_dump(mode="json"),
+                       "resources": {"min_workers": 1, "max_workers": 1, "cpus_per_worker": 16}})
+    hid = store.submit(huge)
+    s.tick()
+    job = store.get(hid)
+    assert job.state == "failed" and job.wait_reason == "never_fits"
+    assert job.reason == f"rejected: {job.wait_detail}" and "even when empty" in job.wait_detail
 
 
 def test_parse_submission_id_round_trips_and_ignores_foreign_ids():

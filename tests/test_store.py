@@ -187,3 +187,53 @@ def test_the_ray_submission_id_is_stable_per_attempt(store):
     first = store.get(jid).submission_id
     assert first == JobStore(store.url).get(jid).submission_id  # a restarted scheduler agrees
     assert store.update(jid, attempts=1).submission_id != first
+
+
+def test_a_wait_reason_is_written_when_it_changes_only_and_cleared_when_the_job_stops_waiting(tmp_path):
+    t = [100.0]
+    store = JobStore(str(tmp_path / "jobs.db"), clock=lambda: t[0])
+    jid = store.submit(spec())
+    assert store.set_waits({jid: ("quota", "team 'research' CPU quota: 4/4 in use")}) == 1
+    job = store.get(jid)
+    assert (job.wait_reason, job.wait_detail, job.wait_since) == ("quota", "team 'research' CPU quota: 4/4 in use", 100.0)
+    t[0] = 150.0
+    assert store.set_waits({jid: ("quota", "team 'research' CPU quota: 4/4 in use")}) == 0  # unchanged: no write
+    assert store.set_waits({}) == 0
+    assert store.set_waits({jid: ("quota", "team 'research' CPU quota: 2/4 in use")}) == 1
+    assert store.get(jid).wait_since == 100.0  # same reason since 100, its detail moved
+    assert store.set_waits({jid: ("autoscaler", "asked the autoscaler for 2 x (2 CPU)")}) == 1
+    assert (store.get(jid).wait_reason, store.get(jid).wait_since) == ("autoscaler", 150.0)
+    assert store.get(jid).updated_time == 100.0  # admission and checkpoint deadlines are not moved
+    job = store.transition(jid, "admitted", "fits")
+    assert (job.wait_reason, job.wait_detail, job.wait_since) == (None, None, None)
+    assert store.set_waits({jid: ("quota", "late")}) == 0  # only waiting jobs have a reason
+    other = store.submit(spec())
+    store.set_waits({other: ("backoff", "until ...")})
+    assert store.cancel(other).wait_reason is None
+    assert store.set_waits({other: None}) == 0
+    rejected = store.submit(spec())
+    job = store.transition(rejected, "failed", "rejected: too big", wait_reason="never_fits",
+                           wait_detail="too big", wait_since=150.0)
+    assert (job.wait_reason, job.wait_detail) == ("never_fits", "too big")  # why it ended, kept
+
+
+def test_a_store_made_by_the_previous_schema_opens_and_gains_the_wait_columns(tmp_path):
+    path = tmp_path / "old.db"
+    store = JobStore(str(path))
+    jid = store.submit(spec())
+    store.close()
+    with sqlite3.connect(path) as c:  # the jobs table as schema 1 made it, with its row
+        for col in ("wait_reason", "wait_detail", "wait_since"):
+            c.execute(f"ALTER TABLE jobs DROP COLUMN {col}")
+        assert "wait_reason" not in [r[1] for r in c.execute("PRAGMA table_info(jobs)")]
+    for _ in range(2):  # opening again adds nothing twice
+        store = JobStore(str(path))
+        job = store.get(jid)
+        assert job.state == "queued" and job.wait_reason is None and job.load() == spec()
+        assert store.set_waits({jid: ("quota", "q")}) == 1
+        assert store.set_waits({jid: None}) == 1
+        store.close()
+    with sqlite3.connect(path) as c:
+        assert [r[1] for r in c.execute("PRAGMA table_info(jobs)")][-3:] == [
+            "wait_reason", "wait_detail", "wait_since"]
+        assert c.execute("select version from schema_version").fetchall() == [(SCHEMA_VERSION,)]

@@ -40,7 +40,8 @@ def register(sub) -> None:
     _common(p)
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("queue", help="table of jobs waiting or running (--all: every job)")
+    p = sub.add_parser("queue", help="table of jobs waiting or running, and why each waits "
+                                     "(--all: every job)")
     p.add_argument("--all", action="store_true", help="include finished jobs")
     p.add_argument("--state", action="append", choices=storemod.STATES, help="only these states")
     _common(p)
@@ -176,6 +177,9 @@ def cmd_status(args) -> int:
         print(json.dumps(d, indent=2, default=str))
         return 0
     print(f"{job.id}  {job.kind}  {job.state}  ({job.reason})")
+    if job.wait_reason:
+        print(f"  waiting for: {job.wait_reason} since {_when(job.wait_since)} ({_age(job.wait_since)}): "
+              f"{job.wait_detail}")
     print(f"  team {job.team}, priority {job.priority}, workers {job.workers} "
           f"(gang {job.min_workers}..{job.max_workers} x {job.cpus_per_worker:g} CPU"
           f"{f', {job.gpus_per_worker:g} GPU' if job.gpus_per_worker else ''})")
@@ -189,9 +193,20 @@ def cmd_status(args) -> int:
             print(f"  stage {s.stage}: {s.id}  {s.state}  ({s.reason})")
     print("  history:")
     for t in job.history:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t.at))
-        print(f"    {when}  {t.from_state or '-':>9} -> {t.to_state:<9}  {t.reason}")
+        print(f"    {_when(t.at)}  {t.from_state or '-':>9} -> {t.to_state:<9}  {t.reason}")
     return 0
+
+
+def _when(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _waiting_for(job, width: int = 60) -> str:
+    """The queue's WAITING-FOR cell: the code and the start of its detail."""
+    if not job.wait_reason:
+        return "-"
+    text = f"{job.wait_reason}: {job.wait_detail}" if job.wait_detail else job.wait_reason
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def cmd_queue(args) -> int:
@@ -202,10 +217,10 @@ def cmd_queue(args) -> int:
         return _fail(str(e))
     rank = {c: i for i, c in enumerate(("critical", "high", "normal", "low"))}
     jobs.sort(key=lambda j: (j.state not in storemod.ACTIVE, rank.get(j.priority, 9), j.submit_time))
-    cols = ("ID", "KIND", "TEAM", "PRIORITY", "STATE", "WORKERS", "TRIES", "AGE", "REASON")
+    cols = ("ID", "KIND", "TEAM", "PRIORITY", "STATE", "WORKERS", "TRIES", "AGE", "WAITING-FOR", "REASON")
     rows = [(j.id, j.kind, j.team, j.priority, j.state,
              f"{j.workers}/{j.min_workers}..{j.max_workers}" if j.max_workers else "-",
-             str(j.attempts), _age(j.submit_time), j.reason[:60]) for j in jobs]
+             str(j.attempts), _age(j.submit_time), _waiting_for(j), j.reason[:60]) for j in jobs]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip())
     for r in rows:
