@@ -1,4 +1,5 @@
-"""The scheduler's only door to Ray: Jobs API, placement groups, autoscaler requests, metrics.
+"""The scheduler's only door to Ray: Jobs API, placement groups, Serve applications, autoscaler
+requests, metrics.
 
 :class:`RayAdapter` is a thin wrapper with no decisions in it; :mod:`orchestrator.service` decides
 and calls it. Tests of the service's logic pass a fake with the same methods.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -29,6 +31,15 @@ log = logging.getLogger("orchestrator.ray")
 NAMESPACE = "orchestrator"   # named placement groups live here
 SUBMISSION_PREFIX = "orch-"  # JobRecord.submission_id: orch-<job id>-a<attempt>
 LIVE = frozenset({"PENDING", "RUNNING"})
+
+# How Ray 2.60 stops a job (ray/dashboard/modules/job/job_supervisor.py): JobSubmissionClient.
+# stop_job (and `ray job stop`) has the job's supervisor actor send SIGTERM (RAY_JOB_STOP_SIGNAL) to
+# the entrypoint and all its descendants, wait RAY_JOB_STOP_WAIT_TIME_S seconds (an integer, default
+# 3, read from the supervisor's own environment) and SIGKILL what is left. stop_job takes no grace
+# argument; the supervisor's environment holds the job's runtime_env env_vars, so the grace is set
+# per job at submission. The driver gets a copy of that environment, so a job can read its grace.
+STOP_WAIT_ENV = "RAY_JOB_STOP_WAIT_TIME_S"
+DEFAULT_STOP_WAIT_S = 3
 
 
 class RayUnavailable(RuntimeError):
@@ -140,9 +151,15 @@ class RayAdapter:
                 for d in details if d.submission_id and d.submission_id.startswith(prefix)}
 
     def submit(self, submission_id: str, entrypoint: str, *, runtime_env: dict | None = None,
-               metadata: dict[str, str] | None = None, attempts: int = 5) -> bool:
+               metadata: dict[str, str] | None = None, stop_grace_s: float | None = None,
+               attempts: int = 5) -> bool:
         """Submit a job under ``submission_id``. Returns False if Ray already has that id
-        (a restarted scheduler re-submitting: nothing is duplicated)."""
+        (a restarted scheduler re-submitting: nothing is duplicated). ``stop_grace_s``: seconds
+        between the SIGTERM and the SIGKILL when the job is stopped (Ray's default: 3)."""
+        if stop_grace_s is not None:
+            runtime_env = dict(runtime_env or {})
+            runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}),
+                                       STOP_WAIT_ENV: str(max(1, math.ceil(stop_grace_s)))}
         delay = 0.5
         for i in range(attempts):
             try:
@@ -172,6 +189,18 @@ class RayAdapter:
 
     def logs(self, submission_id: str) -> str:
         return self.jobs.get_job_logs(submission_id)
+
+    # serve ----------------------------------------------------------------------------------
+    def serve_apps(self) -> set[str]:
+        """Names of the Serve applications on the cluster (empty where Serve does not run)."""
+        from ray import serve
+        return set(serve.status().applications)
+
+    def delete_serve_app(self, name: str) -> None:
+        """Delete the Serve application ``name`` (no other); returns once Serve has stopped its
+        replicas (each drains for up to its ``graceful_shutdown_timeout_s``)."""
+        from ray import serve
+        serve.delete(name)
 
     # gangs ----------------------------------------------------------------------------------
     def reserve(self, name: str, bundles: list[dict[str, float]]) -> None:

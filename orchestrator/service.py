@@ -8,7 +8,9 @@ One :meth:`Scheduler.tick`, top to bottom:
    released to the job's own workers when it starts running); finished Ray jobs finish store
    jobs; failed ones are retried with exponential backoff up to ``max_retries``; preempted train
    jobs are asked to checkpoint and then stopped; Ray jobs no store job owns any more (cancelled,
-   superseded attempts) are stopped and stray placement groups removed.
+   superseded attempts) are stopped and stray placement groups removed. A serve job stopped or
+   failed leaves no Serve application behind: ``jobs.serve`` deletes its own on SIGTERM (given
+   ``serve_stop_grace_s`` before Ray's SIGKILL), and the scheduler deletes one that is left.
 3. **Decide** (:func:`orchestrator.policy.decide_with_reasons`, pure; a pipeline stage is only
    offered once its upstream stages succeeded, a failed job once its retry backoff has passed)
    and **apply** the decisions: admit, requeue, reject, preempt, shrink/grow (train jobs: a worker
@@ -80,11 +82,15 @@ class SchedulerConfig:
     checkpoint_timeout_s: float = 120.0   # a preempted job that has not checkpointed by then stops
     admission_timeout_s: float = 600.0    # an admitted gang Ray has not placed by then requeues
     checkpoint_poll_s: float = 15.0       # how often running train jobs' checkpoints are read
+    # A stopped serve job's SIGTERM-to-SIGKILL grace (Ray's own default is 3 s; see ray_adapter):
+    # jobs.serve deletes its Serve application and waits for its replicas, which drain for up to
+    # their graceful_shutdown_timeout_s (20 s) first.
+    serve_stop_grace_s: float = 30.0
     tick_s: float = 2.0
 
     def __post_init__(self):
         for name in ("retry_backoff_s", "max_backoff_s", "checkpoint_timeout_s",
-                     "admission_timeout_s", "checkpoint_poll_s"):
+                     "admission_timeout_s", "checkpoint_poll_s", "serve_stop_grace_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SchedulerConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.tick_s <= 0:
@@ -115,6 +121,7 @@ class Scheduler:
         self._checkpoint_read: dict[str, float] = {}
         self._requested: list[dict[str, float]] | None = None
         self._events: list[str] = []
+        self._serve_checked: set[str] = set()  # ended Ray jobs the Serve safety net has checked
 
     # -------------------------------------------------------------------------------- loop
     def run(self, stop: threading.Event | None = None) -> None:
@@ -142,6 +149,10 @@ class Scheduler:
             if job.kind != "pipeline":
                 self._reconcile(job, ray_jobs.get(job.submission_id), now)
         self._release_stray_reservations()
+        try:
+            self._delete_left_serve_apps(ray_jobs)
+        except Exception as e:  # noqa: BLE001 - retried next tick; scheduling goes on
+            log.warning("checking stopped serve jobs' applications: %s", e)
         active = self.store.list(UNFINISHED)
         queue, running, backoff = self._views(active, ray_jobs, now)
         cluster = ClusterState.of(_free(nodes, running), self.config.autoscale_shapes)
@@ -238,7 +249,8 @@ class Scheduler:
         meta = {"orchestrator_job": job.id, "attempt": str(job.attempts), "kind": job.kind,
                 "team": job.team, "priority": job.priority, "workers": str(job.workers)}
         env = {"working_dir": self.config.working_dir} if self.config.working_dir else None
-        new = self.ray.submit(job.submission_id, entry, runtime_env=env, metadata=meta)
+        grace = {"stop_grace_s": self.config.serve_stop_grace_s} if job.kind == "serve" else {}
+        new = self.ray.submit(job.submission_id, entry, runtime_env=env, metadata=meta, **grace)
         self._event(f"{job.id} submitted to Ray as {job.submission_id} on {job.workers} worker(s)"
                     + ("" if new else " (already there)"))
 
@@ -390,6 +402,43 @@ class Scheduler:
             if self.ray.stop(sid):
                 self._event(f"stopped Ray job {sid}: job {job.id} is {job.state}"
                             + ("" if job.submission_id == sid else f" (now {job.submission_id})"))
+
+    def _delete_left_serve_apps(self, ray_jobs: dict) -> None:
+        """Safety net behind ``jobs.serve``'s own cleanup on SIGTERM: once a serve job of this
+        store has ended STOPPED (cancelled, preempted) or FAILED, its Serve application (named
+        after its spec) must be gone; delete it if it is not, unless a live Ray job of this store
+        serves an application of that name (the job's next attempt). Each ended Ray job is
+        checked once per scheduler process."""
+        ended = []
+        for sid, rj in ray_jobs.items():
+            if sid in self._serve_checked or rj.status not in ("STOPPED", "FAILED"):
+                continue
+            app = self._serve_app(sid, rj)
+            if app is None:
+                self._serve_checked.add(sid)
+            else:
+                ended.append((sid, app))
+        if not ended:
+            return
+        live = {self._serve_app(sid, rj) for sid, rj in ray_jobs.items() if rj.live}
+        apps = self.ray.serve_apps()
+        for sid, app in ended:
+            if app in apps and app not in live:
+                self.ray.delete_serve_app(app)
+                apps.discard(app)
+                self._event(f"deleted Serve application {app!r} that Ray job {sid} left behind")
+            self._serve_checked.add(sid)
+
+    def _serve_app(self, sid: str, rj) -> str | None:
+        """The Serve application of this store's serve job behind Ray job ``sid``, else None."""
+        parsed = parse_submission_id(sid)
+        if parsed is None or rj.metadata.get("kind", "serve") != "serve":
+            return None
+        try:
+            job = self.store.get(parsed[0])
+            return job.load().name if job.kind == "serve" else None
+        except (UnknownJob, specmod.SpecError):
+            return None  # another store's job, or one whose spec no longer loads
 
     def _release_stray_reservations(self) -> None:
         """Remove placement groups of this store's jobs that are no longer being launched."""

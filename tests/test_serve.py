@@ -206,6 +206,26 @@ def test_cli_refuses_a_spec_that_is_not_a_serve_spec(tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_the_first_stop_signal_interrupts_jobs_serve_once_and_ray_init_does_not_take_it_over():
+    """SIGTERM or SIGINT raises once (cleanup starts); a second signal during cleanup is ignored;
+    the handlers survive ``ray.init`` (which sets SIGTERM to sys.exit) and are put back after."""
+    import signal
+
+    from jobs.serve import _keeping_sigterm_handler, _StopSignals, _Stopped
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with _StopSignals() as stop:
+        mine = signal.getsignal(signal.SIGTERM)
+        with _keeping_sigterm_handler():
+            signal.signal(signal.SIGTERM, lambda *a: None)  # what ray.init does
+        assert signal.getsignal(signal.SIGTERM) == mine
+        with pytest.raises(_Stopped) as e:
+            signal.raise_signal(signal.SIGTERM)
+        assert e.value.signum == stop.signum == signal.SIGTERM
+        signal.raise_signal(signal.SIGINT)               # during cleanup: ignored
+        signal.raise_signal(signal.SIGTERM)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
 # ---------------------------------------------------------------------------------------------
 # live Serve
 # ---------------------------------------------------------------------------------------------

@@ -270,6 +270,101 @@ def test_a_preempted_job_checkpoints_before_it_is_stopped_then_resumes(env, tmp_
 
 
 # ---------------------------------------------------------------------------------------------
+# serve jobs: stopping one deletes its Serve application and frees its replicas
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def serve_port(adapter):
+    """A free port for Serve's HTTP proxy on the head; Serve is shut down after the test."""
+    from ray import serve
+    yield free_ports(1)[0]
+    serve.shutdown()
+
+
+def _serve_spec(tmp_path, name: str, port: int, cpus: float = 0.5):
+    """One replica of a tiny mlp, routed at ``/<name>``."""
+    from actors.served_model import save_served_model
+    from jobs.examples.models import mlp
+    kwargs = {"in_dim": 8, "hidden": 8, "num_classes": 2}
+    ckpt = str(tmp_path / f"served-{name}")
+    save_served_model(mlp(**kwargs), ckpt, "jobs.examples.models:mlp", kwargs)
+    return parse_spec({"kind": "serve", "name": name, "checkpoint_url": ckpt,
+                       "model": {"factory": "jobs.examples.models:mlp", "kwargs": kwargs},
+                       "input_shape": [8], "http_port": port, "route_prefix": f"/{name}",
+                       "replicas": {"min_replicas": 1, "max_replicas": 1, "cpus_per_replica": cpus}})
+
+
+def _answers(spec) -> bool:
+    import requests
+    r = requests.post(f"http://127.0.0.1:{spec.http_port}/{spec.name}", json={"inputs": [[0.0] * 8]},
+                      timeout=10)
+    return r.status_code == 200
+
+
+def _cpus() -> float:
+    import ray
+    return ray.available_resources().get("CPU", 0.0)
+
+
+def test_stopping_a_serve_job_with_the_jobs_api_deletes_its_application_and_frees_its_cpu(
+        adapter, serve_port, tmp_path):
+    """``python -m jobs.serve`` submitted as the scheduler submits it; the Jobs API's stop_job
+    (SIGTERM) makes it delete its application, and only it, and wait for its replica: the
+    replica's CPU is free again, and another application on the same Serve keeps serving."""
+    import shlex
+    import time
+    import uuid
+
+    from ray import serve
+    from jobs.serve import deploy
+    spec = _serve_spec(tmp_path, "sigterm-app", serve_port)
+    (tmp_path / "serve.json").write_text(json.dumps(spec.model_dump(mode="json")))
+    sid = f"serve-stop-{uuid.uuid4().hex[:8]}"
+    entry = (f"cd {shlex.quote(ROOT)} && exec {shlex.quote(sys.executable)} -m jobs.serve "
+             f"{shlex.quote(str(tmp_path / 'serve.json'))}")
+    assert adapter.submit(sid, entry, stop_grace_s=30)
+    wait_until(lambda: _answers(spec), 180, 0.5, "the serve job to answer HTTP")
+    bystander = _serve_spec(tmp_path, "bystander", serve_port, cpus=0.25)
+    deploy(bystander, bystander.checkpoint_url)       # joins the job's Serve
+    assert _answers(bystander) and adapter.serve_apps() >= {"sigterm-app", "bystander"}
+    busy = _cpus()
+
+    t0 = time.monotonic()
+    assert adapter.jobs.stop_job(sid)                 # SIGTERM, SIGKILL 30 s later
+    wait_until(lambda: adapter.list_jobs(sid)[sid].status == "STOPPED", 60, 0.2, "the job to stop")
+    stopped_s = time.monotonic() - t0
+    wait_until(lambda: _cpus() >= busy + 0.5 - 1e-6, 30, 0.2, "the replica's CPU to be free")
+    assert "sigterm-app" not in serve.status().applications
+    logs = adapter.logs(sid)
+    # the job cleaned up itself, within the grace the submission gave it (29 s: 1 s short of it)
+    assert "SIGTERM: deleted Serve application 'sigterm-app'; its replicas are gone" in logs, logs[-3000:]
+    assert "of a 29s budget" in logs and stopped_s < 29, (stopped_s, logs[-2000:])
+    assert _answers(bystander)                        # only its own application went
+    adapter.delete_serve_app("bystander")
+    assert "bystander" not in adapter.serve_apps()
+    wait_until(lambda: _cpus() >= busy + 0.75 - 1e-6, 30, 0.2, "the bystander's CPU to be free")
+
+
+def test_cancelling_a_serve_job_in_the_scheduler_frees_its_replicas(adapter, serve_port, tmp_path):
+    """The scheduler runs a serve spec as a Ray job; ``orchestrator cancel`` stops it and its
+    Serve application and replica are gone, the CPU they held free again."""
+    store = JobStore(str(tmp_path / "jobs.db"))
+    config = SchedulerConfig(policy=PolicyConfig(min_run_before_preempt_s=0), workdir=ROOT,
+                             spec_dir=str(tmp_path / "specs"), tick_s=0.2)
+    env = Env(store, adapter, config, tmp_path)
+    spec = _serve_spec(tmp_path, "cancel-app", serve_port)
+    free = _cpus()
+    jid = store.submit(spec)
+    env.until(lambda: env.state(jid) == "running" and _answers(spec), 180, "the serve job to answer")
+    assert _cpus() <= free - 0.5 + 1e-6               # its replica holds half a CPU
+    assert cli(["cancel", jid, "--store", store.url]) == 0
+    sid = f"orch-{jid}-a0"
+    env.until(lambda: adapter.list_jobs()[sid].status == "STOPPED", 60, "the Ray job to stop")
+    env.until(lambda: "cancel-app" not in adapter.serve_apps() and _cpus() >= free - 1e-6, 30,
+              "its application gone and its CPU free")
+    assert "SIGTERM: deleted Serve application 'cancel-app'; its replicas are gone" in adapter.logs(sid)
+
+
+# ---------------------------------------------------------------------------------------------
 # durability: kill the scheduler mid-flight
 # ---------------------------------------------------------------------------------------------
 def _scheduler_proc(env, head):

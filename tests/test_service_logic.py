@@ -40,6 +40,9 @@ class FakeRay:
         self.pgs: dict[str, list] = {}
         self.requests: list[list] = []
         self.crash_on_submit = False
+        self.grace: dict[str, float | None] = {}
+        self.apps: set[str] = set()          # Serve applications on the cluster
+        self.deleted_apps: list[str] = []
 
     def nodes(self):
         return list(self._nodes)
@@ -47,11 +50,12 @@ class FakeRay:
     def list_jobs(self):
         return dict(self.jobs)
 
-    def submit(self, sid, entrypoint, *, runtime_env=None, metadata=None):
+    def submit(self, sid, entrypoint, *, runtime_env=None, metadata=None, stop_grace_s=None):
         if self.crash_on_submit:
             self.crash_on_submit = False
             raise SystemExit("scheduler killed while submitting")
         self.submits.append(sid)
+        self.grace[sid] = stop_grace_s
         if sid in self.jobs:
             return False
         self.jobs[sid] = RayJob(sid, "PENDING", "", dict(metadata or {}))
@@ -85,6 +89,13 @@ class FakeRay:
 
     def request_resources(self, bundles):
         self.requests.append(bundles)
+
+    def serve_apps(self):
+        return set(self.apps)
+
+    def delete_serve_app(self, name):
+        self.deleted_apps.append(name)
+        self.apps.discard(name)
 
 
 def train_spec(tmp_path, name, *, lo=1, hi=1, priority="normal", retries=0, team="t", batch=4):
@@ -265,6 +276,59 @@ def test_preempted_train_job_is_stopped_only_after_it_checkpoints_or_times_out(w
     assert ray.jobs[f"orch-{low}-a0"].status == "STOPPED"
     s.tick()
     assert store.get(low).state == "queued" and store.get(low).attempts == 1
+
+
+def serve_job_spec(name="srv", *, replicas=1, priority="normal", retries=0):
+    return parse_spec({"kind": "serve", "name": name, "checkpoint_url": "/nowhere",
+                       "model": {"factory": "jobs.examples.models:mlp"}, "input_shape": [32],
+                       "scheduling": {"priority": priority, "max_retries": retries},
+                       "replicas": {"min_replicas": replicas, "max_replicas": replicas,
+                                    "cpus_per_replica": 0.5}})
+
+
+def test_a_cancelled_serve_job_gets_a_stop_grace_and_leaves_no_serve_application(world):
+    """jobs.serve deletes its own application on SIGTERM; where one is left (its driver was
+    killed first), the scheduler deletes it once Ray reports the job stopped."""
+    clock, store, ray, scheduler = world
+    jid = store.submit(serve_job_spec())
+    s = running(scheduler, ray)
+    sid = f"orch-{jid}-a0"
+    assert ray.grace[sid] == s.config.serve_stop_grace_s == 30
+    ray.apps |= {"srv", "someone-elses"}
+    s.tick()
+    assert ray.deleted_apps == []                  # running: its application stays
+    store.cancel(jid)
+    s.tick()                                       # stops the Ray job
+    assert ray.jobs[sid].status == "STOPPED" and ray.deleted_apps == []
+    events = s.tick()
+    assert ray.deleted_apps == ["srv"] and ray.apps == {"someone-elses"}
+    assert f"deleted Serve application 'srv' that Ray job {sid} left behind" in events
+    ray.apps.add("srv")                            # checked once: a later app of that name stays
+    s.tick()
+    assert ray.deleted_apps == ["srv"]
+
+
+def test_a_preempted_serve_jobs_application_is_deleted_but_not_its_next_attempts(world, tmp_path):
+    clock, store, ray, scheduler = world
+    ray._nodes = [Node("n0", 1.0)]
+    low = store.submit(serve_job_spec(replicas=2, priority="low"))
+    s = running(scheduler, ray)
+    ray.apps.add("srv")
+    high = store.submit(train_spec(tmp_path, "high", priority="high"))
+    s.tick()                                       # preempts the serve job: Ray stops it
+    assert store.get(low).state == "preempted" and ray.jobs[f"orch-{low}-a0"].status == "STOPPED"
+    s.tick()                                       # stopped: its application goes, it requeues
+    assert ray.deleted_apps == ["srv"] and store.get(low).state == "queued"
+    store.cancel(high)
+    s.tick()
+    run_ray_jobs(ray)
+    s.tick()
+    assert store.get(low).state == "running" and store.get(low).attempts == 1
+    ray.apps.add("srv")                            # the next attempt serves the same name
+    ray.set(f"orch-{low}-a0", "FAILED")            # an old attempt reported again (restart)
+    s2 = scheduler()                               # a new scheduler process checks it again
+    s2.tick()
+    assert ray.deleted_apps == ["srv"] and "srv" in ray.apps
 
 
 def test_blocked_gangs_are_announced_to_the_autoscaler_and_never_fitting_ones_rejected(world, tmp_path):
@@ -508,6 +572,53 @@ def test_the_pipeline_entrypoint_runs_stages_in_order_and_skips_those_after_a_fa
     assert [ln[0] for ln in lines if ln[2] == "start"] == ["s-a", "s-b", "s-d"]
     assert json.loads(next(ln[2] for ln in lines if ln[0] == "s-d" and ln[2].startswith("upstream"))
                       .split(" ", 1)[1]) == {"a": "mem-a"}
+
+
+_PIPELINE_SCRIPT = """
+import json, sys
+from jobs.pipeline import PipelineStop, run_pipeline
+from orchestrator.spec import load_spec
+with PipelineStop() as stop:
+    result = run_pipeline(load_spec(sys.argv[1]), sys.executable, entrypoint=sys.argv[2], stop=stop)
+print("RESULT " + json.dumps({"signum": stop.signum, "stages": result}), flush=True)
+"""
+
+
+def test_the_pipeline_entrypoint_passes_a_stop_signal_to_the_running_stage_and_starts_no_other(tmp_path):
+    """SIGTERM to the pipeline's process alone reaches the running stage (a serve stage cleans up
+    on it), and the stages after it are not run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT, wait_until
+    log = tmp_path / "log"
+
+    def stage(name, deps):
+        sp = train_spec(tmp_path, f"s-{name}").model_dump(mode="json")
+        sp["model"]["kwargs"] = {"log": str(log), "wait_for": str(tmp_path / "never")}
+        return {"name": name, "depends_on": deps, "spec": sp}
+    spec = parse_spec({"kind": "pipeline", "name": "p", "stages": [stage("a", []), stage("b", ["a"])]})
+    (tmp_path / "p.json").write_text(json.dumps(spec.model_dump(mode="json")))
+    fake = "{python} " + os.path.join(ROOT, "tests", "fake_job.py") + " {spec}"
+    proc = subprocess.Popen([sys.executable, "-c", _PIPELINE_SCRIPT, str(tmp_path / "p.json"), fake],
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: log.exists() and "s-a" in log.read_text(), 60, 0.05, "stage a to start")
+        proc.send_signal(signal.SIGTERM)           # the parent only
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    result = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
+    assert result["signum"] == signal.SIGTERM, out
+    stages = result["stages"]
+    assert stages["a"]["state"] == "cancelled" and stages["a"]["reason"] == "stopped by SIGTERM (exit code -15)"
+    assert stages["b"] == {"state": "cancelled", "reason": "not run: pipeline stopped by SIGTERM",
+                           "checkpoint": None}
+    assert [ln.split()[0] for ln in log.read_text().splitlines()] == ["s-a"]  # b never started
+    assert pipemod.pipeline_outcome({n: (r["state"], r["reason"]) for n, r in stages.items()})[0] == "cancelled"
 
 
 # ---------------------------------------------------------------------------------------------
