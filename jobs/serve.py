@@ -183,6 +183,8 @@ def deploy(spec: ServeSpec, checkpoint_url: str | None = None, *, host: str = "1
     digest = _key_digest(spec)
     checked = _checked(spec, url, spec.model)
     start = connect(spec)
+    from orchestrator.dashboards import install_for_ray
+    install_for_ray()
     serve.start(http_options={"host": host, "port": spec.http_port})
     if spec.ingress == "haproxy" and not ingress.runs_haproxy():
         raise SpecError([("ingress", "haproxy: the running Ray cluster was started without "
