@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -44,15 +45,17 @@ import ray
 from ray import serve
 
 from actors.serve import ingress
-from actors.serve.canary import ArmStats, Decision, canary_decision
+from actors.serve.canary import ArmStats, Decision, canary_decision, gates, window_filled
 from actors.served_model import ServedCheckpointError, load_served_model
 from actors.serve.deployment import (STATS_NAMESPACE, CanaryStatsCollector, build_app,
                                      user_config)
 from actors.serve.request import api_key_digest
+from orchestrator.metrics import SERVE, Recorder
 from orchestrator.outcome import stopped_exit_code
 from orchestrator.ray_adapter import STOP_WAIT_ENV
 from orchestrator.spec import Canary, ModelRef, ServeSpec, SpecError, load_spec
 
+log = logging.getLogger("jobs.serve")
 REPLICA_ACTOR_PREFIX = "SERVE_REPLICA::"  # a replica actor's name: SERVE_REPLICA::<app>#<deployment>#<id>
 
 
@@ -283,6 +286,7 @@ def rollout(spec: ServeSpec, new_checkpoint_url: str, canary: Canary | bool | No
                 time.sleep(poll_s)
         if not reason:
             reason = _reason(decision, stable_stats, canary_stats, cfg)
+        _record_decision(spec.name, decision, stable_stats, canary_stats, cfg)
         winner = candidate if decision == "promote" else previous
         _apply(spec, user_config(spec, winner, api_key_sha256=digest))
         return RolloutResult(decision, winner[0], previous[0], candidate[0], reason,
@@ -292,6 +296,27 @@ def rollout(spec: ServeSpec, new_checkpoint_url: str, canary: Canary | bool | No
         raise
     finally:
         ray.kill(collector)
+
+
+def _record_decision(app: str, decision: Decision, stable: ArmStats, canary: ArmStats, cfg: Canary) -> None:
+    """Log every gate's figures and count each verdict in ``orchestrator_serve_gate_decisions``
+    (gate ``min_requests``, ``error_rate``, ``p95_latency_ms``: pass/fail; gate ``decision``:
+    promote/rollback). A metrics failure is logged, never raised: the rollout is done by now."""
+    filled = window_filled(stable, canary, cfg)
+    verdicts = [("min_requests", "pass" if filled else "fail",
+                 f"min_requests: canary {canary.requests} stable {stable.requests}, need {cfg.min_requests} "
+                 f"each -> {'pass' if filled else 'fail'}")]
+    if filled:
+        verdicts += [(g.name, "pass" if g.passed else "fail", g.line()) for g in gates(stable, canary, cfg)]
+    verdicts.append(("decision", decision, f"decision: {decision}"))
+    level = logging.INFO if decision == "promote" else logging.WARNING
+    log.log(level, "canary gate for app %s: %s", app, "; ".join(text for _, _, text in verdicts))
+    try:
+        rec = Recorder(SERVE, app=app)
+        for gate, outcome, _ in verdicts:
+            rec.inc("orchestrator_serve_gate_decisions", gate=gate, outcome=outcome)
+    except Exception as e:  # noqa: BLE001 - metrics never fail a rollout
+        log.warning("canary gate metrics not recorded: %s: %s", type(e).__name__, e)
 
 
 def _reason(decision: Decision, stable: ArmStats, canary: ArmStats, cfg: Canary) -> str:

@@ -116,22 +116,18 @@ def s3(s3_endpoint):
 # ---------------------------------------------------------------------------------------------
 # Ray
 # ---------------------------------------------------------------------------------------------
-_METRICS_PORT: list[int] = []
+# Processes push their metrics to the node's Prometheus endpoint every this many ms (Ray's default
+# is 10 s): tests that read metrics wait about this long.
+METRICS_REPORT_MS = 2000
 
 
 def _start_local_ray():
     import ray
     if not ray.is_initialized():
-        _METRICS_PORT[:] = [free_port()]  # where this node's metrics agent serves Prometheus text
         ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": ROOT}}, _metrics_export_port=_METRICS_PORT[0])
+                 runtime_env={"env_vars": {"PYTHONPATH": ROOT}}, _metrics_export_port=free_port(),
+                 _system_config={"metrics_report_interval_ms": METRICS_REPORT_MS})
     return ray
-
-
-@pytest.fixture
-def metrics_url(ray_local):
-    """The session Ray node's metrics endpoint (Prometheus text), as Prometheus would scrape it."""
-    return f"http://127.0.0.1:{_METRICS_PORT[0]}/metrics"
 
 
 @pytest.fixture(scope="session")
@@ -143,6 +139,13 @@ def _s3_env(s3_endpoint):
 def ray_local(_s3_env):
     """The session's local Ray (2 CPUs). Restarted lazily if a multi-node test shut it down."""
     return _start_local_ray()
+
+
+@pytest.fixture
+def metrics_url(ray_local):
+    """The Prometheus endpoint (``http://IP:PORT/metrics``) of the session's local Ray node."""
+    from orchestrator.metrics import ray_endpoints
+    return wait_until(ray_endpoints, 30, what="the node's metrics export port")[0]
 
 
 @pytest.fixture
