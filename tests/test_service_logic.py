@@ -110,9 +110,10 @@ def train_spec(tmp_path, name, *, lo=1, hi=1, priority="normal", retries=0, team
 
 
 @pytest.fixture
-def world(tmp_path):
+def world(tmp_path, store_url):
+    """A scheduler's world on each store backend (SQLite, PostgreSQL): clock, store, fake Ray."""
     clock = Clock()
-    store = JobStore(str(tmp_path / "jobs.db"), clock=clock)
+    store = JobStore(store_url, clock=clock)
     ray = FakeRay()
     config = SchedulerConfig(policy=PolicyConfig(min_run_before_preempt_s=0),
                              spec_dir=str(tmp_path / "specs"), retry_backoff_s=10,

@@ -1,14 +1,19 @@
-"""The durable job store: real SQLite files, legal transitions only, nothing lost across restarts."""
+"""The durable job store on each backend, a real SQLite file and a real PostgreSQL server (the
+``store_url`` fixture): legal transitions only, nothing lost across restarts, one winner when many
+processes race for the same job or open an empty database at once."""
 
 from __future__ import annotations
 
-import sqlite3
+import sys
 
 import pytest
+import sqlalchemy as sa
 
+from conftest import free_port
+from store_racers import CHAIN, RACERS, move_every_job, open_store, race
 from orchestrator import spec as specmod
 from orchestrator.store import (LEGAL, SCHEMA_VERSION, STATES, IllegalTransition, JobStore,
-                                StoreUnavailable, UnknownJob)
+                                StoreUnavailable, UnknownJob, normalize_url)
 
 TRAIN = {
     "kind": "train", "name": "mlp", "scheduling": {"team": "research", "priority": "high", "max_retries": 2},
@@ -25,8 +30,10 @@ PIPELINE = {
 
 
 @pytest.fixture
-def store(tmp_path):
-    return JobStore(str(tmp_path / "jobs.db"))
+def store(store_url):
+    s = JobStore(store_url)
+    yield s
+    s.close()
 
 
 def spec(data=TRAIN):
@@ -103,8 +110,8 @@ def test_expected_state_guards_against_a_second_scheduler(store):
         store.transition(jid, "admitted", "second scheduler", expect="queued")
 
 
-def test_a_restarted_scheduler_sees_every_job_exactly_once(tmp_path):
-    path = str(tmp_path / "jobs.db")
+def test_a_restarted_scheduler_sees_every_job_exactly_once(store_url):
+    path = store_url
     first = JobStore(path)
     ids = [first.submit(spec()) for _ in range(5)]
     first.transition(ids[0], "admitted", "a")
@@ -117,8 +124,10 @@ def test_a_restarted_scheduler_sees_every_job_exactly_once(tmp_path):
     assert [j.id for j in second.list(["queued"])] == ids[2:]
 
 
-def test_two_open_stores_on_one_file_see_each_other(tmp_path):
-    a, b = JobStore(str(tmp_path / "j.db")), JobStore(f"sqlite:///{tmp_path}/j.db")
+def test_two_open_stores_on_one_database_see_each_other(store_url):
+    # the URL as given, and its normal form (sqlite:///<abs path>; postgresql+psycopg://)
+    a, b = JobStore(store_url), JobStore(normalize_url(store_url))
+    assert a.url == b.url != store_url
     jid = a.submit(spec())
     b.transition(jid, "admitted", "by b")
     assert a.get(jid).state == "admitted"
@@ -134,14 +143,14 @@ def test_pipeline_stores_one_job_per_stage_with_its_dependencies(store):
     assert {s.state for s in store.list(parent_id=pid)} == {"cancelled"}
 
 
-def test_schema_version_is_recorded_and_a_newer_one_refused(tmp_path):
-    path = tmp_path / "jobs.db"
-    JobStore(str(path)).close()
-    with sqlite3.connect(path) as c:
-        assert c.execute("select version from schema_version").fetchall() == [(SCHEMA_VERSION,)]
-        c.execute("update schema_version set version = ?", (SCHEMA_VERSION + 1,))
+def test_schema_version_is_recorded_and_a_newer_one_refused(store_url):
+    engine = sa.create_engine(JobStore(store_url).url)
+    with engine.begin() as c:
+        assert c.exec_driver_sql("select version from schema_version").all() == [(SCHEMA_VERSION,)]
+        c.exec_driver_sql(f"update schema_version set version = {SCHEMA_VERSION + 1}")
+    engine.dispose()
     with pytest.raises(StoreUnavailable, match="newer"):
-        JobStore(str(path))
+        JobStore(store_url)
 
 
 @pytest.mark.parametrize("url, why", [("foo://x", "not a usable database URL"),
@@ -150,6 +159,25 @@ def test_a_store_url_that_cannot_be_opened_is_a_clear_error(url, why):
     with pytest.raises(StoreUnavailable, match=why) as e:
         JobStore(url)
     assert url in str(e.value)
+
+
+def test_plain_postgresql_urls_use_psycopg_3():
+    assert normalize_url("postgresql://u:p@db:5432/jobs") == "postgresql+psycopg://u:p@db:5432/jobs"
+    assert normalize_url("postgres://db/jobs") == "postgresql+psycopg://db/jobs"
+    assert normalize_url("postgresql+psycopg2://db/jobs") == "postgresql+psycopg2://db/jobs"  # as asked
+
+
+def test_a_postgresql_server_that_is_not_there_is_named(postgres_server):
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/jobs"
+    with pytest.raises(StoreUnavailable, match="cannot open job store 'postgresql://postgres@127") as e:
+        JobStore(url)
+    assert url in str(e.value)
+
+
+def test_without_the_driver_a_postgresql_url_names_the_extra_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # `import psycopg` fails as if not installed
+    with pytest.raises(StoreUnavailable, match=r"driver is not installed.*psycopg.*\[postgres\]"):
+        JobStore("postgresql://u@127.0.0.1/jobs")
 
 
 def test_an_unwritable_store_path_names_the_path(tmp_path):
@@ -237,3 +265,37 @@ def test_a_store_made_by_the_previous_schema_opens_and_gains_the_wait_columns(tm
         assert [r[1] for r in c.execute("PRAGMA table_info(jobs)")][-3:] == [
             "wait_reason", "wait_detail", "wait_since"]
         assert c.execute("select version from schema_version").fetchall() == [(SCHEMA_VERSION,)]
+
+
+# ---------------------------------------------------------------------------------------------
+# many processes at once (tests/store_racers.py)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_many_processes_racing_on_the_same_jobs_each_move_happens_exactly_once(store_url):
+    store = JobStore(store_url)
+    ids = [store.submit(spec()) for _ in range(4)]
+    won = race(move_every_job, store_url, ids)
+    assert not [w for w in won if isinstance(w, str)], won
+    winners = {}  # (job, state) -> racers that moved the job there
+    for me, steps in enumerate(won):
+        for step in steps:
+            winners.setdefault(step, []).append(me)
+    assert {step: len(w) for step, w in winners.items()} == {(j, to): 1 for j in ids for _, to in CHAIN}
+    for jid in ids:
+        job = store.get(jid, history=True)
+        assert [(t.from_state, t.to_state) for t in job.history] == [(None, "queued"), *CHAIN]
+        # no lost update: each recorded move is its winner's, with the fields it wrote
+        assert [t.reason for t in job.history[1:]] == [f"racer {winners[jid, to][0]}" for _, to in CHAIN]
+        assert job.state == "succeeded" and job.ray_submission_id == f"racer-{winners[jid, 'succeeded'][0]}"
+
+
+@pytest.mark.slow
+def test_many_processes_opening_an_empty_database_at_once_all_succeed_with_one_schema(store_url):
+    assert race(open_store, store_url) == ["ok"] * RACERS
+    engine = sa.create_engine(normalize_url(store_url))
+    try:
+        assert set(sa.inspect(engine).get_table_names()) == {"jobs", "transitions", "schema_version"}
+        with engine.connect() as c:
+            assert c.exec_driver_sql("select version from schema_version").all() == [(SCHEMA_VERSION,)]
+    finally:
+        engine.dispose()
