@@ -384,7 +384,7 @@ def test_a_quota_held_job_shows_why_in_queue_and_status_until_it_is_admitted(wor
     assert (job.state, job.wait_reason, job.wait_detail, job.wait_since) == ("queued", "quota", detail, clock.t)
     assert s.metrics.waiting[-1] == {"quota": 1, "gang_does_not_fit": 0, "autoscaler": 0,
                                      "behind_reserved_head": 0, "backoff": 0, "never_fits": 0}
-    db = str(tmp_path / "jobs.db")
+    db = store.url
     assert cli(["queue", "--store", db]) == 0
     out = capsys.readouterr().out.splitlines()
     assert "WAITING-FOR" in out[0].split()

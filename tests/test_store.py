@@ -4,6 +4,7 @@ processes race for the same job or open an empty database at once."""
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 
 import pytest
