@@ -96,6 +96,8 @@ SCHEDULER = (
     _m("orchestrator_preemptions", "counter", "jobs preempted, by priority class", ("priority",)),
     _m("orchestrator_wait_seconds", "histogram", "queue wait before admission", ("priority",),
        (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)),
+    _m("orchestrator_scheduler_active", "gauge", "1 for the scheduler process holding the store's "
+       "lease, 0 for a standby", ("scheduler",)),
     _m("orchestrator_jobs_waiting", "gauge", "queued jobs not admitted this tick, by why they wait "
        "(orchestrator.policy.WAIT_CODES; never_fits: rejected this tick)", ("reason",)),
 )

@@ -294,6 +294,9 @@ class RayMetrics:
         for reason, n in by_reason.items():
             self.rec.set("orchestrator_jobs_waiting", n, reason=reason)
 
+    def on_leader(self, holder: str, active: bool) -> None:
+        self.rec.set("orchestrator_scheduler_active", 1.0 if active else 0.0, scheduler=holder)
+
 
 def connection_help(address: str | None) -> str:
     """One line on how to point the CLI at a cluster, for error messages."""

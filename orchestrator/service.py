@@ -32,9 +32,11 @@ import json
 import logging
 import os
 import shlex
+import socket
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -47,9 +49,11 @@ from orchestrator.outcome import retryable
 from orchestrator.policy import (WAIT_CODES, Admit, ClusterState, Grow, JobView, Node, PolicyConfig,
                                  Preempt, Quota, Reject, Requeue, RequestResources, Shrink, Wait,
                                  decide_with_reasons)
-from orchestrator.store import WAITING, IllegalTransition, JobRecord, JobStore, UnknownJob
+from orchestrator.store import (WAITING, Deposed, IllegalTransition, JobRecord, JobStore, Lease,
+                                UnknownJob)
 
 log = logging.getLogger("orchestrator.scheduler")
+LEASE = "scheduler"  # the store's lease row every scheduler process of one store competes for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNFINISHED = ("queued", "admitted", "running", "preempted")
@@ -63,6 +67,7 @@ class Metrics(Protocol):
     def on_admit(self, priority: str, wait_s: float) -> None: ...
     def on_preempt(self, priority: str) -> None: ...
     def on_waiting(self, by_reason: dict[str, int]) -> None: ...
+    def on_leader(self, holder: str, active: bool) -> None: ...
 
 
 @dataclass
@@ -87,6 +92,10 @@ class SchedulerConfig:
     # their graceful_shutdown_timeout_s (20 s) first.
     serve_stop_grace_s: float = 30.0
     tick_s: float = 2.0
+    # High availability: schedulers sharing one store elect one active by a lease in the store
+    # (renewed every tick); a standby takes over once it expires (within two lease periods).
+    lease_ttl_s: float = 15.0
+    scheduler_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
 
     def __post_init__(self):
         for name in ("retry_backoff_s", "max_backoff_s", "checkpoint_timeout_s",
@@ -95,6 +104,9 @@ class SchedulerConfig:
                 raise ValueError(f"SchedulerConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.tick_s <= 0:
             raise ValueError(f"SchedulerConfig.tick_s must be > 0, got {self.tick_s}")
+        if self.lease_ttl_s < 2 * self.tick_s:
+            raise ValueError(f"SchedulerConfig.lease_ttl_s must be at least twice tick_s "
+                             f"({2 * self.tick_s}s), got {self.lease_ttl_s}: the lease is renewed every tick")
         if "{spec}" not in self.entrypoint:
             raise ValueError(f"SchedulerConfig.entrypoint must contain {{spec}}: {self.entrypoint!r}")
         self.spec_dir = storage.resolve(self.spec_dir)
@@ -122,19 +134,64 @@ class Scheduler:
         self._requested: list[dict[str, float]] | None = None
         self._events: list[str] = []
         self._serve_checked: set[str] = set()  # ended Ray jobs the Serve safety net has checked
+        self.lease: Lease | None = None  # held while this process is the active scheduler
+        self._standby_said: tuple | None = None
 
     # -------------------------------------------------------------------------------- loop
     def run(self, stop: threading.Event | None = None) -> None:
-        """Tick every ``tick_s`` until ``stop`` is set. A tick that cannot reach Ray or the
-        store is logged and retried; nothing is decided on a partial view."""
+        """Tick every ``tick_s`` until ``stop`` is set, while this process holds the store's
+        scheduler lease (:meth:`lead`); standing by otherwise. A tick that cannot reach Ray or the
+        store is logged and retried; nothing is decided on a partial view. On the way out the
+        lease is released, so a standby takes over at its next tick."""
         stop = stop or threading.Event()
-        while True:
-            try:
-                self.tick()
-            except Exception as e:  # noqa: BLE001 - the service outlives Ray/store outages
-                log.warning("scheduler tick failed, retrying in %.1fs: %s", self.config.tick_s, e)
-            if stop.wait(self.config.tick_s):
-                return
+        try:
+            while True:
+                try:
+                    if self.lead():
+                        self.tick()
+                except Deposed as e:
+                    log.warning("%s: standing by", e)
+                    self._step_down()
+                except Exception as e:  # noqa: BLE001 - the service outlives Ray/store outages
+                    log.warning("scheduler tick failed, retrying in %.1fs: %s", self.config.tick_s, e)
+                if stop.wait(self.config.tick_s):
+                    return
+        finally:
+            if self.lease is not None:
+                try:
+                    self.store.release_lease(self.lease)
+                except Exception as e:  # noqa: BLE001 - the lease then expires on its own
+                    log.warning("could not release the scheduler lease: %s", e)
+
+    def lead(self) -> bool:
+        """Take or renew the store's scheduler lease. True: this process is the active scheduler
+        and every store write it makes is fenced by the lease's epoch; False: another holds it."""
+        lease = self.store.acquire_lease(LEASE, self.config.scheduler_id, self.config.lease_ttl_s)
+        if lease is None:
+            held = self.store.lease(LEASE)
+            said = (held.holder, held.epoch) if held else None
+            if self.lease is not None or said != self._standby_said:
+                log.warning("standing by: the active scheduler is %s (epoch %s)",
+                            *(said or ("unknown", "-")))
+                self._standby_said = said
+            self._step_down()
+            return False
+        if self.lease is None or lease.epoch != self.lease.epoch:
+            log.warning("active scheduler %s (lease epoch %d, %.0fs lease renewed every tick)",
+                        lease.holder, lease.epoch, self.config.lease_ttl_s)
+            self._standby_said = None
+            self._requested = None  # a previous leader's autoscaler request is not ours to clear
+        self.lease = lease
+        self.store.fence(lease)
+        if self.metrics is not None:
+            self.metrics.on_leader(lease.holder, True)
+        return True
+
+    def _step_down(self) -> None:
+        self.lease = None
+        self.store.fence(None)
+        if self.metrics is not None:
+            self.metrics.on_leader(self.config.scheduler_id, False)
 
     def tick(self) -> list[str]:
         """One scheduling cycle. Returns what it did, one line per action."""

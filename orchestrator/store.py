@@ -2,8 +2,9 @@
 
 A SQLite file by default; any SQLAlchemy URL for a shared cluster: ``postgresql://...`` uses psycopg 3
 (the ``postgres`` extra).
-Three tables: ``jobs`` (one row per job, the resolved spec and what the scheduler knows of it),
-``transitions`` (every state change with its reason) and ``schema_version``.
+Tables: ``jobs`` (one row per job, the resolved spec and what the scheduler knows of it),
+``transitions`` (every state change with its reason), ``leases`` (which scheduler process is
+active, with an epoch that fences a deposed one's writes) and ``schema_version``.
 
 State changes go through :meth:`JobStore.transition`, which enforces :data:`LEGAL` and is a
 compare-and-set on the current state, so two scheduler processes can never both move a job.
@@ -72,6 +73,24 @@ class StoreUnavailable(StoreError):
         super().__init__(f"cannot open job store {url!r}: {reason}")
 
 
+class Deposed(StoreError):
+    """A fenced write by a process that no longer holds its lease (another took over): refused,
+    nothing written."""
+
+    def __init__(self, name: str, holder: str, epoch: int, now_holder: str | None, now_epoch: int | None):
+        self.name, self.holder, self.epoch = name, holder, epoch
+        super().__init__(f"lease {name!r}: {holder} (epoch {epoch}) was deposed by {now_holder} "
+                         f"(epoch {now_epoch}); its write was refused")
+
+
+@dataclass(frozen=True)
+class Lease:
+    name: str
+    holder: str
+    epoch: int
+    expires: float
+
+
 metadata = sa.MetaData()
 jobs_t = sa.Table(
     "jobs", metadata,
@@ -119,6 +138,13 @@ transitions_t = sa.Table(
     sa.Column("at", sa.Float, nullable=False),
 )
 schema_t = sa.Table("schema_version", metadata, sa.Column("version", sa.Integer, nullable=False))
+leases_t = sa.Table(
+    "leases", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("holder", sa.String(200), nullable=False),
+    sa.Column("epoch", sa.Integer, nullable=False),
+    sa.Column("expires", sa.Float, nullable=False),
+)
 
 # Columns a caller may set alongside a transition (or with :meth:`JobStore.update`).
 MUTABLE = frozenset({"workers", "placement", "ray_submission_id", "checkpoint_url", "checkpoint_step",
@@ -255,6 +281,7 @@ class JobStore:
     def __init__(self, url: str = DEFAULT_URL, *, clock=time.time):
         self.url = normalize_url(url)
         self.clock = clock
+        self._fence: tuple[str, str, int] | None = None  # (lease, holder, epoch) every write checks
         try:
             if self.url.startswith("sqlite:///") and self.url != "sqlite:///:memory:":
                 path = Path(self.url[len("sqlite:///"):])
@@ -273,6 +300,7 @@ class JobStore:
                 if v is not None and v > SCHEMA_VERSION:
                     raise StoreUnavailable(url, f"schema version {v} is newer than this orchestrator "
                                                 f"understands ({SCHEMA_VERSION}); upgrade it")
+            _add_tables(self.engine)
             _add_columns(self.engine)
         except StoreUnavailable:
             raise
@@ -403,6 +431,51 @@ class JobStore:
                 self.transition(child.id, "cancelled", f"pipeline {job_id} cancelled")
         return self.transition(job_id, "cancelled", reason)
 
+    # leases -------------------------------------------------------------------------------------
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> Lease | None:
+        """Hold lease ``name`` for ``ttl_s`` more seconds: renew it if ``holder`` holds it, take it
+        over (epoch + 1) if it is free or expired, else None (someone else holds it). The row is
+        locked while deciding, so two processes never both get one epoch. Expiry is judged by this
+        process's clock: the hosts' clocks must agree to well within ``ttl_s`` for a timely
+        takeover; safety does not depend on them (the epoch fences every write)."""
+        now = self.clock()
+        with self._begin(fenced=False, exclusive=True) as c:
+            row = c.execute(sa.select(leases_t).where(leases_t.c.name == name)
+                            .with_for_update()).mappings().first()
+            if row is None:
+                try:
+                    with c.begin_nested():
+                        c.execute(leases_t.insert().values(name=name, holder=holder, epoch=1,
+                                                           expires=now + ttl_s))
+                except SQLAlchemyError:  # another process inserted it first: it holds it
+                    return None
+                return Lease(name, holder, 1, now + ttl_s)
+            if row["holder"] == holder and row["expires"] >= now:
+                epoch = row["epoch"]
+            elif row["expires"] < now:
+                epoch = row["epoch"] + 1
+            else:
+                return None
+            c.execute(leases_t.update().where(leases_t.c.name == name)
+                      .values(holder=holder, epoch=epoch, expires=now + ttl_s))
+            return Lease(name, holder, epoch, now + ttl_s)
+
+    def release_lease(self, lease: Lease) -> None:
+        """Give ``lease`` up now (a standby may take it at its next try), if still held."""
+        with self._begin(fenced=False) as c:
+            c.execute(leases_t.update().where(leases_t.c.name == lease.name, leases_t.c.holder == lease.holder,
+                                              leases_t.c.epoch == lease.epoch).values(expires=0.0))
+
+    def lease(self, name: str) -> Lease | None:
+        with self._connect() as c:
+            row = c.execute(sa.select(leases_t).where(leases_t.c.name == name)).mappings().first()
+        return None if row is None else Lease(row["name"], row["holder"], row["epoch"], row["expires"])
+
+    def fence(self, lease: Lease | None) -> None:
+        """From now on every write of this store object first checks, in its own transaction, that
+        ``lease`` is still held with its epoch (:class:`Deposed` otherwise); None stops checking."""
+        self._fence = None if lease is None else (lease.name, lease.holder, lease.epoch)
+
     # reads --------------------------------------------------------------------------------------
     def get(self, job_id: str, *, history: bool = False) -> JobRecord:
         with self._connect() as c:
@@ -444,9 +517,21 @@ class JobStore:
 
     # plumbing -----------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _begin(self):
+    def _begin(self, fenced: bool = True, exclusive: bool = False):
+        """A write transaction. Fenced (:meth:`fence`): the lease row is read first, shared-locked
+        until commit (PostgreSQL) or under SQLite's write lock taken up front, so a takeover
+        cannot commit between the check and this transaction's writes."""
+        fence = self._fence if fenced else None
         try:
             with self.engine.begin() as c:
+                if (fence or exclusive) and c.dialect.name == "sqlite":
+                    c.exec_driver_sql("BEGIN IMMEDIATE")
+                if fence:
+                    name, holder, epoch = fence
+                    row = c.execute(sa.select(leases_t.c.holder, leases_t.c.epoch)
+                                    .where(leases_t.c.name == name).with_for_update(read=True)).first()
+                    if row is None or (row[0], row[1]) != (holder, epoch):
+                        raise Deposed(name, holder, epoch, *(row or (None, None)))
                 yield c
         except OperationalError as e:
             raise StoreUnavailable(self.url, _short(e)) from None
@@ -458,6 +543,16 @@ class JobStore:
                 yield c
         except OperationalError as e:
             raise StoreUnavailable(self.url, _short(e)) from None
+
+
+def _add_tables(engine) -> None:
+    """Create the tables a store made by an older orchestrator lacks (``leases``), once however
+    many processes open it at the same time."""
+    missing = [t for t in metadata.sorted_tables if not sa.inspect(engine).has_table(t.name)]
+    if missing:
+        with engine.begin() as c:
+            _lock_schema(c)
+            metadata.create_all(c, tables=missing, checkfirst=True)
 
 
 def _add_columns(engine) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 import subprocess
 import sys
 import urllib.error
@@ -380,11 +381,11 @@ def test_cancelling_a_serve_job_in_the_scheduler_frees_its_replicas(adapter, ser
 # ---------------------------------------------------------------------------------------------
 # durability: kill the scheduler mid-flight
 # ---------------------------------------------------------------------------------------------
-def _scheduler_proc(env, head):
+def _scheduler_proc(env, head, *extra: str):
     return subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "scheduler", "--store", env.store.url,
          "--address", head.gcs, "--tick", "0.3", "--entrypoint", FAKE, "--workdir", ROOT,
-         "--spec-dir", env.config.spec_dir, "--retry-backoff", "1"],
+         "--spec-dir", env.config.spec_dir, "--retry-backoff", "1", *extra],
         cwd=ROOT, stdout=open(env.tmp / "sched.log", "a"), stderr=subprocess.STDOUT)
 
 
@@ -410,6 +411,45 @@ def test_killing_the_scheduler_mid_flight_loses_and_duplicates_no_job(env, head,
     assert sorted(starts) == [f"job-{i}" for i in range(4)]  # each ran exactly once
     ray_ids = [sid for sid in env.adapter.list_jobs() if any(sid.startswith(f"orch-{j}-") for j in ids)]
     assert sorted(ray_ids) == sorted(f"orch-{j}-a0" for j in ids)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_standby_scheduler_takes_over_from_a_killed_active_one_within_two_lease_periods(env, head, tmp_path):
+    """Two schedulers on one PostgreSQL store: one active by the store's lease, one standing by.
+    SIGKILL the active one while jobs run and queue: the standby takes over within two lease
+    periods, and no job is lost, run twice or restarted."""
+    ttl = 2.0
+    go = tmp_path / "go"
+    ids = [env.submit(f"ha-{i}", wait_for=str(go)) for i in range(4)]  # 2 fit at a time
+    procs = {n: _scheduler_proc(env, head, "--id", n, "--lease-ttl", str(ttl)) for n in ("A", "B")}
+    try:
+        wait_until(lambda: sum(env.state(j) == "running" for j in ids) == 2, 90, 0.2,
+                   "two jobs running under the active scheduler")
+        first = env.store.lease("scheduler")
+        assert first.holder in procs and all(p.poll() is None for p in procs.values())  # the other stands by
+        procs[first.holder].send_signal(signal.SIGKILL)
+        procs[first.holder].wait(10)
+        killed = time.monotonic()
+        after = wait_until(lambda: (lambda le: le if le.holder != first.holder else None)(
+            env.store.lease("scheduler")), 4 * ttl + 10, 0.1, "the standby to take the lease")
+        took = time.monotonic() - killed
+        assert after.epoch == first.epoch + 1 and took <= 2 * ttl + 1.0, took
+        go.write_text("")   # the running jobs finish; the queued two run under the new scheduler
+        wait_until(lambda: all(env.state(j) == "succeeded" for j in ids), 120, 0.3,
+                   "every job to succeed under the new active scheduler")
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.terminate()
+                p.wait(20)
+    starts = [ln[0] for ln in env.lines() if ln[2] == "start"]
+    assert sorted(starts) == [f"ha-{i}" for i in range(4)]   # each ran exactly once
+    assert [env.store.get(j).attempts for j in ids] == [0] * 4   # none restarted
+    ray_ids = [sid for sid in env.adapter.list_jobs() if any(sid.startswith(f"orch-{j}-") for j in ids)]
+    assert sorted(ray_ids) == sorted(f"orch-{j}-a0" for j in ids)
+    log = (tmp_path / "sched.log").read_text()
+    assert "standing by: the active scheduler is" in log and f"active scheduler {after.holder}" in log
 
 
 # ---------------------------------------------------------------------------------------------

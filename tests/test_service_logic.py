@@ -367,6 +367,9 @@ class Recorder:
     def on_waiting(self, by_reason):
         self.waiting.append(dict(by_reason))
 
+    def on_leader(self, holder, active):
+        pass
+
 
 def test_a_quota_held_job_shows_why_in_queue_and_status_until_it_is_admitted(world, tmp_path, capsys):
     clock, store, ray, scheduler = world

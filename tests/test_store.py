@@ -300,3 +300,46 @@ def test_many_processes_opening_an_empty_database_at_once_all_succeed_with_one_s
             assert c.exec_driver_sql("select version from schema_version").all() == [(SCHEMA_VERSION,)]
     finally:
         engine.dispose()
+
+
+# ---------------------------------------------------------------------------------------------
+# leases: one active scheduler, and a deposed one's writes refused
+# ---------------------------------------------------------------------------------------------
+def test_a_lease_is_renewed_by_its_holder_and_taken_over_only_once_expired(store_url):
+    t = [1000.0]
+    a, b = JobStore(store_url, clock=lambda: t[0]), JobStore(store_url, clock=lambda: t[0])
+    la = a.acquire_lease("scheduler", "A", ttl_s=10)
+    assert (la.holder, la.epoch, la.expires) == ("A", 1, 1010.0)
+    assert b.acquire_lease("scheduler", "B", ttl_s=10) is None          # held: B stands by
+    t[0] = 1008.0
+    assert a.acquire_lease("scheduler", "A", ttl_s=10).epoch == 1        # renewed, same epoch
+    t[0] = 1017.0
+    assert b.acquire_lease("scheduler", "B", ttl_s=10) is None          # renewed at 1008: held to 1018
+    t[0] = 1018.5
+    lb = b.acquire_lease("scheduler", "B", ttl_s=10)
+    assert (lb.holder, lb.epoch) == ("B", 2)                             # expired: taken over
+    assert a.acquire_lease("scheduler", "A", ttl_s=10) is None          # A comes back: B holds it
+    b.release_lease(lb)
+    assert a.acquire_lease("scheduler", "A", ttl_s=10).epoch == 3        # released: free at once
+    assert a.lease("scheduler").holder == "A" and b.lease("other") is None
+
+
+def test_a_deposed_schedulers_writes_are_refused_and_change_nothing(store_url):
+    from orchestrator.store import Deposed
+    t = [1000.0]
+    a, b = JobStore(store_url, clock=lambda: t[0]), JobStore(store_url, clock=lambda: t[0])
+    jid = a.submit(spec())
+    a.fence(a.acquire_lease("scheduler", "A", ttl_s=5))
+    a.transition(jid, "admitted", "fits")                               # the leader writes
+    t[0] = 1010.0                                                        # A stalls past its lease
+    b.fence(b.acquire_lease("scheduler", "B", ttl_s=5))
+    for write in (lambda: a.transition(jid, "running", "started"),
+                  lambda: a.update(jid, workers=3),
+                  lambda: a.set_waits({jid: ("quota", "x")}),
+                  lambda: a.submit(spec())):
+        with pytest.raises(Deposed, match="A \\(epoch 1\\) was deposed by B \\(epoch 2\\)"):
+            write()
+    job = b.get(jid, history=True)
+    assert job.state == "admitted" and job.workers == 0 and len(b.list()) == 1
+    b.transition(jid, "running", "started")                              # the new leader writes
+    assert b.get(jid).state == "running"

@@ -63,6 +63,12 @@ def register(sub) -> None:
                                          "preempt (Ctrl-C or SIGTERM stops it; jobs keep running)")
     p.add_argument("--once", action="store_true", help="run a single scheduling tick and exit")
     p.add_argument("--tick", type=float, default=2.0, metavar="S", help="seconds between ticks")
+    p.add_argument("--lease-ttl", type=float, default=15.0, metavar="S",
+                   help="high availability: schedulers on one store elect one active by a lease in "
+                        "the store, renewed every tick; a standby takes over once it has not been "
+                        "renewed for S seconds (default 15; at least twice --tick)")
+    p.add_argument("--id", default=None, metavar="NAME",
+                   help="this scheduler's name in the lease (default: host:pid:random)")
     p.add_argument("--quota", action="append", default=[], metavar="TEAM=CPUS[:GPUS]",
                    help="the most a team may hold at once (repeatable)")
     p.add_argument("--autoscale-node", action="append", default=[], metavar="CPUS[:GPUS]",
@@ -297,7 +303,8 @@ def cmd_scheduler(args) -> int:
             entrypoint=args.entrypoint, workdir=os.path.abspath(args.workdir),
             working_dir=args.working_dir, spec_dir=args.spec_dir, retry_backoff_s=args.retry_backoff,
             checkpoint_timeout_s=args.checkpoint_timeout, admission_timeout_s=args.admission_timeout,
-            tick_s=args.tick)
+            tick_s=args.tick, lease_ttl_s=args.lease_ttl,
+            **({"scheduler_id": args.id} if args.id else {}))
     except ValueError as e:
         return _fail(str(e), 2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -313,7 +320,13 @@ def cmd_scheduler(args) -> int:
     sched = Scheduler(store, ray, config, metrics=RayMetrics())
     if args.once:
         try:
-            sched.tick()
+            if not sched.lead():
+                held = store.lease("scheduler")
+                return _fail(f"another scheduler is active on this store: {held.holder if held else '?'}")
+            try:
+                sched.tick()
+            finally:
+                store.release_lease(sched.lease)
         except (RayUnavailable, storemod.StoreError) as e:
             return _fail(str(e))
         return 0
