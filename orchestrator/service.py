@@ -11,8 +11,9 @@ One :meth:`Scheduler.tick`, top to bottom:
    superseded attempts) are stopped and stray placement groups removed. A serve job stopped or
    failed leaves no Serve application behind: ``jobs.serve`` deletes its own on SIGTERM (given
    ``serve_stop_grace_s`` before Ray's SIGKILL), and the scheduler deletes one that is left.
-3. **Decide** (:func:`orchestrator.policy.decide_with_reasons`, pure; a pipeline stage is only
-   offered once its upstream stages succeeded, a failed job once its retry backoff has passed)
+3. **Decide** (:func:`orchestrator.policy.decide_with_reasons`, pure, with the teams' quotas as
+   the store has them now; a pipeline stage is only offered once its upstream stages succeeded,
+   a failed job once its retry backoff has passed)
    and **apply** the decisions: admit, requeue, reject, preempt, shrink/grow (train jobs: a worker
    cap Ray Train's elastic policy honours), and ``request_resources`` for blocked gangs. Why each
    job not admitted waits (the policy's :class:`~orchestrator.policy.Wait`, or ``backoff``) is
@@ -74,7 +75,7 @@ class Metrics(Protocol):
 class SchedulerConfig:
     """Every knob of the service, in one place (the policy's are in ``policy``)."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
-    quotas: dict[str, Quota] = field(default_factory=dict)
+    quotas: dict[str, Quota] = field(default_factory=dict)  # defaults; the store's quotas win
     autoscale_shapes: tuple[tuple[float, float], ...] = ()  # (cpus, gpus) node types it may add
     python: str = sys.executable          # the cluster's Python (its jobs run ``python -m jobs.X``)
     entrypoint: str = "{python} -m jobs.{kind} {spec}"
@@ -213,7 +214,7 @@ class Scheduler:
         active = self.store.list(UNFINISHED)
         queue, running, backoff = self._views(active, ray_jobs, now)
         cluster = ClusterState.of(_free(nodes, running), self.config.autoscale_shapes)
-        decisions, waits = decide_with_reasons(queue, running, cluster, self.config.quotas, now,
+        decisions, waits = decide_with_reasons(queue, running, cluster, self.quotas(), now,
                                                self.config.policy)
         waits += backoff
         asked = False
@@ -233,6 +234,11 @@ class Scheduler:
         if self.metrics is not None:
             self._report(self.store.list(UNFINISHED), waits)
         return self._events
+
+    def quotas(self) -> dict[str, Quota]:
+        """The teams' quotas this tick: the store's (``orchestrator quota set``, read every tick,
+        so a change needs no restart), over ``SchedulerConfig.quotas`` for teams it has none of."""
+        return {**self.config.quotas, **self.store.quotas()}
 
     def _event(self, line: str) -> None:
         self._events.append(line)

@@ -3,8 +3,10 @@
 A SQLite file by default; any SQLAlchemy URL for a shared cluster: ``postgresql://...`` uses psycopg 3
 (the ``postgres`` extra).
 Tables: ``jobs`` (one row per job, the resolved spec and what the scheduler knows of it),
-``transitions`` (every state change with its reason), ``leases`` (which scheduler process is
-active, with an epoch that fences a deposed one's writes) and ``schema_version``.
+``transitions`` (every state change with its reason), ``quotas`` (one row per team: its cohort,
+guaranteed and maximum CPUs and GPUs; read by the scheduler every tick), ``leases`` (which
+scheduler process is active, with an epoch that fences a deposed one's writes) and
+``schema_version``.
 
 State changes go through :meth:`JobStore.transition`, which enforces :data:`LEGAL` and is a
 compare-and-set on the current state, so two scheduler processes can never both move a job.
@@ -27,7 +29,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, S
 
 from orchestrator import spec as specmod
 from orchestrator.batch import BatchPlan
-from orchestrator.policy import JobView
+from orchestrator.policy import JobView, Quota
 
 SCHEMA_VERSION = 1
 STATES = ("queued", "admitted", "running", "preempted", "succeeded", "failed", "cancelled")
@@ -65,6 +67,23 @@ class IllegalTransition(StoreError):
         allowed = ", ".join(sorted(LEGAL.get(current, ()))) or "nothing (it is finished)"
         super().__init__(why or f"job {job_id!r} is {current}; it cannot become {new} "
                                 f"(from {current} it may become: {allowed})")
+
+
+class UnknownQuota(StoreError, KeyError):
+    def __init__(self, team: str):
+        self.team = team
+        super().__init__(f"team {team!r} has no quota")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class InvalidQuota(StoreError, ValueError):
+    """A quota value the store refuses; ``field`` names it. Nothing is written."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
 
 
 class StoreUnavailable(StoreError):
@@ -145,12 +164,72 @@ leases_t = sa.Table(
     sa.Column("epoch", sa.Integer, nullable=False),
     sa.Column("expires", sa.Float, nullable=False),
 )
+# Added after schema 1 (``_add_tables`` creates it in an older store: additive, no version bump).
+quotas_t = sa.Table(
+    "quotas", metadata,
+    sa.Column("team", sa.String(64), primary_key=True),
+    sa.Column("cohort", sa.String(64)),                     # NULL: borrows and lends nothing
+    sa.Column("guaranteed_cpus", sa.Float, nullable=False, default=0.0),
+    sa.Column("guaranteed_gpus", sa.Float, nullable=False, default=0.0),
+    sa.Column("max_cpus", sa.Float),                        # NULL: no limit
+    sa.Column("max_gpus", sa.Float),
+    sa.Column("updated_time", sa.Float, nullable=False),
+)
+QUOTA_FIELDS = ("cohort", "guaranteed_cpus", "guaranteed_gpus", "max_cpus", "max_gpus")
 
 # Columns a caller may set alongside a transition (or with :meth:`JobStore.update`).
 MUTABLE = frozenset({"workers", "placement", "ray_submission_id", "checkpoint_url", "checkpoint_step",
                      "checkpoint_time", "attempts", "start_time", "end_time", "reason",
                      "wait_reason", "wait_detail", "wait_since"})
 WAITING = ("queued", "preempted")  # states in which a job may have a wait reason
+
+
+@dataclass(frozen=True)
+class QuotaRecord:
+    """One row of ``quotas``: a team's guaranteed share, its max (None: no limit) and cohort."""
+    team: str
+    cohort: str | None
+    guaranteed_cpus: float
+    guaranteed_gpus: float
+    max_cpus: float | None
+    max_gpus: float | None
+    updated_time: float
+
+    def quota(self) -> Quota:
+        """What the policy sees of it."""
+        return Quota(cpus=self.max_cpus, gpus=self.max_gpus, guaranteed_cpus=self.guaranteed_cpus,
+                     guaranteed_gpus=self.guaranteed_gpus, cohort=self.cohort)
+
+
+def check_quota(team: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (every one of :data:`QUOTA_FIELDS`) checked and normalised; raises
+    :class:`InvalidQuota` naming the first bad field."""
+    if not isinstance(team, str) or not team.strip() or len(team) > 64:
+        raise InvalidQuota("team", f"quota team must be a non-empty name of at most 64 characters, "
+                                   f"got {team!r}")
+    out = dict(values)
+    cohort = out["cohort"]
+    if cohort is not None and (not isinstance(cohort, str) or len(cohort) > 64):
+        raise InvalidQuota("cohort", f"quota of {team!r}: cohort must be a name of at most 64 "
+                                     f"characters, got {cohort!r}")
+    out["cohort"] = cohort or None
+    for name in QUOTA_FIELDS[1:]:
+        v = out[name]
+        if v is None and name.startswith("max_"):
+            continue
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise InvalidQuota(name, f"quota of {team!r}: {name} must be a number, got {v!r}") from None
+        if not f >= 0 or f == float("inf") and not name.startswith("max_"):
+            raise InvalidQuota(name, f"quota of {team!r}: {name} must be a finite number >= 0, got {v!r}")
+        out[name] = None if f == float("inf") else f
+    for res in ("cpus", "gpus"):
+        mx, g = out[f"max_{res}"], out[f"guaranteed_{res}"]
+        if mx is not None and mx < g:
+            raise InvalidQuota(f"max_{res}", f"quota of {team!r}: max_{res} ({mx:g}) must be >= "
+                                             f"guaranteed_{res} ({g:g})")
+    return out
 
 
 @dataclass(frozen=True)
@@ -514,6 +593,52 @@ class JobStore:
             q = q.where(jobs_t.c.parent_id.is_(None))
         with self._connect() as c:
             return [_record(r) for r in c.execute(q).mappings()]
+
+    # quotas -------------------------------------------------------------------------------------
+    def set_quota(self, team: str, **fields: Any) -> QuotaRecord:
+        """Create or change a team's quota. ``fields`` (any of :data:`QUOTA_FIELDS`; a max of None
+        or ``inf``: no limit; a cohort of None or "": none) replace the stored values; the rest
+        keep theirs (a new team: nothing guaranteed, no max, no cohort). Raises
+        :class:`InvalidQuota` naming the bad field; then nothing is written."""
+        bad = sorted(set(fields) - set(QUOTA_FIELDS))
+        if bad:
+            raise InvalidQuota(bad[0], f"quota of {team!r}: unknown quota field(s) {bad}; fields: "
+                                       f"{', '.join(QUOTA_FIELDS)}")
+        now = self.clock()
+        with self._begin() as c:
+            row = c.execute(sa.select(quotas_t).where(quotas_t.c.team == team)).mappings().first()
+            base = ({k: row[k] for k in QUOTA_FIELDS} if row is not None else
+                    dict(cohort=None, guaranteed_cpus=0.0, guaranteed_gpus=0.0, max_cpus=None, max_gpus=None))
+            values = check_quota(team, {**base, **fields})
+            if row is None:
+                c.execute(quotas_t.insert().values(team=team, updated_time=now, **values))
+            else:
+                c.execute(quotas_t.update().where(quotas_t.c.team == team)
+                          .values(updated_time=now, **values))
+        return self.get_quota(team)
+
+    def get_quota(self, team: str) -> QuotaRecord:
+        with self._connect() as c:
+            row = c.execute(sa.select(quotas_t).where(quotas_t.c.team == team)).mappings().first()
+        if row is None:
+            raise UnknownQuota(team)
+        return QuotaRecord(**row)
+
+    def list_quotas(self) -> list[QuotaRecord]:
+        """Every team's quota, by team name."""
+        with self._connect() as c:
+            return [QuotaRecord(**r) for r in c.execute(sa.select(quotas_t).order_by(quotas_t.c.team))
+                    .mappings()]
+
+    def delete_quota(self, team: str) -> None:
+        """Remove a team's quota (it then has no guarantee and no max). Raises UnknownQuota."""
+        with self._begin() as c:
+            if c.execute(quotas_t.delete().where(quotas_t.c.team == team)).rowcount != 1:
+                raise UnknownQuota(team)
+
+    def quotas(self) -> dict[str, Quota]:
+        """Team -> :class:`~orchestrator.policy.Quota`: the policy's view, one query."""
+        return {q.team: q.quota() for q in self.list_quotas()}
 
     # plumbing -----------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -38,6 +38,7 @@ COVERED = {
     "ray job submit": "tests/test_service.py::test_ray_job_submit_runs_a_train_spec",
     "orchestrator submit": "tests/test_service.py::test_admitted_jobs_run_as_ray_jobs_that_show_in_ray_job_list",
     "orchestrator queue": "tests/test_cli_jobs.py",
+    "orchestrator quota": "tests/test_cli_quota.py::test_quota_set_list_and_delete",
     "orchestrator status": "tests/test_cli_jobs.py",
     "orchestrator logs": "tests/test_service.py",
     "orchestrator cancel": "tests/test_service.py::test_cancel_stops_the_ray_job_and_cancelling_again_is_an_error",

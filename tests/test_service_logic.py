@@ -413,6 +413,35 @@ def test_a_quota_held_job_shows_why_in_queue_and_status_until_it_is_admitted(wor
     assert s.metrics.waiting[-1]["quota"] == 0
 
 
+def test_the_scheduler_reads_quotas_from_the_store_every_tick_so_quota_set_needs_no_restart(world, tmp_path,
+                                                                                            capsys):
+    clock, store, ray, scheduler = world
+    db = str(tmp_path / "jobs.db")
+    assert cli(["quota", "set", "t", "--cpus", "0:2", "--store", db]) == 0
+    a = store.submit(train_spec(tmp_path, "a", lo=2, hi=2))
+    b = store.submit(train_spec(tmp_path, "b", lo=2, hi=2))
+    s = running(scheduler, ray)
+    assert store.get(a).state == "running"
+    assert (store.get(b).state, store.get(b).wait_reason) == ("queued", "quota")
+    assert "team 't' CPU quota 2/2 in use" in store.get(b).wait_detail
+    assert cli(["quota", "set", "t", "--cpus", "0:4", "--store", db]) == 0  # the same scheduler runs on
+    s.tick()
+    assert store.get(b).state == "admitted" and store.get(b).wait_reason is None
+    # A stored quota wins over the service's configured default for that team; delete it and the
+    # default holds again.
+    s.config.quotas = {"t": Quota(cpus=4)}
+    ray._nodes = [Node("n0", 4.0), Node("n1", 4.0)]
+    c = store.submit(train_spec(tmp_path, "c", lo=1, hi=1))
+    assert cli(["quota", "set", "t", "--cpus", "0:5", "--store", db]) == 0
+    s.tick()
+    assert store.get(c).state == "admitted"
+    d = store.submit(train_spec(tmp_path, "d", lo=1, hi=1))
+    assert cli(["quota", "delete", "t", "--store", db]) == 0
+    s.tick()
+    assert (store.get(d).state, store.get(d).wait_reason) == ("queued", "quota")
+    assert "team 't' CPU quota 5/4 in use" in store.get(d).wait_detail
+
+
 def test_a_failed_job_in_backoff_says_until_when_and_a_rejected_one_why_it_never_fits(world, tmp_path):
     clock, store, ray, scheduler = world
     jid = store.submit(train_spec(tmp_path, "a", retries=2))

@@ -13,8 +13,9 @@ import sqlalchemy as sa
 from conftest import free_port
 from store_racers import CHAIN, RACERS, move_every_job, open_store, race
 from orchestrator import spec as specmod
-from orchestrator.store import (LEGAL, SCHEMA_VERSION, STATES, IllegalTransition, JobStore,
-                                StoreUnavailable, UnknownJob, normalize_url)
+from orchestrator.policy import Quota
+from orchestrator.store import (LEGAL, SCHEMA_VERSION, STATES, IllegalTransition, InvalidQuota, JobStore,
+                                StoreUnavailable, UnknownJob, UnknownQuota, normalize_url)
 
 TRAIN = {
     "kind": "train", "name": "mlp", "scheduling": {"team": "research", "priority": "high", "max_retries": 2},
@@ -343,3 +344,65 @@ def test_a_deposed_schedulers_writes_are_refused_and_change_nothing(store_url):
     assert job.state == "admitted" and job.workers == 0 and len(b.list()) == 1
     b.transition(jid, "running", "started")                              # the new leader writes
     assert b.get(jid).state == "running"
+
+
+# --- quotas ------------------------------------------------------------------------------------
+def test_quotas_are_set_changed_listed_and_deleted(tmp_path):
+    clock = iter(range(100, 200)).__next__
+    store = JobStore(str(tmp_path / "jobs.db"), clock=lambda: float(clock()))
+    q = store.set_quota("vision", guaranteed_cpus=4, max_cpus=16, cohort="ml")
+    assert (q.team, q.cohort, q.guaranteed_cpus, q.max_cpus, q.guaranteed_gpus, q.max_gpus) == \
+        ("vision", "ml", 4.0, 16.0, 0.0, None)                   # GPUs: nothing guaranteed, no max
+    q = store.set_quota("vision", guaranteed_gpus=1, max_gpus=2)  # only what is given changes
+    assert (q.guaranteed_cpus, q.max_cpus, q.cohort, q.guaranteed_gpus, q.max_gpus) == (4.0, 16.0, "ml", 1.0, 2.0)
+    assert q.updated_time > store.get_quota("vision").updated_time - 1
+    store.set_quota("nlp", max_cpus=8)
+    assert store.set_quota("nlp", max_cpus=float("inf"), cohort="").max_cpus is None  # inf: no limit
+    assert [q.team for q in store.list_quotas()] == ["nlp", "vision"]
+    assert store.quotas() == {"nlp": Quota(), "vision": Quota(cpus=16, gpus=2, guaranteed_cpus=4,
+                                                              guaranteed_gpus=1, cohort="ml")}
+    JobStore(str(tmp_path / "jobs.db")).delete_quota("nlp")    # another process, same file
+    assert list(store.quotas()) == ["vision"]
+    with pytest.raises(UnknownQuota, match="team 'nlp' has no quota"):
+        store.get_quota("nlp")
+    with pytest.raises(UnknownQuota):
+        store.delete_quota("nlp")
+
+
+@pytest.mark.parametrize("fields, field, message", [
+    ({"guaranteed_cpus": -1}, "guaranteed_cpus", "guaranteed_cpus must be a finite number >= 0, got -1"),
+    ({"max_gpus": -0.5}, "max_gpus", "max_gpus must be a finite number >= 0"),
+    ({"guaranteed_cpus": float("inf")}, "guaranteed_cpus", "finite"),
+    ({"guaranteed_cpus": float("nan")}, "guaranteed_cpus", "finite"),
+    ({"max_cpus": 2}, "max_cpus", "max_cpus (2) must be >= guaranteed_cpus (4)"),
+    ({"guaranteed_gpus": "two"}, "guaranteed_gpus", "guaranteed_gpus must be a number, got 'two'"),
+    ({"cpus": 4}, "cpus", "unknown quota field(s) ['cpus']; fields: cohort, guaranteed_cpus"),
+    ({"cohort": "x" * 65}, "cohort", "cohort must be a name of at most 64 characters"),
+])
+def test_a_bad_quota_value_is_refused_naming_the_field_and_loses_nothing(store, fields, field, message):
+    before = store.set_quota("vision", guaranteed_cpus=4, max_cpus=8, cohort="ml")
+    with pytest.raises(InvalidQuota) as e:
+        store.set_quota("vision", **fields)
+    assert e.value.field == field and message in str(e.value) and "quota of 'vision'" in str(e.value)
+    assert store.get_quota("vision") == before
+    with pytest.raises(InvalidQuota, match="team"):
+        store.set_quota("", max_cpus=1)
+    assert [q.team for q in store.list_quotas()] == ["vision"]
+
+
+def test_a_store_made_before_quotas_opens_and_gains_the_table_keeping_its_jobs(tmp_path):
+    path = tmp_path / "old.db"
+    store = JobStore(str(path))
+    jid = store.submit(spec())
+    store.close()
+    with sqlite3.connect(path) as c:  # as the previous orchestrator left it: no quotas table
+        c.execute("DROP TABLE quotas")
+        assert "quotas" not in [r[0] for r in c.execute("select name from sqlite_master")]
+    store = JobStore(str(path))
+    assert store.get(jid).state == "queued" and store.quotas() == {}
+    store.set_quota("research", guaranteed_cpus=2, max_cpus=4)
+    store.close()
+    store = JobStore(str(path))                  # opening again keeps it
+    assert store.quotas() == {"research": Quota(cpus=4, guaranteed_cpus=2)}
+    with sqlite3.connect(path) as c:
+        assert c.execute("select version from schema_version").fetchall() == [(SCHEMA_VERSION,)]

@@ -70,7 +70,10 @@ def register(sub) -> None:
     p.add_argument("--id", default=None, metavar="NAME",
                    help="this scheduler's name in the lease (default: host:pid:random)")
     p.add_argument("--quota", action="append", default=[], metavar="TEAM=CPUS[:GPUS]",
-                   help="the most a team may hold at once (repeatable)")
+                   help="DEPRECATED, use `orchestrator quota set TEAM --cpus 0:CPUS [--gpus 0:GPUS]`: "
+                        "the most a team may hold at once (repeatable). Written to the store at "
+                        "start, only for a team the store has no quota for (a stored quota wins "
+                        "and is left as it is); the store is what the scheduler reads every tick")
     p.add_argument("--autoscale-node", action="append", default=[], metavar="CPUS[:GPUS]",
                    help="a node type the autoscaler can add (repeatable); without any, a gang "
                         "larger than the current cluster is rejected")
@@ -280,6 +283,23 @@ def _parse_resources(text: str, what: str) -> tuple[float, float]:
     return float(m[1]), float(m[2] or 0)
 
 
+def _seed_quotas(store, quotas: dict) -> None:
+    """The deprecated ``--quota`` flags: each becomes the team's stored quota (a max, nothing
+    guaranteed) unless the store already has one for it, which wins."""
+    from orchestrator.commands.quota import describe
+    for team, q in quotas.items():
+        try:
+            have = store.get_quota(team)
+        except storemod.UnknownQuota:
+            store.set_quota(team, max_cpus=q.cpus, max_gpus=q.gpus)
+            print(f"scheduler: --quota is deprecated; stored quota of {team!r} (max {q.cpus:g} CPU"
+                  f"{'' if q.gpus is None else f', {q.gpus:g} GPU'}); change it with "
+                  f"`orchestrator quota set`", file=sys.stderr)
+            continue
+        print(f"scheduler: --quota {team}=... ignored: the store has a quota for it, which wins "
+              f"({describe(have)})", file=sys.stderr)
+
+
 def cmd_scheduler(args) -> int:
     import logging
     import signal
@@ -299,7 +319,7 @@ def cmd_scheduler(args) -> int:
         policy = PolicyConfig() if args.min_run_before_preempt is None else \
             PolicyConfig(min_run_before_preempt_s=args.min_run_before_preempt)
         config = SchedulerConfig(
-            policy=policy, quotas=quotas, autoscale_shapes=shapes, python=args.python,
+            policy=policy, autoscale_shapes=shapes, python=args.python,
             entrypoint=args.entrypoint, workdir=os.path.abspath(args.workdir),
             working_dir=args.working_dir, spec_dir=args.spec_dir, retry_backoff_s=args.retry_backoff,
             checkpoint_timeout_s=args.checkpoint_timeout, admission_timeout_s=args.admission_timeout,
@@ -310,6 +330,7 @@ def cmd_scheduler(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         store = storemod.JobStore(args.store)
+        _seed_quotas(store, quotas)
     except storemod.StoreError as e:
         return _fail(str(e))
     from orchestrator.ray_adapter import RayAdapter, RayMetrics, RayUnavailable, connection_help
