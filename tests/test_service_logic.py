@@ -416,7 +416,7 @@ def test_a_quota_held_job_shows_why_in_queue_and_status_until_it_is_admitted(wor
 def test_the_scheduler_reads_quotas_from_the_store_every_tick_so_quota_set_needs_no_restart(world, tmp_path,
                                                                                             capsys):
     clock, store, ray, scheduler = world
-    db = str(tmp_path / "jobs.db")
+    db = store.url
     assert cli(["quota", "set", "t", "--cpus", "0:2", "--store", db]) == 0
     a = store.submit(train_spec(tmp_path, "a", lo=2, hi=2))
     b = store.submit(train_spec(tmp_path, "b", lo=2, hi=2))
