@@ -10,6 +10,10 @@ Two kinds of file live here:
 * KubeRay ``RayCluster`` manifests (``kuberay.yaml``). KubeRay's schema is a Kubernetes CRD that
   Ray does not ship, so the parts the operator and the autoscaler rely on are checked here.
 
+Beside them, the scheduler service's supervisor files (``SERVICE_FILES``: a systemd unit and a
+Kubernetes Deployment) are not cluster configs: ``cluster_yaml_paths`` leaves them out and
+tests/test_cluster_yaml.py checks them.
+
 Every failure is a ``ClusterConfigError`` naming the file, the field path and the reason.
 
     python -m cluster.configs                  # validate every YAML in cluster/
@@ -40,13 +44,17 @@ FAKE_REQUIRED_FIELDS = (
 )
 
 
+# `orchestrator scheduler` under a supervisor: systemd on a Ray node, or a Kubernetes Deployment.
+SERVICE_FILES = ("orchestrator-scheduler.service", "orchestrator-scheduler.k8s.yaml")
+
+
 class ClusterConfigError(ValueError):
     """A cluster YAML is malformed; the message names the file, the field and the reason."""
 
 
 def cluster_yaml_paths() -> list[Path]:
     """Every cluster YAML shipped in ``cluster/``, sorted by name."""
-    return sorted(CLUSTER_DIR.glob("*.yaml"))
+    return sorted(p for p in CLUSTER_DIR.glob("*.yaml") if p.name not in SERVICE_FILES)
 
 
 def load(path: Union[str, os.PathLike]) -> dict:

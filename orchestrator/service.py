@@ -97,10 +97,16 @@ class SchedulerConfig:
     # (renewed every tick); a standby takes over once it expires (within two lease periods).
     lease_ttl_s: float = 15.0
     scheduler_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
+    # While ticks fail (Ray or the store unreachable) the next try waits tick_s, doubling per
+    # failure up to this; the first failure is logged, then one line every outage_log_s.
+    reconnect_max_s: float = 30.0
+    outage_log_s: float = 600.0
+    health_file: str | None = None        # touched after every tick, failed or not (liveness)
 
     def __post_init__(self):
         for name in ("retry_backoff_s", "max_backoff_s", "checkpoint_timeout_s",
-                     "admission_timeout_s", "checkpoint_poll_s", "serve_stop_grace_s"):
+                     "admission_timeout_s", "checkpoint_poll_s", "serve_stop_grace_s",
+                     "reconnect_max_s", "outage_log_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SchedulerConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.tick_s <= 0:
@@ -137,14 +143,21 @@ class Scheduler:
         self._serve_checked: set[str] = set()  # ended Ray jobs the Serve safety net has checked
         self.lease: Lease | None = None  # held while this process is the active scheduler
         self._standby_said: tuple | None = None
+        self._beat_failed = False
 
     # -------------------------------------------------------------------------------- loop
     def run(self, stop: threading.Event | None = None) -> None:
         """Tick every ``tick_s`` until ``stop`` is set, while this process holds the store's
         scheduler lease (:meth:`lead`); standing by otherwise. A tick that cannot reach Ray or the
-        store is logged and retried; nothing is decided on a partial view. On the way out the
-        lease is released, so a standby takes over at its next tick."""
+        store decides nothing (nothing is decided on a partial view) and is retried with capped
+        exponential backoff (``reconnect_max_s``); the store keeps every job meanwhile. The
+        first failure is logged, then one line every ``outage_log_s`` and one when ticks work
+        again. With a :class:`~orchestrator.ray_adapter.RayLink` the retries reconnect to Ray,
+        so the service outlives Ray outages of any length. On the way out the lease is released,
+        so a standby takes over at its next tick."""
         stop = stop or threading.Event()
+        c = self.config
+        failures, down_since, logged = 0, 0.0, 0.0
         try:
             while True:
                 try:
@@ -154,8 +167,32 @@ class Scheduler:
                     log.warning("%s: standing by", e)
                     self._step_down()
                 except Exception as e:  # noqa: BLE001 - the service outlives Ray/store outages
-                    log.warning("scheduler tick failed, retrying in %.1fs: %s", self.config.tick_s, e)
-                if stop.wait(self.config.tick_s):
+                    now = time.monotonic()
+                    failures += 1
+                    if failures == 1:
+                        down_since = logged = now
+                        log.warning("scheduler tick failed: %s; the store keeps every job, retrying "
+                                    "with backoff up to %gs (logged again every %gs until it works)",
+                                    e, c.reconnect_max_s, c.outage_log_s)
+                    elif now - logged >= c.outage_log_s:
+                        logged = now
+                        log.warning("scheduler ticks still failing after %.0fs (%d tries): %s",
+                                    now - down_since, failures, e)
+                    else:
+                        log.debug("scheduler tick failed (%d): %s", failures, e)
+                else:
+                    if failures:
+                        log.warning("scheduler ticks work again after %.0fs (%d failed)",
+                                    time.monotonic() - down_since, failures)
+                    failures = 0
+                self._beat()
+                # backoff stays under the lease: a leader that cannot reach Ray keeps its lease
+                # (Ray is down for every scheduler alike), unless the store is down too
+                delay = c.tick_s if not failures else \
+                    min(max(c.reconnect_max_s, c.tick_s), c.tick_s * 2 ** (failures - 1))
+                if self.lease is not None:
+                    delay = min(delay, c.lease_ttl_s / 2)
+                if stop.wait(delay):
                     return
         finally:
             if self.lease is not None:
@@ -193,6 +230,19 @@ class Scheduler:
         self.store.fence(None)
         if self.metrics is not None:
             self.metrics.on_leader(self.config.scheduler_id, False)
+
+    def _beat(self) -> None:
+        """Touch ``health_file``: the loop is alive (a liveness probe checks its age)."""
+        path = self.config.health_file
+        if not path:
+            return
+        try:
+            with open(path, "a"):
+                os.utime(path)
+        except OSError as e:
+            if not self._beat_failed:
+                log.warning("cannot touch the health file %s: %s", path, e)
+            self._beat_failed = True
 
     def tick(self) -> list[str]:
         """One scheduling cycle. Returns what it did, one line per action."""

@@ -209,3 +209,79 @@ def test_local_cluster_refuses_a_port_in_use(tmp_path):
         cluster = LocalCluster(state_dir=str(tmp_path), port=taken.getsockname()[1])
         with pytest.raises(LocalClusterError, match="--port N"):
             cluster.start()
+
+
+# -----------------------------------------------------------------------------------------------
+# the scheduler service's supervisor files
+# -----------------------------------------------------------------------------------------------
+def _scheduler_args(argv: list[str]):
+    """``argv`` (``orchestrator scheduler ...``) parsed by the real CLI's parser."""
+    import os
+
+    from orchestrator.cli import build_parser
+    assert os.path.basename(argv[0]) == "orchestrator" and argv[1] == "scheduler", argv
+    args = build_parser().parse_args(argv[1:])
+    assert args.func.__name__ == "cmd_scheduler"
+    return args
+
+
+def _unit(path) -> dict[str, dict[str, list[str]]]:
+    """A systemd unit: section -> key -> values (keys like Environment= repeat)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current = None
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        key, eq, value = line.partition("=")
+        assert current is not None and eq, f"{path}: not a unit line: {line!r}"
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def test_the_systemd_unit_restarts_the_scheduler_command_with_its_store_and_ray_settings():
+    import shlex
+    assert set(configs.SERVICE_FILES) == {p.name for p in configs.CLUSTER_DIR.glob("orchestrator-scheduler.*")}
+    unit = _unit(configs.CLUSTER_DIR / "orchestrator-scheduler.service")
+    service = unit["Service"]
+    assert service["Restart"] == ["always"] and int(service["RestartSec"][0]) > 0
+    env = dict(e.partition("=")[::2] for e in service["Environment"])
+    assert {"ORCHESTRATOR_STORE", "RAY_ADDRESS"} <= set(env) and env["RAY_AUTH_MODE"] == "token"
+    (exec_start,) = service["ExecStart"]
+    argv = shlex.split(exec_start)
+    assert argv[0].startswith("/")  # systemd wants an absolute path
+    args = _scheduler_args(argv)
+    assert args.health_file.startswith("/run/" + service["RuntimeDirectory"][0] + "/")
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+def test_the_kubernetes_deployment_runs_one_scheduler_with_secrets_and_a_liveness_probe():
+    import shlex
+    d = load(configs.CLUSTER_DIR / "orchestrator-scheduler.k8s.yaml")
+    assert (d["apiVersion"], d["kind"]) == ("apps/v1", "Deployment")
+    spec = d["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate"
+    pod = spec["template"]
+    assert spec["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert pod["spec"]["restartPolicy"] == "Always"
+    (c,) = pod["spec"]["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    for name in ("ORCHESTRATOR_STORE", "RAY_AUTH_TOKEN"):
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"], name
+    assert env["RAY_AUTH_MODE"]["value"] == "token" and env["RAY_ADDRESS"]["value"]
+    # the same image as the RayCluster's nodes, so the same Ray and the same project
+    images = {g["template"]["spec"]["containers"][0]["image"] for g in
+              [by_name("kuberay.yaml")["spec"]["headGroupSpec"],
+               *by_name("kuberay.yaml")["spec"]["workerGroupSpecs"]]}
+    assert c["image"] in images
+    assert env["RAY_ADDRESS"]["value"] == f"{by_name('kuberay.yaml')['metadata']['name']}-head-svc:6379"
+    (script,) = c["args"]
+    steps = [shlex.split(s) for s in script.split("&&")]
+    assert steps[0][:2] == ["ray", "start"] and "--num-cpus=0" in steps[0]  # a node for the driver
+    assert steps[-1][0] == "exec"
+    args = _scheduler_args(steps[-1][1:])
+    probe = " ".join(c["livenessProbe"]["exec"]["command"])
+    assert args.health_file in probe and "raylet" in probe

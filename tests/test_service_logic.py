@@ -655,6 +655,58 @@ def test_the_pipeline_entrypoint_passes_a_stop_signal_to_the_running_stage_and_s
 
 
 # ---------------------------------------------------------------------------------------------
+# outages: the loop waits, with capped backoff, logging once
+# ---------------------------------------------------------------------------------------------
+class DownRay(FakeRay):
+    """A FakeRay whose Jobs API fails while ``down`` is set; records when it was asked."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = True
+        self.asked: list[float] = []
+
+    def list_jobs(self):
+        import time
+        from orchestrator.ray_adapter import RayUnavailable
+        self.asked.append(time.monotonic())
+        if self.down:
+            raise RayUnavailable("no Ray cluster at 127.0.0.1:1: connection refused")
+        return super().list_jobs()
+
+
+def test_run_waits_out_a_ray_outage_with_capped_backoff_logging_it_once(tmp_path, caplog):
+    import logging
+    import threading
+
+    from conftest import wait_until
+    store = JobStore(str(tmp_path / "jobs.db"))
+    ray = DownRay()
+    health = tmp_path / "alive"
+    sched = Scheduler(store, ray, SchedulerConfig(tick_s=0.02, reconnect_max_s=0.08,
+                                                  health_file=str(health)))
+    stop = threading.Event()
+    t = threading.Thread(target=sched.run, args=(stop,), daemon=True)
+    with caplog.at_level(logging.INFO, logger="orchestrator.scheduler"):
+        t.start()
+        try:
+            wait_until(lambda: len(ray.asked) >= 9, 10, 0.01, "nine failed ticks")
+            jid = store.submit(train_spec(tmp_path, "queued-meanwhile"))  # the store needs no Ray
+            assert health.exists()
+            ray.down = False
+            wait_until(lambda: store.get(jid).state == "admitted", 10, 0.01, "the job admitted")
+        finally:
+            stop.set()
+            t.join(10)
+    gaps = [b - a for a, b in zip(ray.asked, ray.asked[1:9])]
+    for gap, want in zip(gaps, (0.02, 0.04, 0.08, 0.08, 0.08, 0.08, 0.08, 0.08)):  # doubling...
+        assert gap >= want * 0.9, gaps
+    assert max(gaps) < 1.5, gaps  # ...capped (uncapped, the last would be 2.56 s)
+    text = [r.getMessage() for r in caplog.records]
+    assert sum("scheduler tick failed" in m for m in text) == 1, text
+    assert sum("work again" in m for m in text) == 1, text
+
+
+# ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
 def test_scheduler_command_rejects_bad_quota_and_autoscale_arguments(tmp_path, capsys):

@@ -8,8 +8,10 @@ a path or any SQLAlchemy URL). ``--address`` (default ``$RAY_ADDRESS``) names th
 
 ``submit``, ``status``, ``queue`` and ``cancel`` touch only the store (so ``ray job submit --
 orchestrator submit SPEC`` works from anywhere the store is reachable); the ``scheduler`` service
-turns store state into Ray jobs and back. Exit status: 0 ok, 1 a store or Ray error (unknown job,
-illegal transition, store or cluster unavailable), 2 an invalid spec or argument.
+turns store state into Ray jobs and back. It waits out Ray outages of any length (its Ray driver
+is a child process it starts again: ``ray_adapter.RayLink``); ``scheduler --once`` fails fast.
+Exit status: 0 ok, 1 a store or Ray error (unknown job, illegal transition, store or cluster
+unavailable), 2 an invalid spec or argument.
 """
 
 from __future__ import annotations
@@ -97,6 +99,12 @@ def register(sub) -> None:
                         "there, so remote clusters need shared storage (s3://...)")
     p.add_argument("--entrypoint", default="{python} -m jobs.{kind} {spec}",
                    help="entrypoint template ({python}, {kind}, {spec})")
+    p.add_argument("--reconnect-max", type=float, default=30.0, metavar="S",
+                   help="while Ray (or the store) is unreachable, retry after the tick, doubling "
+                        "up to S seconds; the scheduler waits out outages of any length")
+    p.add_argument("--health-file", default=None, metavar="PATH",
+                   help="touch PATH after every tick (failed ones too): a liveness probe checks "
+                        "its age (cluster/orchestrator-scheduler.k8s.yaml)")
     _common(p)
     p.set_defaults(func=cmd_scheduler)
 
@@ -323,8 +331,8 @@ def cmd_scheduler(args) -> int:
             entrypoint=args.entrypoint, workdir=os.path.abspath(args.workdir),
             working_dir=args.working_dir, spec_dir=args.spec_dir, retry_backoff_s=args.retry_backoff,
             checkpoint_timeout_s=args.checkpoint_timeout, admission_timeout_s=args.admission_timeout,
-            tick_s=args.tick, lease_ttl_s=args.lease_ttl,
-            **({"scheduler_id": args.id} if args.id else {}))
+            tick_s=args.tick, lease_ttl_s=args.lease_ttl, reconnect_max_s=args.reconnect_max,
+            health_file=args.health_file, **({"scheduler_id": args.id} if args.id else {}))
     except ValueError as e:
         return _fail(str(e), 2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -333,29 +341,40 @@ def cmd_scheduler(args) -> int:
         _seed_quotas(store, quotas)
     except storemod.StoreError as e:
         return _fail(str(e))
-    from orchestrator.ray_adapter import RayAdapter, RayMetrics, RayUnavailable, connection_help
+    # The Ray driver is a child process (RayLink) that is started again after Ray went away:
+    # a driver does not outlive a GCS outage of 60 s, the scheduler must.
+    from orchestrator.ray_adapter import RayLink, RayUnavailable, connection_help
+    ray = RayLink(args.address)
     try:
-        ray = RayAdapter(args.address)
+        ray.connect()
     except RayUnavailable as e:
-        return _fail(f"{e}\n({connection_help(args.address)})")
-    sched = Scheduler(store, ray, config, metrics=RayMetrics())
-    if args.once:
-        try:
-            if not sched.lead():
-                held = store.lease("scheduler")
-                return _fail(f"another scheduler is active on this store: {held.holder if held else '?'}")
-            try:
-                sched.tick()
-            finally:
-                store.release_lease(sched.lease)
-        except (RayUnavailable, storemod.StoreError) as e:
-            return _fail(str(e))
-        return 0
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(f"scheduler: store {store.url}, Ray jobs at {ray.dashboard_url}", flush=True)
+        if args.once:
+            return _fail(f"{e}\n({connection_help(args.address)})")
+        # A service started before its cluster (or during an outage) waits for it.
+        print(f"scheduler: store {store.url}; {e}; waiting for Ray "
+              f"({connection_help(args.address)})", file=sys.stderr, flush=True)
+    sched = Scheduler(store, ray, config, metrics=ray.metrics)
     try:
-        sched.run(stop)
-    except KeyboardInterrupt:
-        pass
-    return 0
+        if args.once:
+            try:
+                if not sched.lead():
+                    held = store.lease("scheduler")
+                    return _fail(f"another scheduler is active on this store: {held.holder if held else '?'}")
+                try:
+                    sched.tick()
+                finally:
+                    store.release_lease(sched.lease)
+            except (RayUnavailable, storemod.StoreError) as e:
+                return _fail(str(e))
+            return 0
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        if ray.connected:
+            print(f"scheduler: store {store.url}, Ray jobs at {ray.dashboard_url}", flush=True)
+        try:
+            sched.run(stop)
+        except KeyboardInterrupt:
+            pass
+        return 0
+    finally:
+        ray.close()
