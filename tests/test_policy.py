@@ -146,18 +146,28 @@ def test_backfill_disabled_keeps_everyone_behind_the_head():
     assert admitted(decide([job("head", mn=8, t=1), job("small", t=2)], busy, c, None, NOW, cfg)) == {}
 
 
+def random_running(rng, n: int, classes, *, at_least: int, teams="t", start: bool = False) -> list:
+    """``at_least``..8 running jobs placed at random on ``n`` nodes of 4 slots (a choice of one
+    class or team draws no random number, so the seeds' scenarios stay what they were)."""
+    def pick(xs):
+        return xs[0] if len(xs) == 1 else rng.choice(xs)
+    running, used = [], {f"n{i}": 0 for i in range(n)}
+    for k in range(rng.randint(at_least, 8)):
+        node = f"n{rng.randrange(n)}"
+        w = rng.randint(1, 4 - used[node]) if used[node] < 4 else 0
+        if w:
+            used[node] += w
+            cls = pick(classes)
+            running.append(run(f"r{k}", cls, {node: w}, team=pick(teams), **({"start": float(k)} if start else {})))
+    return running
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_backfill_never_delays_head_of_queue(seed):
     """Whatever backfills, the head fits as soon as the jobs running before it finish."""
     rng = random.Random(seed)
     n = rng.randint(2, 6)
-    running, used = [], {f"n{i}": 0 for i in range(n)}
-    for k in range(rng.randint(1, 8)):
-        node = f"n{rng.randrange(n)}"
-        w = rng.randint(1, 4 - used[node]) if used[node] < 4 else 0
-        if w:
-            used[node] += w
-            running.append(run(f"r{k}", HIGH, {node: w}))
+    running = random_running(rng, n, [HIGH], at_least=1)
     queue = [job(f"q{k}", NORMAL, mn=rng.randint(1, 6), t=k) for k in range(rng.randint(2, 10))]
     c = cluster_with(running, n)
     ds = decide(queue, running, c, None, NOW, CFG)
@@ -416,13 +426,7 @@ def test_a_job_that_can_never_fit_is_rejected_and_its_wait_is_never_fits_with_th
 def test_reasons_change_no_decision_and_every_job_not_admitted_has_one(seed):
     rng = random.Random(seed)
     n = rng.randint(2, 6)
-    running, used = [], {f"n{i}": 0 for i in range(n)}
-    for k in range(rng.randint(0, 8)):
-        node = f"n{rng.randrange(n)}"
-        w = rng.randint(1, 4 - used[node]) if used[node] < 4 else 0
-        if w:
-            used[node] += w
-            running.append(run(f"r{k}", rng.choice([LOW, NORMAL]), {node: w}, team=rng.choice("ab")))
+    running = random_running(rng, n, [LOW, NORMAL], at_least=0, teams="ab")
     queue = [job(f"q{k}", rng.choice([LOW, NORMAL, HIGH]), mn=rng.randint(1, 10), t=k, team=rng.choice("ab"))
              for k in range(rng.randint(1, 12))]
     quotas = rng.choice([None, {"a": Quota(cpus=rng.randint(4, 16))}])
@@ -621,14 +625,7 @@ def test_with_random_guarantees_no_team_passes_its_max_and_reclaim_takes_only_fr
         g = rng.choice([0, 2, 4])
         quotas[t] = Quota(cpus=rng.choice([None, g, g + 4]), guaranteed_cpus=g,
                           cohort=rng.choice([None, "x", "x", "y"]))
-    running, used = [], {f"n{i}": 0 for i in range(n)}
-    for k in range(rng.randint(0, 8)):
-        node = f"n{rng.randrange(n)}"
-        w = rng.randint(1, 4 - used[node]) if used[node] < 4 else 0
-        if w:
-            used[node] += w
-            running.append(run(f"r{k}", rng.choice([LOW, NORMAL, HIGH]), {node: w}, team=rng.choice(teams),
-                               start=float(k)))
+    running = random_running(rng, n, [LOW, NORMAL, HIGH], at_least=0, teams=teams, start=True)
     queue = [job(f"q{k}", rng.choice([LOW, NORMAL, HIGH]), mn=rng.randint(1, 4), mx=rng.randint(4, 6),
                  t=k, team=rng.choice(teams)) for k in range(rng.randint(1, 10))]
     c = cluster_with(running, n)
