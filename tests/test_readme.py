@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from cluster.configs import aws_ami_lookup_command
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 BIN = os.path.dirname(sys.executable)
@@ -56,6 +58,9 @@ COVERED = {
     "RAY_GRAFANA_HOST=": "tests/test_observability.py::test_prometheus_from_rays_config_answers_every_dashboard_query",
 }
 NOT_RUNNABLE_HERE = {
+    aws_ami_lookup_command("us-west-2"):
+        "needs AWS credentials; tests/test_cluster_yaml.py checks it is the command aws.yaml and the "
+        "validator give",
     "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128":
         "CUDA wheel: needs the PyTorch index and a GPU, neither reachable from CI",
     "pip install -e .": "what `make` does (with the CPU torch) on every CI run",
