@@ -152,25 +152,7 @@ class LocalCluster:
         else:
             cmd += ["--include-dashboard=false"]
 
-        env = dict(os.environ)
-        # Job entrypoints (`ray job submit -- python ...`) run on the head with its PATH: make
-        # `python` this interpreter, as in an activated venv.
-        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-        # Every process imports the project from this checkout, so jobs need no `--working-dir`
-        # (which fake nodes handle badly: they share one runtime-env cache, and the first node
-        # whose workers finish deletes the unpacked directory under everyone else's feet).
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
-        env.update({
-            "RAY_FAKE_CLUSTER": "1",  # FakeMultiNodeProvider refuses to run without it
-            "AUTOSCALER_UPDATE_INTERVAL_S": str(self.update_interval_s),
-            # The monitor (autoscaler) terminates the fake worker nodes when it is stopped.
-            "RAY_AUTOSCALER_FATESHARE_WORKERS": "1",
-            "RAY_AUTH_MODE": "token",
-            # Ray code that finds "the" cluster by itself (Ray Train's placement-group cleaner, the
-            # state API) must find this one even when other Ray instances run on the machine.
-            "RAY_ADDRESS": self.address,
-        })
-        env[MARKER_ENV] = str(state.resolve())
+        env = self.head_env()
         if not (env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH")
                 or (Path.home() / ".ray" / "auth_token").exists()):
             # What `ray.init()` does for a new local cluster: create ~/.ray/auth_token.
@@ -191,6 +173,36 @@ class LocalCluster:
             raise LocalClusterError(f"`ray start --head` exited with {rc}; its output:\n"
                                     + log.read_text()[-4000:])
         return self
+
+    def head_env(self) -> dict[str, str]:
+        """The environment of ``ray start --head``: the head's processes, the autoscaler and the
+        fake nodes it starts (in-process, so they inherit it) all run with it."""
+        from actors.serve.ingress import start_env
+
+        env = dict(os.environ)
+        # Job entrypoints (`ray job submit -- python ...`) run on the head with its PATH: make
+        # `python` this interpreter, as in an activated venv.
+        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        # Every process imports the project from this checkout, so jobs need no `--working-dir`
+        # (which fake nodes handle badly: they share one runtime-env cache, and the first node
+        # whose workers finish deletes the unpacked directory under everyone else's feet).
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
+        env.update({
+            "RAY_FAKE_CLUSTER": "1",  # FakeMultiNodeProvider refuses to run without it
+            "AUTOSCALER_UPDATE_INTERVAL_S": str(self.update_interval_s),
+            # The monitor (autoscaler) terminates the fake worker nodes when it is stopped.
+            "RAY_AUTOSCALER_FATESHARE_WORKERS": "1",
+            "RAY_AUTH_MODE": "token",
+            # Ray code that finds "the" cluster by itself (Ray Train's placement-group cleaner, the
+            # state API) must find this one even when other Ray instances run on the machine.
+            "RAY_ADDRESS": self.address,
+        })
+        # Serve's ingress, read from this environment: HAProxy where its binary runs here (the
+        # flags the cloud YAMLs put on every `ray start`), else direct ingress, as `jobs.serve`
+        # does when it starts Ray itself.
+        env.update(start_env("auto")[1])
+        env[MARKER_ENV] = str(Path(self.state_dir).resolve())
+        return env
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the head, the autoscaler and every node it launched; idempotent.

@@ -3,7 +3,15 @@
 Connects to Ray (``RAY_ADDRESS`` or a local instance; a Ray it starts itself gets the spec's
 ``ingress``), deploys the spec's checkpoint as a Ray Serve application
 (:mod:`actors.serve.deployment`), prints the endpoint URL and which ingress serves it, and keeps
-the application running until interrupted (``--detach`` returns at once and leaves it running).
+the application running until stopped (``--detach`` returns at once and leaves it running).
+
+Stopped by SIGTERM (Ray's job stop, the scheduler's cancel and preemption) or SIGINT, it deletes
+its own application (no other) and waits until its replicas are gone (:func:`stop_serving`), then
+exits :func:`orchestrator.outcome.stopped_exit_code` (143, 130). The first signal starts that
+cleanup, during deployment too; later ones are ignored, so it runs once and to the end. Under a
+Ray job the wait is bounded by the job's stop grace (``RAY_JOB_STOP_WAIT_TIME_S``, which the
+scheduler sets for serve jobs; Ray's default is 3 s): Serve goes on deleting the application if
+the SIGKILL comes first, and the scheduler deletes one a stopped job left.
 
 Python callers (Tune, the pipeline) use :func:`deploy` and :func:`rollout`:
 
@@ -22,8 +30,12 @@ Python callers (Tune, the pipeline) use :func:`deploy` and :func:`rollout`:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
+import signal
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,12 +45,18 @@ import ray
 from ray import serve
 
 from actors.serve import ingress
-from actors.serve.canary import ArmStats, Decision, canary_decision
+from actors.serve.canary import ArmStats, Decision, canary_decision, gates, window_filled
 from actors.served_model import ServedCheckpointError, load_served_model
 from actors.serve.deployment import (STATS_NAMESPACE, CanaryStatsCollector, build_app,
                                      user_config)
 from actors.serve.request import api_key_digest
+from orchestrator.metrics import SERVE, Recorder
+from orchestrator.outcome import stopped_exit_code
+from orchestrator.ray_adapter import STOP_WAIT_ENV
 from orchestrator.spec import Canary, ModelRef, ServeSpec, SpecError, load_spec
+
+log = logging.getLogger("jobs.serve")
+REPLICA_ACTOR_PREFIX = "SERVE_REPLICA::"  # a replica actor's name: SERVE_REPLICA::<app>#<deployment>#<id>
 
 
 @dataclass
@@ -84,7 +102,8 @@ def connect(spec: ServeSpec) -> _Start:
     address = os.environ.get("RAY_ADDRESS") or None
     if ray.is_initialized() or address not in (None, "local"):
         if not ray.is_initialized():
-            ray.init(address=address)
+            with _keeping_sigterm_handler():
+                ray.init(address=address)
         return _Start()
     try:
         running, env, why = ingress.start_env(spec.ingress)
@@ -94,7 +113,8 @@ def connect(spec: ServeSpec) -> _Start:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # Ray's processes inherit it: Serve reads its ingress there
     try:
-        ray.init(address=address)  # without an address, a `ray start` cluster here is joined
+        with _keeping_sigterm_handler():
+            ray.init(address=address)  # without an address, a `ray start` cluster here is joined
     finally:
         for k, v in saved.items():
             if v is None:
@@ -102,6 +122,19 @@ def connect(spec: ServeSpec) -> _Start:
             else:
                 os.environ[k] = v
     return _Start(running, why)
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_handler():
+    """``ray.init`` sets the main thread's SIGTERM handler to ``sys.exit`` (Ray 2.60,
+    ``ray._private.worker.init``); a caller that handles SIGTERM itself (:func:`main`) keeps its
+    own. A default handler (not a Python function) is left to Ray."""
+    saved = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(saved) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, saved)
 
 
 def _ingress_note(spec: ServeSpec, start: _Start, running: ingress.Running) -> str:
@@ -153,6 +186,8 @@ def deploy(spec: ServeSpec, checkpoint_url: str | None = None, *, host: str = "1
     digest = _key_digest(spec)
     checked = _checked(spec, url, spec.model)
     start = connect(spec)
+    from orchestrator.dashboards import install_for_ray
+    install_for_ray()
     serve.start(http_options={"host": host, "port": spec.http_port})
     if spec.ingress == "haproxy" and not ingress.runs_haproxy():
         raise SpecError([("ingress", "haproxy: the running Ray cluster was started without "
@@ -175,10 +210,34 @@ def replica_endpoints(app: ServeSpec | str, timeout_s: float = 30.0) -> list[str
         # without direct ingress (or behind HAProxy) there is only Serve's front door (no app name)
         mine = [g for g in ingress.target_groups(name) if g.app_name == name]
         urls = [f"http://{t.ip if bind in ('0.0.0.0', '::') else bind}:{t.port}{g.route_prefix}"
-                for g in mine for t in g.targets if t.name.startswith("SERVE_REPLICA::")]
+                for g in mine for t in g.targets if t.name.startswith(REPLICA_ACTOR_PREFIX)]
         if urls or not mine or time.monotonic() > deadline:
             return sorted(urls)
         time.sleep(0.2)  # direct ingress on, no replica running yet: the group points at the proxy
+
+
+def stop_serving(app: ServeSpec | str, timeout_s: float = 30.0, poll_s: float = 0.1) -> bool:
+    """Delete the Serve application of a spec (or a named one), and no other, then wait up to
+    ``timeout_s`` until its replicas' actors are gone; True if they are. Nothing to do (True)
+    where the application or Serve is not running."""
+    name = app if isinstance(app, str) else app.name
+    deadline = time.monotonic() + timeout_s
+    if name in serve.status().applications:
+        # returns once the controller has stopped the replicas (each drains for up to the
+        # deployment's graceful_shutdown_timeout_s); the controller finishes it if we are killed
+        serve.delete(name)
+    while _replica_actors(name):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
+def _replica_actors(app: str) -> list[str]:
+    """Names of the live replica actors of Serve application ``app``."""
+    prefix = f"{REPLICA_ACTOR_PREFIX}{app}#"
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(prefix)]
 
 
 def served(spec: ServeSpec) -> dict[str, Any]:
@@ -227,6 +286,7 @@ def rollout(spec: ServeSpec, new_checkpoint_url: str, canary: Canary | bool | No
                 time.sleep(poll_s)
         if not reason:
             reason = _reason(decision, stable_stats, canary_stats, cfg)
+        _record_decision(spec.name, decision, stable_stats, canary_stats, cfg)
         winner = candidate if decision == "promote" else previous
         _apply(spec, user_config(spec, winner, api_key_sha256=digest))
         return RolloutResult(decision, winner[0], previous[0], candidate[0], reason,
@@ -238,12 +298,109 @@ def rollout(spec: ServeSpec, new_checkpoint_url: str, canary: Canary | bool | No
         ray.kill(collector)
 
 
+def _record_decision(app: str, decision: Decision, stable: ArmStats, canary: ArmStats, cfg: Canary) -> None:
+    """Log every gate's figures and count each verdict in ``orchestrator_serve_gate_decisions``
+    (gate ``min_requests``, ``error_rate``, ``p95_latency_ms``: pass/fail; gate ``decision``:
+    promote/rollback). A metrics failure is logged, never raised: the rollout is done by now."""
+    filled = window_filled(stable, canary, cfg)
+    verdicts = [("min_requests", "pass" if filled else "fail",
+                 f"min_requests: canary {canary.requests} stable {stable.requests}, need {cfg.min_requests} "
+                 f"each -> {'pass' if filled else 'fail'}")]
+    if filled:
+        verdicts += [(g.name, "pass" if g.passed else "fail", g.line()) for g in gates(stable, canary, cfg)]
+    verdicts.append(("decision", decision, f"decision: {decision}"))
+    level = logging.INFO if decision == "promote" else logging.WARNING
+    log.log(level, "canary gate for app %s: %s", app, "; ".join(text for _, _, text in verdicts))
+    try:
+        rec = Recorder(SERVE, app=app)
+        for gate, outcome, _ in verdicts:
+            rec.inc("orchestrator_serve_gate_decisions", gate=gate, outcome=outcome)
+    except Exception as e:  # noqa: BLE001 - metrics never fail a rollout
+        log.warning("canary gate metrics not recorded: %s: %s", type(e).__name__, e)
+
+
 def _reason(decision: Decision, stable: ArmStats, canary: ArmStats, cfg: Canary) -> str:
     s, c = stable, canary
     text = (f"error rate {c.error_rate:.2%} vs {s.error_rate:.2%} (limit +{cfg.max_error_increase:.0%}), "
             f"p95 {c.p95_latency_s * 1e3:.1f} ms vs {s.p95_latency_s * 1e3:.1f} ms "
             f"(limit +{cfg.max_p95_slowdown:.0%})")
     return f"{decision}: {text}"
+
+
+class _Stopped(BaseException):
+    """Raised in the main thread by the first SIGINT or SIGTERM (see :class:`_StopSignals`)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _StopSignals:
+    """While armed, SIGINT and SIGTERM stop the server: the first raises :class:`_Stopped` in the
+    main thread, wherever it is (loading, deploying, waiting); later ones are ignored, so the
+    cleanup the first starts runs once and to the end. The previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._armed = False
+        self._saved: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._armed = True
+            for s in self.SIGNALS:
+                self._saved[s] = signal.signal(s, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._armed = False  # a signal from here on is ignored, not raised past main's return
+        for s, handler in self._saved.items():
+            signal.signal(s, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._armed and self.signum is None:
+            self.signum = signum
+            raise _Stopped(signum)
+
+
+def _say(text: str, err: bool = False) -> None:
+    """Print, where the reader (a pipeline's parent, say) may already be gone."""
+    try:
+        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+    except OSError:
+        pass
+
+
+def _stop_budget_s() -> float:
+    """How long the cleanup may wait for the replicas: under a Ray job, 1 s short of the job's
+    stop grace, after which Ray SIGKILLs it; else 30 s."""
+    grace = os.environ.get(STOP_WAIT_ENV)
+    try:
+        return max(1.0, float(grace) - 1.0) if grace else 30.0
+    except ValueError:
+        return 30.0
+
+
+def _shut_down(spec: ServeSpec | None, signum: int) -> int:
+    """Cleanup after a stop signal: delete this job's application, wait for its replicas."""
+    what = signal.Signals(signum).name
+    if spec is None or not ray.is_initialized():
+        _say(f"{what}: stopped before deploying anything")
+        return stopped_exit_code(signum)
+    t0 = time.monotonic()
+    budget = _stop_budget_s()
+    try:
+        gone = stop_serving(spec, budget)
+    except Exception as e:  # noqa: BLE001 - the scheduler deletes what is left
+        _say(f"{what}: deleting Serve application {spec.name!r} failed: {e}", err=True)
+        return stopped_exit_code(signum)
+    took = time.monotonic() - t0
+    _say(f"{what}: deleted Serve application {spec.name!r}; " +
+         (f"its replicas are gone ({took:.1f}s of a {budget:g}s budget)" if gone else
+          f"its replicas were still stopping after {budget:g}s"))
+    return stopped_exit_code(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,31 +410,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0 on a cluster)")
     p.add_argument("--detach", action="store_true", help="return after deploying; leave it running")
     args = p.parse_args(argv)
-    try:
-        spec = load_spec(args.spec)
-    except SpecError as e:
-        print(e, file=sys.stderr)
-        return 2
-    if not isinstance(spec, ServeSpec):
-        print(f"{args.spec}: kind is {spec.kind!r}; jobs.serve needs a serve spec", file=sys.stderr)
-        return 2
-    try:
-        endpoint = deploy(spec, args.checkpoint, host=args.host)
-    except (ServedCheckpointError, SpecError) as e:
-        print(e, file=sys.stderr)
-        return 2
-    print(f"serving {args.checkpoint or spec.checkpoint_url} at {endpoint}", flush=True)
-    print(f"  ingress: {endpoint.note}", flush=True)
-    for url in replica_endpoints(spec):
-        print(f"  replica (direct ingress): {url}", flush=True)
-    if args.detach:
-        return 0
-    try:
-        while True:
-            time.sleep(5)
-    except KeyboardInterrupt:
-        serve.delete(spec.name)
-        return 130
+    spec = None
+    with _StopSignals():
+        try:
+            try:
+                loaded = load_spec(args.spec)
+            except SpecError as e:
+                print(e, file=sys.stderr)
+                return 2
+            if not isinstance(loaded, ServeSpec):
+                print(f"{args.spec}: kind is {loaded.kind!r}; jobs.serve needs a serve spec", file=sys.stderr)
+                return 2
+            spec = loaded
+            try:
+                endpoint = deploy(spec, args.checkpoint, host=args.host)
+            except (ServedCheckpointError, SpecError) as e:
+                print(e, file=sys.stderr)
+                return 2
+            print(f"serving {args.checkpoint or spec.checkpoint_url} at {endpoint}", flush=True)
+            print(f"  ingress: {endpoint.note}", flush=True)
+            for url in replica_endpoints(spec):
+                print(f"  replica (direct ingress): {url}", flush=True)
+            if args.detach:
+                return 0
+            while True:
+                time.sleep(3600)  # until SIGINT or SIGTERM raises _Stopped
+        except _Stopped as stop:
+            return _shut_down(spec, stop.signum)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ COMMAND_MODULES = (
     "orchestrator.commands.data",       # data write / data inspect
     "orchestrator.commands.export",     # export CKPT OUT
     "orchestrator.commands.jobs",       # submit / status / queue / cancel / logs / scheduler
+    "orchestrator.commands.quota",      # quota set / list / delete
     "orchestrator.commands.top",        # top (live KPIs from the metrics endpoints)
 )
 

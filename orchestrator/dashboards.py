@@ -82,6 +82,8 @@ SCHEDULER: list[Panel] = [
     ("Running jobs by priority", [("{{priority}}", "ray_orchestrator_running_jobs")], "none"),
     ("Admissions and preemptions /min", [("admit {{priority}}", "60 * rate(ray_orchestrator_admissions_total[5m])"),
                                          ("preempt {{priority}}", "60 * rate(ray_orchestrator_preemptions_total[5m])")], "none"),
+    ("Active scheduler (1) and standbys (0)", [("{{scheduler}}", "ray_orchestrator_scheduler_active")], "none"),
+    ("Waiting jobs by reason", [("{{reason}}", "ray_orchestrator_jobs_waiting")], "none"),
     ("Queue wait p95 by priority", [("{{priority}}", "histogram_quantile(0.95, sum by (le, priority) "
                                                      "(rate(ray_orchestrator_wait_seconds_bucket[15m])))")], "s"),
 ]

@@ -80,13 +80,13 @@ DATA = (
 )
 
 SERVE = (
-    _m("orchestrator_serve_requests", "counter", "requests answered, by status code and arm", ("app", "arm", "code")),
+    _m("orchestrator_serve_requests", "counter", "requests answered, by status code and the arm routed to (none: refused before routing; a canary failure answered by stable counts as the canary's 500)", ("app", "arm", "code")),
     _m("orchestrator_serve_latency_ms", "histogram", "request latency in the replica, per arm", ("app", "arm"), MILLISECONDS),
     _m("orchestrator_serve_batch_size", "histogram", "examples per forward", ("app", "arm"), (1, 2, 4, 8, 16, 32, 64, 128, 256)),
-    _m("orchestrator_serve_forward_ms_per_example", "gauge", "forward time per example of the last batch", ("app", "arm")),
-    _m("orchestrator_serve_queue_depth", "gauge", "requests waiting for a batch in the replica", ("app", "arm")),
+    _m("orchestrator_serve_forward_ms_per_example", "gauge", "forward time per example over the replica's last flush interval with forwards (0.5 s)", ("app", "arm")),
+    _m("orchestrator_serve_queue_depth", "gauge", "examples waiting for a batch in the replica", ("app", "arm")),
     _m("orchestrator_serve_canary_share", "gauge", "share of traffic the canary gets", ("app",)),
-    _m("orchestrator_serve_gate_decisions", "counter", "canary gate decisions, by gate and outcome", ("app", "gate", "outcome")),
+    _m("orchestrator_serve_gate_decisions", "counter", "canary gate verdicts, by gate (min_requests, error_rate, p95_latency_ms: pass/fail; decision: promote/rollback)", ("app", "gate", "outcome")),
 )
 
 SCHEDULER = (
@@ -96,6 +96,10 @@ SCHEDULER = (
     _m("orchestrator_preemptions", "counter", "jobs preempted, by priority class", ("priority",)),
     _m("orchestrator_wait_seconds", "histogram", "queue wait before admission", ("priority",),
        (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)),
+    _m("orchestrator_scheduler_active", "gauge", "1 for the scheduler process holding the store's "
+       "lease, 0 for a standby", ("scheduler",)),
+    _m("orchestrator_jobs_waiting", "gauge", "queued jobs not admitted this tick, by why they wait "
+       "(orchestrator.policy.WAIT_CODES; never_fits: rejected this tick)", ("reason",)),
 )
 
 CATALOGUE: dict[str, Metric] = {m.name: m for m in (*TRAIN, *DATA, *SERVE, *SCHEDULER)}
@@ -164,6 +168,13 @@ class Recorder:
     def observe(self, name: str, value: float, **tags) -> None:
         tags = self._tags(name, tags)
         self._obj(name).observe(float(value), tags=tags)
+
+    def observe_many(self, name: str, values: Iterable[float], **tags) -> None:
+        """``observe`` each value, tags checked once (Ray's Histogram has no bulk observe)."""
+        tags = self._tags(name, tags)
+        observe = self._obj(name).observe
+        for v in values:
+            observe(float(v), tags=tags)
 
 
 # ------------------------------------------------------------------------------------ reading

@@ -8,11 +8,16 @@ One :meth:`Scheduler.tick`, top to bottom:
    released to the job's own workers when it starts running); finished Ray jobs finish store
    jobs; failed ones are retried with exponential backoff up to ``max_retries``; preempted train
    jobs are asked to checkpoint and then stopped; Ray jobs no store job owns any more (cancelled,
-   superseded attempts) are stopped and stray placement groups removed.
-3. **Decide** (:func:`orchestrator.policy.decide`, pure; a pipeline stage is only offered once
-   its upstream stages succeeded) and **apply** the decisions: admit, requeue, reject, preempt,
-   shrink/grow (train jobs: a worker cap Ray Train's elastic policy honours), and
-   ``request_resources`` for blocked gangs.
+   superseded attempts) are stopped and stray placement groups removed. A serve job stopped or
+   failed leaves no Serve application behind: ``jobs.serve`` deletes its own on SIGTERM (given
+   ``serve_stop_grace_s`` before Ray's SIGKILL), and the scheduler deletes one that is left.
+3. **Decide** (:func:`orchestrator.policy.decide_with_reasons`, pure, with the teams' quotas as
+   the store has them now; a pipeline stage is only offered once its upstream stages succeeded,
+   a failed job once its retry backoff has passed)
+   and **apply** the decisions: admit, requeue, reject, preempt, shrink/grow (train jobs: a worker
+   cap Ray Train's elastic policy honours), and ``request_resources`` for blocked gangs. Why each
+   job not admitted waits (the policy's :class:`~orchestrator.policy.Wait`, or ``backoff``) is
+   written to the store when it changed, and counted in a metric.
 4. **Pipelines**: stages whose upstream failed fail with the reason; a pipeline runs once a stage
    has started and finishes when its stages have.
 
@@ -28,22 +33,28 @@ import json
 import logging
 import os
 import shlex
+import socket
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Protocol
 
 from orchestrator import pipeline as pipemod
 from orchestrator import spec as specmod
 from orchestrator import storage
 from orchestrator.outcome import retryable
-from orchestrator.policy import (Admit, ClusterState, Grow, JobView, Node, PolicyConfig, Preempt,
-                                 Quota, Reject, Requeue, RequestResources, Shrink, decide)
-from orchestrator.store import IllegalTransition, JobRecord, JobStore, UnknownJob
+from orchestrator.policy import (WAIT_CODES, Admit, ClusterState, Grow, JobView, Node, PolicyConfig,
+                                 Preempt, Quota, Reject, Requeue, RequestResources, Shrink, Wait,
+                                 decide_with_reasons)
+from orchestrator.store import (WAITING, Deposed, IllegalTransition, JobRecord, JobStore, Lease,
+                                UnknownJob)
 
 log = logging.getLogger("orchestrator.scheduler")
+LEASE = "scheduler"  # the store's lease row every scheduler process of one store competes for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNFINISHED = ("queued", "admitted", "running", "preempted")
@@ -56,13 +67,15 @@ class Metrics(Protocol):
     def on_tick(self, queued: dict[str, int], running: dict[str, int]) -> None: ...
     def on_admit(self, priority: str, wait_s: float) -> None: ...
     def on_preempt(self, priority: str) -> None: ...
+    def on_waiting(self, by_reason: dict[str, int]) -> None: ...
+    def on_leader(self, holder: str, active: bool) -> None: ...
 
 
 @dataclass
 class SchedulerConfig:
     """Every knob of the service, in one place (the policy's are in ``policy``)."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
-    quotas: dict[str, Quota] = field(default_factory=dict)
+    quotas: dict[str, Quota] = field(default_factory=dict)  # defaults; the store's quotas win
     autoscale_shapes: tuple[tuple[float, float], ...] = ()  # (cpus, gpus) node types it may add
     python: str = sys.executable          # the cluster's Python (its jobs run ``python -m jobs.X``)
     entrypoint: str = "{python} -m jobs.{kind} {spec}"
@@ -75,15 +88,32 @@ class SchedulerConfig:
     checkpoint_timeout_s: float = 120.0   # a preempted job that has not checkpointed by then stops
     admission_timeout_s: float = 600.0    # an admitted gang Ray has not placed by then requeues
     checkpoint_poll_s: float = 15.0       # how often running train jobs' checkpoints are read
+    # A stopped serve job's SIGTERM-to-SIGKILL grace (Ray's own default is 3 s; see ray_adapter):
+    # jobs.serve deletes its Serve application and waits for its replicas, which drain for up to
+    # their graceful_shutdown_timeout_s (20 s) first.
+    serve_stop_grace_s: float = 30.0
     tick_s: float = 2.0
+    # High availability: schedulers sharing one store elect one active by a lease in the store
+    # (renewed every tick); a standby takes over once it expires (within two lease periods).
+    lease_ttl_s: float = 15.0
+    scheduler_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
+    # While ticks fail (Ray or the store unreachable) the next try waits tick_s, doubling per
+    # failure up to this; the first failure is logged, then one line every outage_log_s.
+    reconnect_max_s: float = 30.0
+    outage_log_s: float = 600.0
+    health_file: str | None = None        # touched after every tick, failed or not (liveness)
 
     def __post_init__(self):
         for name in ("retry_backoff_s", "max_backoff_s", "checkpoint_timeout_s",
-                     "admission_timeout_s", "checkpoint_poll_s"):
+                     "admission_timeout_s", "checkpoint_poll_s", "serve_stop_grace_s",
+                     "reconnect_max_s", "outage_log_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SchedulerConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.tick_s <= 0:
             raise ValueError(f"SchedulerConfig.tick_s must be > 0, got {self.tick_s}")
+        if self.lease_ttl_s < 2 * self.tick_s:
+            raise ValueError(f"SchedulerConfig.lease_ttl_s must be at least twice tick_s "
+                             f"({2 * self.tick_s}s), got {self.lease_ttl_s}: the lease is renewed every tick")
         if "{spec}" not in self.entrypoint:
             raise ValueError(f"SchedulerConfig.entrypoint must contain {{spec}}: {self.entrypoint!r}")
         self.spec_dir = storage.resolve(self.spec_dir)
@@ -110,19 +140,109 @@ class Scheduler:
         self._checkpoint_read: dict[str, float] = {}
         self._requested: list[dict[str, float]] | None = None
         self._events: list[str] = []
+        self._serve_checked: set[str] = set()  # ended Ray jobs the Serve safety net has checked
+        self.lease: Lease | None = None  # held while this process is the active scheduler
+        self._standby_said: tuple | None = None
+        self._beat_failed = False
 
     # -------------------------------------------------------------------------------- loop
     def run(self, stop: threading.Event | None = None) -> None:
-        """Tick every ``tick_s`` until ``stop`` is set. A tick that cannot reach Ray or the
-        store is logged and retried; nothing is decided on a partial view."""
+        """Tick every ``tick_s`` until ``stop`` is set, while this process holds the store's
+        scheduler lease (:meth:`lead`); standing by otherwise. A tick that cannot reach Ray or the
+        store decides nothing (nothing is decided on a partial view) and is retried with capped
+        exponential backoff (``reconnect_max_s``); the store keeps every job meanwhile. The
+        first failure is logged, then one line every ``outage_log_s`` and one when ticks work
+        again. With a :class:`~orchestrator.ray_adapter.RayLink` the retries reconnect to Ray,
+        so the service outlives Ray outages of any length. On the way out the lease is released,
+        so a standby takes over at its next tick."""
         stop = stop or threading.Event()
-        while True:
-            try:
-                self.tick()
-            except Exception as e:  # noqa: BLE001 - the service outlives Ray/store outages
-                log.warning("scheduler tick failed, retrying in %.1fs: %s", self.config.tick_s, e)
-            if stop.wait(self.config.tick_s):
-                return
+        c = self.config
+        failures, down_since, logged = 0, 0.0, 0.0
+        try:
+            while True:
+                try:
+                    if self.lead():
+                        self.tick()
+                except Deposed as e:
+                    log.warning("%s: standing by", e)
+                    self._step_down()
+                except Exception as e:  # noqa: BLE001 - the service outlives Ray/store outages
+                    now = time.monotonic()
+                    failures += 1
+                    if failures == 1:
+                        down_since = logged = now
+                        log.warning("scheduler tick failed: %s; the store keeps every job, retrying "
+                                    "with backoff up to %gs (logged again every %gs until it works)",
+                                    e, c.reconnect_max_s, c.outage_log_s)
+                    elif now - logged >= c.outage_log_s:
+                        logged = now
+                        log.warning("scheduler ticks still failing after %.0fs (%d tries): %s",
+                                    now - down_since, failures, e)
+                    else:
+                        log.debug("scheduler tick failed (%d): %s", failures, e)
+                else:
+                    if failures:
+                        log.warning("scheduler ticks work again after %.0fs (%d failed)",
+                                    time.monotonic() - down_since, failures)
+                    failures = 0
+                self._beat()
+                # backoff stays under the lease: a leader that cannot reach Ray keeps its lease
+                # (Ray is down for every scheduler alike), unless the store is down too
+                delay = c.tick_s if not failures else \
+                    min(max(c.reconnect_max_s, c.tick_s), c.tick_s * 2 ** (failures - 1))
+                if self.lease is not None:
+                    delay = min(delay, c.lease_ttl_s / 2)
+                if stop.wait(delay):
+                    return
+        finally:
+            if self.lease is not None:
+                try:
+                    self.store.release_lease(self.lease)
+                except Exception as e:  # noqa: BLE001 - the lease then expires on its own
+                    log.warning("could not release the scheduler lease: %s", e)
+
+    def lead(self) -> bool:
+        """Take or renew the store's scheduler lease. True: this process is the active scheduler
+        and every store write it makes is fenced by the lease's epoch; False: another holds it."""
+        lease = self.store.acquire_lease(LEASE, self.config.scheduler_id, self.config.lease_ttl_s)
+        if lease is None:
+            held = self.store.lease(LEASE)
+            said = (held.holder, held.epoch) if held else None
+            if self.lease is not None or said != self._standby_said:
+                log.warning("standing by: the active scheduler is %s (epoch %s)",
+                            *(said or ("unknown", "-")))
+                self._standby_said = said
+            self._step_down()
+            return False
+        if self.lease is None or lease.epoch != self.lease.epoch:
+            log.warning("active scheduler %s (lease epoch %d, %.0fs lease renewed every tick)",
+                        lease.holder, lease.epoch, self.config.lease_ttl_s)
+            self._standby_said = None
+            self._requested = None  # a previous leader's autoscaler request is not ours to clear
+        self.lease = lease
+        self.store.fence(lease)
+        if self.metrics is not None:
+            self.metrics.on_leader(lease.holder, True)
+        return True
+
+    def _step_down(self) -> None:
+        self.lease = None
+        self.store.fence(None)
+        if self.metrics is not None:
+            self.metrics.on_leader(self.config.scheduler_id, False)
+
+    def _beat(self) -> None:
+        """Touch ``health_file``: the loop is alive (a liveness probe checks its age)."""
+        path = self.config.health_file
+        if not path:
+            return
+        try:
+            with open(path, "a"):
+                os.utime(path)
+        except OSError as e:
+            if not self._beat_failed:
+                log.warning("cannot touch the health file %s: %s", path, e)
+            self._beat_failed = True
 
     def tick(self) -> list[str]:
         """One scheduling cycle. Returns what it did, one line per action."""
@@ -137,10 +257,16 @@ class Scheduler:
             if job.kind != "pipeline":
                 self._reconcile(job, ray_jobs.get(job.submission_id), now)
         self._release_stray_reservations()
+        try:
+            self._delete_left_serve_apps(ray_jobs)
+        except Exception as e:  # noqa: BLE001 - retried next tick; scheduling goes on
+            log.warning("checking stopped serve jobs' applications: %s", e)
         active = self.store.list(UNFINISHED)
-        queue, running = self._views(active, ray_jobs, now)
+        queue, running, backoff = self._views(active, ray_jobs, now)
         cluster = ClusterState.of(_free(nodes, running), self.config.autoscale_shapes)
-        decisions = decide(queue, running, cluster, self.config.quotas, now, self.config.policy)
+        decisions, waits = decide_with_reasons(queue, running, cluster, self.quotas(), now,
+                                               self.config.policy)
+        waits += backoff
         asked = False
         for d in decisions:
             try:
@@ -153,10 +279,16 @@ class Scheduler:
         if not asked and self._requested:
             self.ray.request_resources([])
             self._requested = None
+        self._record_waits(active, decisions, waits)
         self._advance_pipelines()
         if self.metrics is not None:
-            self._report(self.store.list(UNFINISHED))
+            self._report(self.store.list(UNFINISHED), waits)
         return self._events
+
+    def quotas(self) -> dict[str, Quota]:
+        """The teams' quotas this tick: the store's (``orchestrator quota set``, read every tick,
+        so a change needs no restart), over ``SchedulerConfig.quotas`` for teams it has none of."""
+        return {**self.config.quotas, **self.store.quotas()}
 
     def _event(self, line: str) -> None:
         self._events.append(line)
@@ -230,7 +362,8 @@ class Scheduler:
         meta = {"orchestrator_job": job.id, "attempt": str(job.attempts), "kind": job.kind,
                 "team": job.team, "priority": job.priority, "workers": str(job.workers)}
         env = {"working_dir": self.config.working_dir} if self.config.working_dir else None
-        new = self.ray.submit(job.submission_id, entry, runtime_env=env, metadata=meta)
+        grace = {"stop_grace_s": self.config.serve_stop_grace_s} if job.kind == "serve" else {}
+        new = self.ray.submit(job.submission_id, entry, runtime_env=env, metadata=meta, **grace)
         self._event(f"{job.id} submitted to Ray as {job.submission_id} on {job.workers} worker(s)"
                     + ("" if new else " (already there)"))
 
@@ -313,11 +446,16 @@ class Scheduler:
                                   f"{message}", expect=job.state)
             self._event(f"{job.id} failed for good: {message}")
 
-    def _in_backoff(self, job: JobRecord, now: float) -> bool:
+    def _backoff_wait(self, job: JobRecord, now: float) -> Wait | None:
+        """Why a failed job is not offered to the policy yet (its retry delay), or None."""
         if job.attempts == 0:
-            return False
+            return None
         used, at = self.retries_used(job)
-        return at is not None and now < at + self._backoff(used)
+        if at is None or now >= at + self._backoff(used):
+            return None
+        until = datetime.fromtimestamp(at + self._backoff(used), timezone.utc)
+        return Wait(job.id, "backoff", f"until {until:%Y-%m-%d %H:%M:%S} UTC: retry {used}/"
+                                       f"{job.max_retries} after a failure, {self._backoff(used):g}s backoff")
 
     def _read_checkpoint(self, job: JobRecord, now: float) -> None:
         """Keep a running train job's newest checkpoint in the store (the policy preempts the
@@ -377,6 +515,43 @@ class Scheduler:
             if self.ray.stop(sid):
                 self._event(f"stopped Ray job {sid}: job {job.id} is {job.state}"
                             + ("" if job.submission_id == sid else f" (now {job.submission_id})"))
+
+    def _delete_left_serve_apps(self, ray_jobs: dict) -> None:
+        """Safety net behind ``jobs.serve``'s own cleanup on SIGTERM: once a serve job of this
+        store has ended STOPPED (cancelled, preempted) or FAILED, its Serve application (named
+        after its spec) must be gone; delete it if it is not, unless a live Ray job of this store
+        serves an application of that name (the job's next attempt). Each ended Ray job is
+        checked once per scheduler process."""
+        ended = []
+        for sid, rj in ray_jobs.items():
+            if sid in self._serve_checked or rj.status not in ("STOPPED", "FAILED"):
+                continue
+            app = self._serve_app(sid, rj)
+            if app is None:
+                self._serve_checked.add(sid)
+            else:
+                ended.append((sid, app))
+        if not ended:
+            return
+        live = {self._serve_app(sid, rj) for sid, rj in ray_jobs.items() if rj.live}
+        apps = self.ray.serve_apps()
+        for sid, app in ended:
+            if app in apps and app not in live:
+                self.ray.delete_serve_app(app)
+                apps.discard(app)
+                self._event(f"deleted Serve application {app!r} that Ray job {sid} left behind")
+            self._serve_checked.add(sid)
+
+    def _serve_app(self, sid: str, rj) -> str | None:
+        """The Serve application of this store's serve job behind Ray job ``sid``, else None."""
+        parsed = parse_submission_id(sid)
+        if parsed is None or rj.metadata.get("kind", "serve") != "serve":
+            return None
+        try:
+            job = self.store.get(parsed[0])
+            return job.load().name if job.kind == "serve" else None
+        except (UnknownJob, specmod.SpecError):
+            return None  # another store's job, or one whose spec no longer loads
 
     def _release_stray_reservations(self) -> None:
         """Remove placement groups of this store's jobs that are no longer being launched."""
@@ -440,8 +615,10 @@ class Scheduler:
 
     # -------------------------------------------------------------------------------- policy
     def _views(self, active: list[JobRecord], ray_jobs: dict, now: float):
+        """The policy's queue and running jobs, and the waits of jobs held back from it."""
         queue: list[JobView] = []
         running: list[JobView] = []
+        held: list[Wait] = []
         stage_states: dict[str, dict[str, str]] = {}
         for j in active:
             if j.kind == "pipeline":
@@ -450,7 +627,9 @@ class Scheduler:
             if j.state == "queued":
                 if j.parent_id and not self._stage_ready(j, stage_states):
                     continue
-                if self._in_backoff(j, now):
+                w = self._backoff_wait(j, now)
+                if w is not None:
+                    held.append(w)
                     continue
                 queue.append(v)
             elif j.state == "preempted":
@@ -464,7 +643,20 @@ class Scheduler:
                     v = dataclasses.replace(v, min_workers=j.workers, max_workers=j.workers,
                                             allowed=None)
                 running.append(v)
-        return queue, running
+        return queue, running, held
+
+    def _record_waits(self, active: list[JobRecord], decisions, waits: list[Wait]) -> None:
+        """Store each waiting job's reason where it changed (one write per change, none per tick
+        otherwise). Admitted and rejected jobs are left to their transition, which sets it."""
+        acted = {d.job_id for d in decisions if isinstance(d, (Admit, Reject))}
+        want = {w.job_id: (w.code, w.detail) for w in waits}
+        changes = {j.id: want.get(j.id) for j in active
+                   if j.state in WAITING and j.kind != "pipeline" and j.id not in acted
+                   and want.get(j.id) != ((j.wait_reason, j.wait_detail) if j.wait_reason else None)}
+        try:
+            self.store.set_waits(changes)
+        except Exception as e:  # noqa: BLE001 - a reason not shown must not stop scheduling
+            log.warning("could not record why jobs wait: %s", e)
 
     def _apply(self, d, now: float) -> bool:
         """Act on one decision; True if it was an autoscaler request."""
@@ -476,7 +668,8 @@ class Scheduler:
             return True
         job = self.store.get(d.job_id)
         if isinstance(d, Reject):
-            self.store.transition(job.id, "failed", f"rejected: {d.reason}", expect="queued")
+            self.store.transition(job.id, "failed", f"rejected: {d.reason}", expect="queued",
+                                  wait_reason="never_fits", wait_detail=d.reason, wait_since=now)
             self._event(f"{job.id} rejected: {d.reason}")
         elif isinstance(d, Requeue):
             self.store.transition(job.id, "queued", f"requeued: {d.reason}", expect="preempted",
@@ -533,7 +726,7 @@ class Scheduler:
         at = [t.at for t in hist if t.to_state == "queued"]
         return at[-1] if at else job.submit_time
 
-    def _report(self, active: list[JobRecord]) -> None:
+    def _report(self, active: list[JobRecord], waits: list[Wait]) -> None:
         classes = tuple(specmod.PRIORITY_CLASSES)
         queued = Counter(j.priority for j in active if j.kind != "pipeline"
                          and j.state in ("queued", "preempted"))
@@ -541,6 +734,8 @@ class Scheduler:
                           and j.state in ("admitted", "running"))
         self.metrics.on_tick({c: queued.get(c, 0) for c in classes},
                              {c: running.get(c, 0) for c in classes})
+        by_reason = Counter(w.code for w in waits)
+        self.metrics.on_waiting({code: by_reason.get(code, 0) for code in WAIT_CODES})
 
 
 class _Live:

@@ -313,6 +313,8 @@ class TrainSpec(_JobBase):
     epochs: float | None = Field(None, gt=0, le=1e6)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     log_interval: int = Field(10, ge=1)
+    metrics: bool = Field(True, description="export the job's KPIs (loss, throughput, input stall, "
+                          "checkpoints...) to Prometheus through Ray's metrics agent")
     max_restarts: int = Field(10, ge=-1, le=10_000,
                               description="worker-group restarts within one run (-1: unlimited)")
     loss: Literal["cross_entropy", "lm_cross_entropy", "mse"] = "cross_entropy"

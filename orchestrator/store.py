@@ -1,8 +1,12 @@
 """The durable job store (DESIGN invariant 7): the truth about every job, outliving every process.
 
-A SQLite file by default; any SQLAlchemy URL (``postgresql+psycopg://...``) for a shared cluster.
-Three tables: ``jobs`` (one row per job, the resolved spec and what the scheduler knows of it),
-``transitions`` (every state change with its reason) and ``schema_version``.
+A SQLite file by default; any SQLAlchemy URL for a shared cluster: ``postgresql://...`` uses psycopg 3
+(the ``postgres`` extra).
+Tables: ``jobs`` (one row per job, the resolved spec and what the scheduler knows of it),
+``transitions`` (every state change with its reason), ``quotas`` (one row per team: its cohort,
+guaranteed and maximum CPUs and GPUs; read by the scheduler every tick), ``leases`` (which
+scheduler process is active, with an epoch that fences a deposed one's writes) and
+``schema_version``.
 
 State changes go through :meth:`JobStore.transition`, which enforces :data:`LEGAL` and is a
 compare-and-set on the current state, so two scheduler processes can never both move a job.
@@ -15,6 +19,7 @@ import json
 import os
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -24,7 +29,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, S
 
 from orchestrator import spec as specmod
 from orchestrator.batch import BatchPlan
-from orchestrator.policy import JobView
+from orchestrator.policy import JobView, Quota
 
 SCHEMA_VERSION = 1
 STATES = ("queued", "admitted", "running", "preempted", "succeeded", "failed", "cancelled")
@@ -64,10 +69,45 @@ class IllegalTransition(StoreError):
                                 f"(from {current} it may become: {allowed})")
 
 
+class UnknownQuota(StoreError, KeyError):
+    def __init__(self, team: str):
+        self.team = team
+        super().__init__(f"team {team!r} has no quota")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class InvalidQuota(StoreError, ValueError):
+    """A quota value the store refuses; ``field`` names it. Nothing is written."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
+
+
 class StoreUnavailable(StoreError):
     def __init__(self, url: str, reason: str):
         self.url = url
         super().__init__(f"cannot open job store {url!r}: {reason}")
+
+
+class Deposed(StoreError):
+    """A fenced write by a process that no longer holds its lease (another took over): refused,
+    nothing written."""
+
+    def __init__(self, name: str, holder: str, epoch: int, now_holder: str | None, now_epoch: int | None):
+        self.name, self.holder, self.epoch = name, holder, epoch
+        super().__init__(f"lease {name!r}: {holder} (epoch {epoch}) was deposed by {now_holder} "
+                         f"(epoch {now_epoch}); its write was refused")
+
+
+@dataclass(frozen=True)
+class Lease:
+    name: str
+    holder: str
+    epoch: int
+    expires: float
 
 
 metadata = sa.MetaData()
@@ -101,6 +141,11 @@ jobs_t = sa.Table(
     sa.Column("start_time", sa.Float),
     sa.Column("end_time", sa.Float),
     sa.Column("updated_time", sa.Float, nullable=False),
+    # Why a queued job waits (orchestrator.policy.WAIT_CODES), what exactly, and since when;
+    # NULL while it is not waiting. Added after schema 1: see _add_columns.
+    sa.Column("wait_reason", sa.String(32)),
+    sa.Column("wait_detail", sa.Text),
+    sa.Column("wait_since", sa.Float),
 )
 transitions_t = sa.Table(
     "transitions", metadata,
@@ -112,10 +157,79 @@ transitions_t = sa.Table(
     sa.Column("at", sa.Float, nullable=False),
 )
 schema_t = sa.Table("schema_version", metadata, sa.Column("version", sa.Integer, nullable=False))
+leases_t = sa.Table(
+    "leases", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("holder", sa.String(200), nullable=False),
+    sa.Column("epoch", sa.Integer, nullable=False),
+    sa.Column("expires", sa.Float, nullable=False),
+)
+# Added after schema 1 (``_add_tables`` creates it in an older store: additive, no version bump).
+quotas_t = sa.Table(
+    "quotas", metadata,
+    sa.Column("team", sa.String(64), primary_key=True),
+    sa.Column("cohort", sa.String(64)),                     # NULL: borrows and lends nothing
+    sa.Column("guaranteed_cpus", sa.Float, nullable=False, default=0.0),
+    sa.Column("guaranteed_gpus", sa.Float, nullable=False, default=0.0),
+    sa.Column("max_cpus", sa.Float),                        # NULL: no limit
+    sa.Column("max_gpus", sa.Float),
+    sa.Column("updated_time", sa.Float, nullable=False),
+)
+QUOTA_FIELDS = ("cohort", "guaranteed_cpus", "guaranteed_gpus", "max_cpus", "max_gpus")
 
 # Columns a caller may set alongside a transition (or with :meth:`JobStore.update`).
 MUTABLE = frozenset({"workers", "placement", "ray_submission_id", "checkpoint_url", "checkpoint_step",
-                     "checkpoint_time", "attempts", "start_time", "end_time", "reason"})
+                     "checkpoint_time", "attempts", "start_time", "end_time", "reason",
+                     "wait_reason", "wait_detail", "wait_since"})
+WAITING = ("queued", "preempted")  # states in which a job may have a wait reason
+
+
+@dataclass(frozen=True)
+class QuotaRecord:
+    """One row of ``quotas``: a team's guaranteed share, its max (None: no limit) and cohort."""
+    team: str
+    cohort: str | None
+    guaranteed_cpus: float
+    guaranteed_gpus: float
+    max_cpus: float | None
+    max_gpus: float | None
+    updated_time: float
+
+    def quota(self) -> Quota:
+        """What the policy sees of it."""
+        return Quota(cpus=self.max_cpus, gpus=self.max_gpus, guaranteed_cpus=self.guaranteed_cpus,
+                     guaranteed_gpus=self.guaranteed_gpus, cohort=self.cohort)
+
+
+def check_quota(team: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (every one of :data:`QUOTA_FIELDS`) checked and normalised; raises
+    :class:`InvalidQuota` naming the first bad field."""
+    if not isinstance(team, str) or not team.strip() or len(team) > 64:
+        raise InvalidQuota("team", f"quota team must be a non-empty name of at most 64 characters, "
+                                   f"got {team!r}")
+    out = dict(values)
+    cohort = out["cohort"]
+    if cohort is not None and (not isinstance(cohort, str) or len(cohort) > 64):
+        raise InvalidQuota("cohort", f"quota of {team!r}: cohort must be a name of at most 64 "
+                                     f"characters, got {cohort!r}")
+    out["cohort"] = cohort or None
+    for name in QUOTA_FIELDS[1:]:
+        v = out[name]
+        if v is None and name.startswith("max_"):
+            continue
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise InvalidQuota(name, f"quota of {team!r}: {name} must be a number, got {v!r}") from None
+        if not f >= 0 or f == float("inf") and not name.startswith("max_"):
+            raise InvalidQuota(name, f"quota of {team!r}: {name} must be a finite number >= 0, got {v!r}")
+        out[name] = None if f == float("inf") else f
+    for res in ("cpus", "gpus"):
+        mx, g = out[f"max_{res}"], out[f"guaranteed_{res}"]
+        if mx is not None and mx < g:
+            raise InvalidQuota(f"max_{res}", f"quota of {team!r}: max_{res} ({mx:g}) must be >= "
+                                             f"guaranteed_{res} ({g:g})")
+    return out
 
 
 @dataclass(frozen=True)
@@ -158,6 +272,9 @@ class JobRecord:
     start_time: float | None
     end_time: float | None
     updated_time: float
+    wait_reason: str | None = None
+    wait_detail: str | None = None
+    wait_since: float | None = None
     history: tuple[Transition, ...] = field(default=(), compare=False)
 
     @property
@@ -219,10 +336,15 @@ def allowed_workers(spec) -> tuple[int, ...] | None:
 
 
 def normalize_url(url: str) -> str:
-    """A plain path (``~`` expanded) becomes ``sqlite:///<abs path>``; a URL passes through."""
-    if "://" in url:
-        return url
-    return "sqlite:///" + str(Path(os.path.expanduser(url)).resolve())
+    """A plain path (``~`` expanded) becomes ``sqlite:///<abs path>``; ``postgresql://`` (or
+    ``postgres://``) becomes ``postgresql+psycopg://`` (SQLAlchemy's default there is psycopg2, which
+    the ``postgres`` extra does not install); any other URL passes through."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "sqlite:///" + str(Path(os.path.expanduser(url)).resolve())
+    if scheme in ("postgresql", "postgres"):
+        return "postgresql+psycopg://" + rest
+    return url
 
 
 def new_job_id(name: str) -> str:
@@ -238,6 +360,7 @@ class JobStore:
     def __init__(self, url: str = DEFAULT_URL, *, clock=time.time):
         self.url = normalize_url(url)
         self.clock = clock
+        self._fence: tuple[str, str, int] | None = None  # (lease, holder, epoch) every write checks
         try:
             if self.url.startswith("sqlite:///") and self.url != "sqlite:///:memory:":
                 path = Path(self.url[len("sqlite:///"):])
@@ -246,17 +369,26 @@ class JobStore:
             if self.engine.dialect.name == "sqlite":
                 sa.event.listen(self.engine, "connect", _sqlite_pragmas)
             with self.engine.begin() as c:
-                metadata.create_all(c)
-                v = c.execute(sa.select(schema_t.c.version)).scalar()
-                if v is None:
-                    c.execute(schema_t.insert().values(version=SCHEMA_VERSION))
-                elif v > SCHEMA_VERSION:
+                v = _schema_version(c)
+                if v is None:  # a new database: create the schema, once however many open it now
+                    _lock_schema(c)
+                    metadata.create_all(c)
+                    v = _schema_version(c)
+                    if v is None:
+                        c.execute(schema_t.insert().values(version=SCHEMA_VERSION))
+                if v is not None and v > SCHEMA_VERSION:
                     raise StoreUnavailable(url, f"schema version {v} is newer than this orchestrator "
                                                 f"understands ({SCHEMA_VERSION}); upgrade it")
+            _add_tables(self.engine)
+            _add_columns(self.engine)
         except StoreUnavailable:
             raise
-        except (ArgumentError, NoSuchModuleError, ImportError) as e:
+        except (ArgumentError, NoSuchModuleError) as e:
             raise StoreUnavailable(url, f"not a usable database URL ({e})") from None
+        except ImportError as e:
+            hint = ("; for PostgreSQL install the postgres extra: "
+                    "pip install 'ray-elastic-orchestrator[postgres]'" if e.name == "psycopg" else "")
+            raise StoreUnavailable(url, f"its database driver is not installed ({e}){hint}") from None
         except (OSError, SQLAlchemyError) as e:
             raise StoreUnavailable(url, _short(e)) from None
 
@@ -320,6 +452,9 @@ class JobStore:
             if new_state not in ACTIVE:
                 values.setdefault("workers", 0)
                 values.setdefault("placement", "{}")
+            if new_state not in WAITING:  # admitted or ended: it waits no more
+                for k in ("wait_reason", "wait_detail", "wait_since"):
+                    values.setdefault(k, None)
             # Compare-and-set: only this transaction's view of the state may be replaced.
             n = c.execute(jobs_t.update().where(jobs_t.c.id == job_id, jobs_t.c.state == cur)
                           .values(**values)).rowcount
@@ -342,6 +477,27 @@ class JobStore:
                 raise UnknownJob(job_id)
         return self.get(job_id)
 
+    def set_waits(self, waits: dict[str, tuple[str, str] | None]) -> int:
+        """Record why jobs wait: job id -> ``(code, detail)``, or None for no reason. Only rows of
+        jobs still waiting (:data:`WAITING`) whose reason differs are written; ``wait_since``
+        moves only when the code changes. No transaction at all for an empty dict. Returns the
+        number of rows changed. ``updated_time`` is left alone (it times admission and
+        checkpoint deadlines, not this)."""
+        if not waits:
+            return 0
+        now, n = self.clock(), 0
+        with self._begin() as c:
+            for job_id, w in waits.items():
+                code, detail = w if w is not None else (None, None)
+                since = None if code is None else sa.case(
+                    (jobs_t.c.wait_reason == code, sa.func.coalesce(jobs_t.c.wait_since, now)), else_=now)
+                n += c.execute(jobs_t.update().where(
+                    jobs_t.c.id == job_id, jobs_t.c.state.in_(WAITING),
+                    sa.or_(jobs_t.c.wait_reason.is_distinct_from(code),
+                           jobs_t.c.wait_detail.is_distinct_from(detail)))
+                    .values(wait_reason=code, wait_detail=detail, wait_since=since)).rowcount
+        return n
+
     def cancel(self, job_id: str, reason: str = "cancelled by user") -> JobRecord:
         """Cancel a job (and, for a pipeline, its unfinished stages). Raises IllegalTransition
         naming the state if the job already finished."""
@@ -353,6 +509,51 @@ class JobStore:
             if not child.terminal:
                 self.transition(child.id, "cancelled", f"pipeline {job_id} cancelled")
         return self.transition(job_id, "cancelled", reason)
+
+    # leases -------------------------------------------------------------------------------------
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> Lease | None:
+        """Hold lease ``name`` for ``ttl_s`` more seconds: renew it if ``holder`` holds it, take it
+        over (epoch + 1) if it is free or expired, else None (someone else holds it). The row is
+        locked while deciding, so two processes never both get one epoch. Expiry is judged by this
+        process's clock: the hosts' clocks must agree to well within ``ttl_s`` for a timely
+        takeover; safety does not depend on them (the epoch fences every write)."""
+        now = self.clock()
+        with self._begin(fenced=False, exclusive=True) as c:
+            row = c.execute(sa.select(leases_t).where(leases_t.c.name == name)
+                            .with_for_update()).mappings().first()
+            if row is None:
+                try:
+                    with c.begin_nested():
+                        c.execute(leases_t.insert().values(name=name, holder=holder, epoch=1,
+                                                           expires=now + ttl_s))
+                except SQLAlchemyError:  # another process inserted it first: it holds it
+                    return None
+                return Lease(name, holder, 1, now + ttl_s)
+            if row["holder"] == holder and row["expires"] >= now:
+                epoch = row["epoch"]
+            elif row["expires"] < now:
+                epoch = row["epoch"] + 1
+            else:
+                return None
+            c.execute(leases_t.update().where(leases_t.c.name == name)
+                      .values(holder=holder, epoch=epoch, expires=now + ttl_s))
+            return Lease(name, holder, epoch, now + ttl_s)
+
+    def release_lease(self, lease: Lease) -> None:
+        """Give ``lease`` up now (a standby may take it at its next try), if still held."""
+        with self._begin(fenced=False) as c:
+            c.execute(leases_t.update().where(leases_t.c.name == lease.name, leases_t.c.holder == lease.holder,
+                                              leases_t.c.epoch == lease.epoch).values(expires=0.0))
+
+    def lease(self, name: str) -> Lease | None:
+        with self._connect() as c:
+            row = c.execute(sa.select(leases_t).where(leases_t.c.name == name)).mappings().first()
+        return None if row is None else Lease(row["name"], row["holder"], row["epoch"], row["expires"])
+
+    def fence(self, lease: Lease | None) -> None:
+        """From now on every write of this store object first checks, in its own transaction, that
+        ``lease`` is still held with its epoch (:class:`Deposed` otherwise); None stops checking."""
+        self._fence = None if lease is None else (lease.name, lease.holder, lease.epoch)
 
     # reads --------------------------------------------------------------------------------------
     def get(self, job_id: str, *, history: bool = False) -> JobRecord:
@@ -393,11 +594,69 @@ class JobStore:
         with self._connect() as c:
             return [_record(r) for r in c.execute(q).mappings()]
 
+    # quotas -------------------------------------------------------------------------------------
+    def set_quota(self, team: str, **fields: Any) -> QuotaRecord:
+        """Create or change a team's quota. ``fields`` (any of :data:`QUOTA_FIELDS`; a max of None
+        or ``inf``: no limit; a cohort of None or "": none) replace the stored values; the rest
+        keep theirs (a new team: nothing guaranteed, no max, no cohort). Raises
+        :class:`InvalidQuota` naming the bad field; then nothing is written."""
+        bad = sorted(set(fields) - set(QUOTA_FIELDS))
+        if bad:
+            raise InvalidQuota(bad[0], f"quota of {team!r}: unknown quota field(s) {bad}; fields: "
+                                       f"{', '.join(QUOTA_FIELDS)}")
+        now = self.clock()
+        with self._begin() as c:
+            row = c.execute(sa.select(quotas_t).where(quotas_t.c.team == team)).mappings().first()
+            base = ({k: row[k] for k in QUOTA_FIELDS} if row is not None else
+                    dict(cohort=None, guaranteed_cpus=0.0, guaranteed_gpus=0.0, max_cpus=None, max_gpus=None))
+            values = check_quota(team, {**base, **fields})
+            if row is None:
+                c.execute(quotas_t.insert().values(team=team, updated_time=now, **values))
+            else:
+                c.execute(quotas_t.update().where(quotas_t.c.team == team)
+                          .values(updated_time=now, **values))
+        return self.get_quota(team)
+
+    def get_quota(self, team: str) -> QuotaRecord:
+        with self._connect() as c:
+            row = c.execute(sa.select(quotas_t).where(quotas_t.c.team == team)).mappings().first()
+        if row is None:
+            raise UnknownQuota(team)
+        return QuotaRecord(**row)
+
+    def list_quotas(self) -> list[QuotaRecord]:
+        """Every team's quota, by team name."""
+        with self._connect() as c:
+            return [QuotaRecord(**r) for r in c.execute(sa.select(quotas_t).order_by(quotas_t.c.team))
+                    .mappings()]
+
+    def delete_quota(self, team: str) -> None:
+        """Remove a team's quota (it then has no guarantee and no max). Raises UnknownQuota."""
+        with self._begin() as c:
+            if c.execute(quotas_t.delete().where(quotas_t.c.team == team)).rowcount != 1:
+                raise UnknownQuota(team)
+
+    def quotas(self) -> dict[str, Quota]:
+        """Team -> :class:`~orchestrator.policy.Quota`: the policy's view, one query."""
+        return {q.team: q.quota() for q in self.list_quotas()}
+
     # plumbing -----------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _begin(self):
+    def _begin(self, fenced: bool = True, exclusive: bool = False):
+        """A write transaction. Fenced (:meth:`fence`): the lease row is read first, shared-locked
+        until commit (PostgreSQL) or under SQLite's write lock taken up front, so a takeover
+        cannot commit between the check and this transaction's writes."""
+        fence = self._fence if fenced else None
         try:
             with self.engine.begin() as c:
+                if (fence or exclusive) and c.dialect.name == "sqlite":
+                    c.exec_driver_sql("BEGIN IMMEDIATE")
+                if fence:
+                    name, holder, epoch = fence
+                    row = c.execute(sa.select(leases_t.c.holder, leases_t.c.epoch)
+                                    .where(leases_t.c.name == name).with_for_update(read=True)).first()
+                    if row is None or (row[0], row[1]) != (holder, epoch):
+                        raise Deposed(name, holder, epoch, *(row or (None, None)))
                 yield c
         except OperationalError as e:
             raise StoreUnavailable(self.url, _short(e)) from None
@@ -409,6 +668,58 @@ class JobStore:
                 yield c
         except OperationalError as e:
             raise StoreUnavailable(self.url, _short(e)) from None
+
+
+def _add_tables(engine) -> None:
+    """Create the tables a store made by an older orchestrator lacks (``leases``), once however
+    many processes open it at the same time."""
+    missing = [t for t in metadata.sorted_tables if not sa.inspect(engine).has_table(t.name)]
+    if missing:
+        with engine.begin() as c:
+            _lock_schema(c)
+            metadata.create_all(c, tables=missing, checkfirst=True)
+
+
+def _add_columns(engine) -> None:
+    """Add the ``jobs`` columns a store made by an older orchestrator lacks (all nullable), so it
+    opens unchanged: ``create_all`` creates missing tables only. Idempotent; a second process
+    adding the same column at the same time is fine."""
+    have = {c["name"] for c in sa.inspect(engine).get_columns("jobs")}
+    for col in jobs_t.columns:
+        if col.name in have:
+            continue
+        ddl = f"ALTER TABLE jobs ADD COLUMN {col.name} {col.type.compile(dialect=engine.dialect)}"
+        try:
+            with engine.begin() as c:
+                c.execute(sa.text(ddl))
+        except SQLAlchemyError:
+            if col.name not in {c["name"] for c in sa.inspect(engine).get_columns("jobs")}:
+                raise
+
+
+# Any 64-bit key will do; this one is fixed so that every orchestrator version takes the same lock.
+_SCHEMA_LOCK = zlib.crc32(b"ray-elastic-orchestrator schema")
+
+
+def _schema_version(c) -> int | None:
+    if not sa.inspect(c).has_table(schema_t.name):
+        return None
+    return c.execute(sa.select(schema_t.c.version)).scalar()
+
+
+def _lock_schema(c) -> None:
+    """Hold the database's write lock for the rest of ``c``'s transaction: the schema's
+    check-and-create.
+
+    Several processes opening one empty database at once would otherwise all create the tables
+    (PostgreSQL: duplicate key in pg_type) or all insert a schema version. PostgreSQL: a
+    transaction-scoped advisory lock (per database). SQLite: take the write lock up front (a
+    deferred transaction only takes it at its first write, after the others have checked too).
+    """
+    if c.dialect.name == "postgresql":
+        c.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+    elif c.dialect.name == "sqlite":
+        c.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

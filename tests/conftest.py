@@ -1,5 +1,5 @@
-"""Shared fixtures: one session-scoped local Ray, a removable-node multi-node cluster, and a real
-S3 endpoint (moto_server) on 127.0.0.1.
+"""Shared fixtures: one session-scoped local Ray, a removable-node multi-node cluster, a real
+S3 endpoint (moto_server) and a real PostgreSQL server, both on 127.0.0.1.
 
 Ray workers inherit the driver's environment at ``ray.init`` time, so the S3 endpoint variables
 are set before Ray starts; tests that need S3 ask for ``s3`` and get a fresh bucket.
@@ -114,24 +114,68 @@ def s3(s3_endpoint):
 
 
 # ---------------------------------------------------------------------------------------------
+# job store backends: a SQLite file, a real PostgreSQL server
+# ---------------------------------------------------------------------------------------------
+STORE_BACKENDS = ("sqlite", "postgres")
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One PostgreSQL server for the session (``tests/postgres_server.py``), started on first use.
+    Without the server package the tests that need it fail, naming it: ``.[test]`` installs it."""
+    from postgres_server import PostgresServer, ServerUnavailable
+    server, error = None, None
+    try:
+        server = PostgresServer()
+        server.start()
+    except ServerUnavailable as e:
+        error = str(e)
+    try:
+        if error:
+            pytest.fail(error, pytrace=False)
+        yield server
+    finally:
+        if server is not None:
+            server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A fresh, empty database on the session's server: its plain ``postgresql://`` URL."""
+    name = postgres_server.new_database()
+    yield postgres_server.url(name)
+    postgres_server.drop_database(name)
+
+
+def store_url_for(backend: str, request, tmp_path) -> str:
+    """A job store URL on ``backend``: a SQLite file path, or a fresh PostgreSQL database."""
+    if backend == "sqlite":
+        return str(tmp_path / "jobs.db")
+    assert backend == "postgres", backend
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+def store_url(request, tmp_path):
+    """A job store URL, once per backend (the test runs on each)."""
+    return store_url_for(request.param, request, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
 # Ray
 # ---------------------------------------------------------------------------------------------
-_METRICS_PORT: list[int] = []
+# Processes push their metrics to the node's Prometheus endpoint every this many ms (Ray's default
+# is 10 s): tests that read metrics wait about this long.
+METRICS_REPORT_MS = 2000
 
 
 def _start_local_ray():
     import ray
     if not ray.is_initialized():
-        _METRICS_PORT[:] = [free_port()]  # where this node's metrics agent serves Prometheus text
         ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": ROOT}}, _metrics_export_port=_METRICS_PORT[0])
+                 runtime_env={"env_vars": {"PYTHONPATH": ROOT}}, _metrics_export_port=free_port(),
+                 _system_config={"metrics_report_interval_ms": METRICS_REPORT_MS})
     return ray
-
-
-@pytest.fixture
-def metrics_url(ray_local):
-    """The session Ray node's metrics endpoint (Prometheus text), as Prometheus would scrape it."""
-    return f"http://127.0.0.1:{_METRICS_PORT[0]}/metrics"
 
 
 @pytest.fixture(scope="session")
@@ -143,6 +187,13 @@ def _s3_env(s3_endpoint):
 def ray_local(_s3_env):
     """The session's local Ray (2 CPUs). Restarted lazily if a multi-node test shut it down."""
     return _start_local_ray()
+
+
+@pytest.fixture
+def metrics_url(ray_local):
+    """The Prometheus endpoint (``http://IP:PORT/metrics``) of the session's local Ray node."""
+    from orchestrator.metrics import ray_endpoints
+    return wait_until(ray_endpoints, 30, what="the node's metrics export port")[0]
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""`orchestrator submit | status | queue | cancel | logs` against a real store file."""
+"""`orchestrator submit | status | queue | cancel | logs` against a real store: a SQLite file and a
+PostgreSQL database (a plain ``postgresql://`` URL, as a user writes it)."""
 
 from __future__ import annotations
 
@@ -15,16 +16,15 @@ EXAMPLE = os.path.join(ROOT, "jobs", "examples", "mlp_train.yaml")
 
 
 @pytest.fixture
-def db(tmp_path, monkeypatch):
-    """A store file, and the example's dataset where its relative URL points (submit reads its
-    manifest before storing anything)."""
+def db(tmp_path, monkeypatch, store_url):
+    """A store URL on each backend, and the example's dataset where its relative URL points
+    (submit reads its manifest before storing anything)."""
     from actors.data import write_shards
     from jobs.examples.datasets import classification
     monkeypatch.chdir(tmp_path)
     write_shards(classification(256, in_dim=32), "demo_out/data/classification", rows_per_shard=128, progress=False)
-    path = str(tmp_path / "jobs.db")
-    monkeypatch.setenv("ORCHESTRATOR_STORE", path)
-    return path
+    monkeypatch.setenv("ORCHESTRATOR_STORE", store_url)
+    return store_url
 
 
 def test_submit_of_a_spec_whose_dataset_is_missing_exits_2_and_stores_nothing(db, tmp_path, capsys):

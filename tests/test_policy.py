@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 import time
 
@@ -10,7 +11,7 @@ import pytest
 
 from orchestrator.policy import (PRIORITY, Admit, Capacity, ClusterState, Grow, JobView, Node,
                                  PolicyConfig, Preempt, Quota, Reject, Requeue, RequestResources,
-                                 Shrink, decide)
+                                 Shrink, Wait, decide, decide_with_reasons)
 
 LOW, NORMAL, HIGH, CRIT = (PRIORITY[c] for c in ("low", "normal", "high", "critical"))
 NOW = 100_000.0
@@ -145,18 +146,28 @@ def test_backfill_disabled_keeps_everyone_behind_the_head():
     assert admitted(decide([job("head", mn=8, t=1), job("small", t=2)], busy, c, None, NOW, cfg)) == {}
 
 
+def random_running(rng, n: int, classes, *, at_least: int, teams="t", start: bool = False) -> list:
+    """``at_least``..8 running jobs placed at random on ``n`` nodes of 4 slots (a choice of one
+    class or team draws no random number, so the seeds' scenarios stay what they were)."""
+    def pick(xs):
+        return xs[0] if len(xs) == 1 else rng.choice(xs)
+    running, used = [], {f"n{i}": 0 for i in range(n)}
+    for k in range(rng.randint(at_least, 8)):
+        node = f"n{rng.randrange(n)}"
+        w = rng.randint(1, 4 - used[node]) if used[node] < 4 else 0
+        if w:
+            used[node] += w
+            cls = pick(classes)
+            running.append(run(f"r{k}", cls, {node: w}, team=pick(teams), **({"start": float(k)} if start else {})))
+    return running
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_backfill_never_delays_head_of_queue(seed):
     """Whatever backfills, the head fits as soon as the jobs running before it finish."""
     rng = random.Random(seed)
     n = rng.randint(2, 6)
-    running, used = [], {f"n{i}": 0 for i in range(n)}
-    for k in range(rng.randint(1, 8)):
-        node = f"n{rng.randrange(n)}"
-        w = rng.randint(1, 4 - used[node]) if used[node] < 4 else 0
-        if w:
-            used[node] += w
-            running.append(run(f"r{k}", HIGH, {node: w}))
+    running = random_running(rng, n, [HIGH], at_least=1)
     queue = [job(f"q{k}", NORMAL, mn=rng.randint(1, 6), t=k) for k in range(rng.randint(2, 10))]
     c = cluster_with(running, n)
     ds = decide(queue, running, c, None, NOW, CFG)
@@ -341,3 +352,298 @@ def test_a_job_is_never_told_to_shrink_or_stop_twice_in_one_cycle():
                 NOW, CFG)
     victims = [d.job_id for d in ds if isinstance(d, (Preempt, Shrink))]
     assert sorted(victims) == ["low-a", "low-b"]
+
+
+# --- why a queued job waits (decide_with_reasons) -----------------------------------------------
+def why(ds_waits) -> dict[str, Wait]:
+    ds, waits = ds_waits
+    assert len({w.job_id for w in waits}) == len(waits)  # one reason per job
+    return {w.job_id: w for w in waits}
+
+
+def test_a_job_held_by_its_teams_quota_waits_for_quota_naming_the_team_its_use_and_limit():
+    held = run("a-running", NORMAL, {"n0": 4}, team="a")
+    ds, waits = decide_with_reasons([job("a-next", mn=4, t=1, team="a"), job("b-next", mn=4, t=2, team="b")],
+                                    [held], cluster_with([held], 4), {"a": Quota(cpus=6)}, NOW, CFG)
+    assert list(admitted(ds)) == ["b-next"]
+    assert waits == [Wait("a-next", "quota", "team 'a' CPU quota 4/6 in use, its gang needs 4 more")]
+
+
+def test_a_gang_too_big_for_the_free_nodes_says_what_it_needs_and_what_is_free():
+    c = ClusterState.of([Node("a", 4, 0, 3), Node("b", 4, 0, 1)])  # 4 CPUs free, one 2-CPU worker fits
+    ds, waits = decide_with_reasons([job("g", mn=3, cpus=2)], [], c, None, NOW, CFG)
+    assert ds == []  # no autoscaler: nothing asked
+    assert waits == [Wait("g", "gang_does_not_fit", "needs 3 x (2 CPU); largest free node 3 CPU (fits 1), "
+                                                    "free in all 4 CPU (fits 1)")]
+
+
+def test_a_gang_the_autoscaler_was_asked_for_says_so_and_how_much():
+    busy = [run("r", NORMAL, {"n0": 2}, cpus=2)]
+    c = cluster_with(busy, 1, autoscale_shapes=[(4, 0)])
+    ds, waits = decide_with_reasons([job("g", mn=3, cpus=2, gpus_per_worker=0)], busy, c, None, NOW, CFG)
+    [req] = of(RequestResources, ds)
+    assert req.bundles == [{"CPU": 2.0}] * 5
+    [w] = waits
+    assert (w.job_id, w.code) == ("g", "autoscaler")
+    assert w.detail.startswith("requested 3 x (2 CPU) from the autoscaler; needs 3 x (2 CPU); "
+                               "largest free node 0 CPU (fits 0)")
+
+
+def test_a_job_that_fits_only_on_the_heads_reserved_nodes_waits_behind_the_head_naming_it():
+    busy = [run("r0", NORMAL, {"n0": 2}), run("r1", NORMAL, {"n1": 2}), run("r2", NORMAL, {"n2": 3})]
+    ds, waits = decide_with_reasons([job("wide", mn=8, t=1), job("small", t=2), job("small2", t=3)], busy,
+                                    cluster_with(busy, 3), None, NOW, CFG)
+    assert list(admitted(ds)) == ["small"]
+    w = why((ds, waits))
+    assert w["small2"] == Wait("small2", "behind_reserved_head",
+                               "head wide holds the nodes it fits on (first in line)")
+    assert w["wide"].code == "gang_does_not_fit" and w["wide"].detail.startswith("needs 8 x (1 CPU);")
+    # Without backfill nobody behind the head is even tried.
+    cfg = PolicyConfig(backfill=False, min_run_before_preempt_s=0)
+    _, waits = decide_with_reasons([job("wide", mn=8, t=1), job("small", t=2)], busy, cluster_with(busy, 3),
+                                   None, NOW, cfg)
+    assert why((_, waits))["small"].detail == "head wide is first in line; backfill is off"
+
+
+def test_a_head_that_preempts_says_whom_it_waits_for():
+    ds, waits = decide_with_reasons([job("high", HIGH, mn=8, t=NOW)], two_low_elastic_jobs(),
+                                    cluster_with(two_low_elastic_jobs(), 2), None, NOW, CFG)
+    assert {d.job_id for d in of(Preempt, ds)} == {"low-a", "low-b"}
+    [w] = waits
+    assert w.code == "gang_does_not_fit" and w.detail.endswith("; preempting low-a (stop), low-b (stop)")
+
+
+def test_a_job_that_can_never_fit_is_rejected_and_its_wait_is_never_fits_with_the_same_reason():
+    ds, waits = decide_with_reasons([job("huge", mn=3, cpus=3), job("ok", mn=2, cpus=3)], [],
+                                    ClusterState.of(nodes(2)), None, NOW, CFG)
+    [r] = of(Reject, ds)
+    assert waits == [Wait("huge", "never_fits", r.reason)] and "even when empty" in r.reason
+    with pytest.raises(ValueError, match="not one of"):
+        Wait("x", "bored", "")
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_reasons_change_no_decision_and_every_job_not_admitted_has_one(seed):
+    rng = random.Random(seed)
+    n = rng.randint(2, 6)
+    running = random_running(rng, n, [LOW, NORMAL], at_least=0, teams="ab")
+    queue = [job(f"q{k}", rng.choice([LOW, NORMAL, HIGH]), mn=rng.randint(1, 10), t=k, team=rng.choice("ab"))
+             for k in range(rng.randint(1, 12))]
+    quotas = rng.choice([None, {"a": Quota(cpus=rng.randint(4, 16))}])
+    shapes = rng.choice([[], [(4, 0)]])
+    cfg = PolicyConfig(min_run_before_preempt_s=0, backfill_depth=rng.choice([0, 2, 100]))
+    c = cluster_with(running, n, autoscale_shapes=shapes)
+    ds, waits = decide_with_reasons(queue, running, c, quotas, NOW, cfg)
+    assert ds == decide(queue, running, c, quotas, NOW, cfg)
+    assert {w.job_id for w in waits} == {j.id for j in queue} - set(admitted(ds))
+    for w in waits:
+        if w.code == "autoscaler":
+            assert shapes and of(RequestResources, ds)
+
+
+def test_one_cycle_with_reasons_over_5000_queued_jobs_and_1000_nodes_is_fast():
+    rng = random.Random(0)
+    ns = [Node(f"n{i}", 32, 0, rng.choice([0, 4, 8, 32])) for i in range(1000)]
+    queue = [job(f"q{i}", rng.choice([LOW, NORMAL, HIGH, CRIT]), mn=rng.choice([1, 2, 8, 64]), cpus=4,
+                 t=float(i)) for i in range(5000)]
+    t0 = time.perf_counter()
+    ds, waits = decide_with_reasons(queue, [], ClusterState.of(ns), {"default": Quota(cpus=20_000)}, NOW, CFG)
+    assert time.perf_counter() - t0 < 2.0
+    assert len(waits) == 5000 - len(admitted(ds))
+
+
+# --- guaranteed shares, cohorts, borrowing, reclaim, fair share ----------------------------------
+def share(g, mx=None, cohort="ml", gpus=(0.0, None)):
+    """A quota of ``g`` CPUs guaranteed, at most ``mx`` (None: no limit), in ``cohort``."""
+    return Quota(cpus=mx, gpus=gpus[1], guaranteed_cpus=g, guaranteed_gpus=gpus[0], cohort=cohort)
+
+
+def test_a_team_borrows_idle_guaranteed_capacity_of_its_cohort_but_not_of_another():
+    quotas = {"a": share(4, 8), "b": share(4)}               # 8 CPUs, all guaranteed
+    ds = decide([job("a-big", mn=1, mx=8, team="a")], [], ClusterState.of(nodes(2)), quotas, NOW, CFG)
+    assert admitted(ds)["a-big"].workers == 8                # b's 4 idle CPUs lent to a
+    quotas["b"] = share(4, cohort="other")
+    ds, waits = decide_with_reasons([job("a-big", mn=1, mx=8, team="a"), job("a-gang", mn=3, t=1, team="a")],
+                                    [], ClusterState.of(nodes(2)), quotas, NOW, CFG)
+    assert admitted(ds)["a-big"].workers == 4                # its guarantee, nothing lent
+    [w] = waits
+    assert (w.job_id, w.code) == ("a-gang", "quota") and "borrowing: 0 CPU" in w.detail
+    assert "team 'a' CPU 4 in use, 4 guaranteed, its gang needs 3 more" in w.detail
+
+
+def test_capacity_no_team_guarantees_is_anyones_up_to_its_max():
+    quotas = {"a": share(4, cohort=None)}                    # 12 CPUs, 4 guaranteed to a
+    ds = decide([job("z", mn=1, mx=12, team="z")], [], ClusterState.of(nodes(3)), quotas, NOW, CFG)
+    assert admitted(ds)["z"].workers == 8                    # no quota: the 8 nobody guarantees
+    quotas["z"] = Quota(cpus=6)
+    ds = decide([job("z", mn=1, mx=12, team="z")], [], ClusterState.of(nodes(3)), quotas, NOW, CFG)
+    assert admitted(ds)["z"].workers == 6
+
+
+def test_a_gang_larger_than_all_its_team_could_ever_borrow_is_rejected_unless_the_cluster_can_grow():
+    quotas = {"a": share(4, cohort="x"), "b": share(4, cohort="y"), "c": share(2, cohort="x")}
+    gang = job("wide", mn=8, team="a")                       # 12 CPUs: a 4 + c 2 + 2 nobody's = 8
+    assert admitted(decide([gang], [], ClusterState.of(nodes(3)), quotas, NOW, CFG))["wide"].workers == 8
+    ds, waits = decide_with_reasons([job("wider", mn=9, team="a")], [], ClusterState.of(nodes(3)), quotas,
+                                    NOW, CFG)
+    [r] = of(Reject, ds)
+    assert "min gang needs 9 CPU but team 'a' can hold at most 8 CPU even on an idle cluster" in r.reason
+    assert waits == [Wait("wider", "never_fits", r.reason)]
+    grows = ClusterState.of(nodes(3), autoscale_shapes=[(4, 0)])
+    assert not of(Reject, decide([job("wider", mn=9, team="a")], [], grows, quotas, NOW, CFG))
+
+
+def test_the_max_caps_borrowing():
+    quotas = {"a": share(2, 6), "b": share(6)}
+    ds, waits = decide_with_reasons([job("a-e", mn=1, mx=8, team="a"), job("a-more", t=1, team="a")], [],
+                                    ClusterState.of(nodes(2)), quotas, NOW, CFG)
+    assert admitted(ds)["a-e"].workers == 6
+    assert waits == [Wait("a-more", "quota", "team 'a' CPU quota 6/6 in use, its gang needs 1 more")]
+
+
+def test_a_borrower_does_not_take_capacity_its_owners_queued_job_asks_for():
+    quotas = {"a": share(4, 8), "b": share(4, 8)}
+    busy = [run("b1", NORMAL, {"n0": 4}, team="b")]
+    ds = decide([job("b2", HIGH, mn=4, team="b"), job("a1", LOW, mn=4, t=1, team="a")], busy,
+                cluster_with(busy, 2), quotas, NOW, CFG)
+    assert list(admitted(ds)) == ["a1"]                      # b2 would borrow what a1 asks for
+
+
+def borrowed_cohort():
+    """8 CPUs; a and b are guaranteed 4 each, c nothing (cohort ml); b runs 8 (it borrowed a's
+    4): b-old (4 workers, n0), b-mid and b-new (2 each, n1, started later)."""
+    quotas = {"a": share(4, 8), "b": share(4, 8), "c": share(0, 8)}
+    busy = [run("b-old", HIGH, {"n0": 4}, team="b", start=0), run("b-mid", HIGH, {"n1": 2}, team="b", start=10),
+            run("b-new", HIGH, {"n1": 2}, team="b", start=20)]
+    return quotas, busy
+
+
+def test_a_job_within_its_guarantee_reclaims_it_from_borrowers_whatever_their_class():
+    quotas, busy = borrowed_cohort()
+    ds, waits = decide_with_reasons([job("a1", LOW, mn=4, team="a")], busy, cluster_with(busy, 2),
+                                    quotas, NOW, CFG)
+    preempted = sorted(p.job_id for p in of(Preempt, ds))
+    assert preempted == ["b-mid", "b-new"] and not of(Shrink, ds) and admitted(ds) == {}
+    assert all("team 'a'" in p.reason and "guaranteed share" in p.reason for p in of(Preempt, ds))
+    [w] = waits
+    assert w.code == "gang_does_not_fit" and w.detail.endswith(
+        "reclaiming the guaranteed share of team 'a': preempting b-new (stop), b-mid (stop)")
+    # Next cycle the victims are stopping: a1 holds their nodes, preempts nobody else and nothing
+    # backfills there.
+    stopping = [busy[0]] + [dataclasses.replace(r, stopping=True, target_workers=0) for r in busy[1:]]
+    ds, waits = decide_with_reasons([job("a1", LOW, mn=4, team="a"), job("c1", HIGH, t=1, team="c")],
+                                    stopping, cluster_with(stopping, 2), quotas, NOW, CFG)
+    assert not of(Preempt, ds) and admitted(ds) == {}
+    assert "freed by stopping b-mid, b-new" in why((ds, waits))["a1"].detail
+    # Then they are gone and requeued: a1 starts; the borrowers wait, however high their class.
+    requeued = [job(r.id, HIGH, mn=2, team="b", state="preempted") for r in busy[1:]]
+    ds, waits = decide_with_reasons([*requeued, job("a1", LOW, mn=4, t=5, team="a")], busy[:1],
+                                    cluster_with(busy[:1], 2), quotas, NOW, CFG)
+    assert list(admitted(ds)) == ["a1"]
+    assert {w.job_id: w.code for w in waits} == {"b-mid": "quota", "b-new": "quota"}
+
+
+def test_reclaim_preempts_only_borrowers_and_only_as_much_as_needed():
+    quotas, busy = borrowed_cohort()
+    busy.append(run("c-low", LOW, {"n2": 4}, team="x"))      # a 12-CPU cluster; team x, of the
+    quotas["x"] = share(4, 4)                                # cohort too, runs its own guarantee
+    ds = decide([job("a1", LOW, mn=2, team="a")], busy, cluster_with(busy, 3), quotas, NOW, CFG)
+    assert [p.job_id for p in of(Preempt, ds)] == ["b-new"]  # most recent borrower, 2 of 2 needed
+    # Without a guarantee to reclaim (a already uses its 4) nothing is preempted for a's job.
+    a_busy = busy[:2] + [run("a0", LOW, {"n1": 2}, team="a"), busy[3]]
+    ds = decide([job("a1", NORMAL, mn=4, team="a")], a_busy, cluster_with(a_busy, 3),
+                {**quotas, "a": share(2, 8)}, NOW, CFG)
+    assert not of(Preempt, ds) and not of(Shrink, ds)
+    # A team within its guarantee is never a victim, even of the lowest class.
+    within = [run("b-low", LOW, {"n0": 4}, team="b"), run("x-low", LOW, {"n1": 4}, team="x")]
+    ds = decide([job("a1", LOW, mn=4, team="a")], within, cluster_with(within, 2),
+                {"a": share(4, 8), "b": share(4, 8), "x": share(0, 8)}, NOW, CFG)
+    assert [p.job_id for p in of(Preempt, ds)] == ["x-low"]  # x runs 4 over its guarantee of 0
+
+
+def test_priority_preemption_spares_other_teams_jobs_within_their_guarantee():
+    quotas = {"a": share(4, 8), "b": share(4, 8), "x": share(0, 8)}
+    busy = [run("a-low", LOW, {"n0": 4}, team="a"), run("x-pinned", NORMAL, {"n1": 4}, team="x", preemptible=False)]
+    ds, waits = decide_with_reasons([job("b-high", HIGH, mn=4, team="b")], busy, cluster_with(busy, 2),
+                                    quotas, NOW, CFG)
+    assert not of(Preempt, ds) and not of(Shrink, ds)     # x's borrowing is pinned, a's is its own
+    assert why((ds, waits))["b-high"].code == "gang_does_not_fit"
+    busy[0] = run("a-low", LOW, {"n0": 4}, team="z")      # a team with no quota: fair game
+    assert [p.job_id for p in of(Preempt, decide([job("b-high", HIGH, mn=4, team="b")], busy,
+                                                 cluster_with(busy, 2), quotas, NOW, CFG))] == ["a-low"]
+
+
+def test_fair_share_admits_the_team_using_least_first_within_a_class():
+    busy = [run("a-run", NORMAL, {"n0": 4}, team="a")]
+    queue = [job("a-next", mn=4, t=1, team="a"), job("b-next", mn=4, t=2, team="b")]
+    c = cluster_with(busy, 2)
+    assert list(admitted(decide(queue, busy, c, None, NOW, CFG))) == ["a-next"]  # FIFO without quotas
+    quotas = {"a": Quota(), "b": Quota()}
+    assert list(admitted(decide(queue, busy, c, quotas, NOW, CFG))) == ["b-next"]
+    # The dominant resource counts: a holds 1 of 2 GPUs (50%), b 4 of 12 CPUs (33%).
+    gpu = [run("a-gpu", NORMAL, {"g0": 1}, team="a", gpus_per_worker=1),
+           run("b-cpu", NORMAL, {"n0": 4}, team="b")]
+    c = ClusterState.of([Node("g0", 2, 2, 1, 1), Node("n0", 4, 0, 0, 0), Node("n1", 6, 0, 4, 0)])
+    ds = decide([job("a-2", mn=4, t=1, team="a"), job("b-2", mn=4, t=2, team="b")], gpu, c, quotas, NOW, CFG)
+    assert list(admitted(ds)) == ["b-2"]
+    # Shares count what the cycle admits; a higher class still goes first.
+    queue = [job("a1", t=1, team="a"), job("a2", t=2, team="a"), job("b1", t=3, team="b"),
+             job("c1", LOW, t=0, team="c"), job("h", HIGH, t=9, team="a")]
+    ds = decide(queue, [], ClusterState.of([Node("n", 3, 0)]), quotas, NOW, CFG)
+    assert [d.job_id for d in of(Admit, ds)] == ["h", "b1", "a1"]
+    assert decide(queue, [], ClusterState.of([Node("n", 3, 0)]), quotas, NOW,
+                  PolicyConfig(min_run_before_preempt_s=0, fair_share=False))[1].job_id == "a1"
+
+
+def test_quota_values_are_checked_naming_the_field():
+    with pytest.raises(ValueError, match="guaranteed_gpus"):
+        Quota(guaranteed_gpus=-1)
+    with pytest.raises(ValueError, match=r"Quota.cpus \(the max, 2\) must be >= guaranteed_cpus"):
+        Quota(cpus=2, guaranteed_cpus=4)
+
+
+def test_one_cycle_with_guarantees_and_fair_share_over_5000_jobs_and_1000_nodes_is_fast():
+    rng = random.Random(0)
+    ns = [Node(f"n{i}", 32, 0, rng.choice([0, 4, 8, 32])) for i in range(1000)]
+    teams = [f"t{k}" for k in range(8)]
+    queue = [job(f"q{i}", rng.choice([LOW, NORMAL, HIGH, CRIT]), mn=rng.choice([1, 2, 8, 64]), cpus=4,
+                 t=float(i), team=rng.choice(teams)) for i in range(5000)]
+    quotas = {t: share(4000, None, cohort="all" if k % 2 else None) for k, t in enumerate(teams)}
+    t0 = time.perf_counter()
+    ds, waits = decide_with_reasons(queue, [], ClusterState.of(ns), quotas, NOW, CFG)
+    assert time.perf_counter() - t0 < 2.0
+    assert len(waits) == 5000 - len(admitted(ds)) and admitted(ds)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_with_random_guarantees_no_team_passes_its_max_and_reclaim_takes_only_from_borrowers(seed):
+    rng = random.Random(seed)
+    n = rng.randint(2, 5)
+    teams = "abcd"
+    quotas = {}
+    for t in teams[:rng.randint(1, 4)]:
+        g = rng.choice([0, 2, 4])
+        quotas[t] = Quota(cpus=rng.choice([None, g, g + 4]), guaranteed_cpus=g,
+                          cohort=rng.choice([None, "x", "x", "y"]))
+    running = random_running(rng, n, [LOW, NORMAL, HIGH], at_least=0, teams=teams, start=True)
+    queue = [job(f"q{k}", rng.choice([LOW, NORMAL, HIGH]), mn=rng.randint(1, 4), mx=rng.randint(4, 6),
+                 t=k, team=rng.choice(teams)) for k in range(rng.randint(1, 10))]
+    c = cluster_with(running, n)
+    ds, waits = decide_with_reasons(queue, running, c, quotas, NOW, CFG)
+    assert ds == decide(queue, running, c, quotas, NOW, CFG)
+    assert {w.job_id for w in waits} == {j.id for j in queue} - set(admitted(ds))
+    use: dict[str, float] = {}
+    for r in running:
+        use[r.team] = use.get(r.team, 0) + r.workers
+    before = dict(use)
+    for d in of(Admit, ds) + of(Grow, ds):
+        team = next(j.team for j in queue + running if j.id == d.job_id)
+        use[team] = use.get(team, 0) + sum(d.placement.values())
+    for t, q in quotas.items():
+        if q.cpus is not None:
+            assert use.get(t, 0) <= max(q.cpus, before.get(t, 0)), (t, use, quotas)
+    for p in of(Preempt, ds) + of(Shrink, ds):
+        if "guaranteed share" in p.reason:
+            victim = next(r for r in running if r.id == p.job_id)
+            g = quotas[victim.team].guaranteed_cpus if victim.team in quotas else 0
+            assert before[victim.team] > g, (p, quotas)

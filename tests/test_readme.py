@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from cluster.configs import aws_ami_lookup_command
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 BIN = os.path.dirname(sys.executable)
@@ -38,6 +40,7 @@ COVERED = {
     "ray job submit": "tests/test_service.py::test_ray_job_submit_runs_a_train_spec",
     "orchestrator submit": "tests/test_service.py::test_admitted_jobs_run_as_ray_jobs_that_show_in_ray_job_list",
     "orchestrator queue": "tests/test_cli_jobs.py",
+    "orchestrator quota": "tests/test_cli_quota.py::test_quota_set_list_and_delete",
     "orchestrator status": "tests/test_cli_jobs.py",
     "orchestrator logs": "tests/test_service.py",
     "orchestrator cancel": "tests/test_service.py::test_cancel_stops_the_ray_job_and_cancelling_again_is_an_error",
@@ -55,6 +58,9 @@ COVERED = {
     "RAY_GRAFANA_HOST=": "tests/test_observability.py::test_prometheus_from_rays_config_answers_every_dashboard_query",
 }
 NOT_RUNNABLE_HERE = {
+    aws_ami_lookup_command("us-west-2"):
+        "needs AWS credentials; tests/test_cluster_yaml.py checks it is the command aws.yaml and the "
+        "validator give",
     "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128":
         "CUDA wheel: needs the PyTorch index and a GPU, neither reachable from CI",
     "pip install -e .": "what `make` does (with the CPU torch) on every CI run",

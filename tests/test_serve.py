@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.serve.canary import ArmStats, canary_decision
+from actors.serve.canary import ArmStats, canary_decision, gates
 from actors.served_model import (ServedCheckpointError, load_served_model, read_served_meta,
                                      save_served_model)
 from actors.serve.graph import GraphError, as_graph
@@ -179,6 +179,14 @@ def test_canary_gate_rolls_back_when_p95_is_over_20_percent_slower():
                            Canary(min_requests=10, max_p95_slowdown=0.5)) == "promote"
 
 
+def test_canary_gates_give_each_verdict_with_its_figures():
+    g = {x.name: x for x in gates(_arm(100, 0, 0.100), _arm(100, 2, 0.115), Canary(min_requests=10))}
+    assert (g["error_rate"].passed, g["error_rate"].canary, g["error_rate"].limit) == (False, 0.02, 0.0)
+    p95 = g["p95_latency_ms"]
+    assert p95.passed and p95.canary == pytest.approx(115) and p95.limit == pytest.approx(120)
+    assert p95.line() == "p95_latency_ms: canary 115 vs stable 100, limit 120 -> pass"
+
+
 def test_served_checkpoint_round_trips_on_any_storage_url(tmp_path):
     model = _seeded_mlp(7)
     for url in (str(tmp_path / "ckpt"), f"memory://serve-test/{time.monotonic_ns()}"):
@@ -204,6 +212,26 @@ def test_cli_refuses_a_spec_that_is_not_a_serve_spec(tmp_path, capsys):
     path.write_text("kind: tune\nname: x\n")
     assert main([str(path)]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_the_first_stop_signal_interrupts_jobs_serve_once_and_ray_init_does_not_take_it_over():
+    """SIGTERM or SIGINT raises once (cleanup starts); a second signal during cleanup is ignored;
+    the handlers survive ``ray.init`` (which sets SIGTERM to sys.exit) and are put back after."""
+    import signal
+
+    from jobs.serve import _keeping_sigterm_handler, _StopSignals, _Stopped
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with _StopSignals() as stop:
+        mine = signal.getsignal(signal.SIGTERM)
+        with _keeping_sigterm_handler():
+            signal.signal(signal.SIGTERM, lambda *a: None)  # what ray.init does
+        assert signal.getsignal(signal.SIGTERM) == mine
+        with pytest.raises(_Stopped) as e:
+            signal.raise_signal(signal.SIGTERM)
+        assert e.value.signum == stop.signum == signal.SIGTERM
+        signal.raise_signal(signal.SIGINT)               # during cleanup: ignored
+        signal.raise_signal(signal.SIGTERM)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,6 +515,62 @@ def test_api_key_is_required_when_configured(serve_port, checkpoints, monkeypatc
         serve.delete(spec.name)
 
 
+def _serve_series(metrics_url: str, app: str) -> dict[tuple, float]:
+    """``{(series, arm, code|gate|outcome|le...): value}`` summed over Ray's own labels (worker,
+    node), for one application's samples on the node's Prometheus endpoint."""
+    from orchestrator.metrics import scrape
+    out: dict[tuple, float] = {}
+    for s in scrape([metrics_url]):
+        if s.labels.get("app") != app:
+            continue
+        key = (s.name, *(f"{k}={s.labels[k]}" for k in ("arm", "code", "gate", "outcome", "le") if k in s.labels))
+        out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def test_replica_exports_requests_by_code_and_arm_latency_and_batches(app, metrics_url):
+    """Good requests and refused ones reach the node's Prometheus endpoint: counted by code and
+    arm (``none`` for a request refused before routing), one latency observation per request,
+    batch sizes, forward time per example, queue depth and canary share."""
+    import requests
+    spec, url, _ = app
+    n = 24
+    xs = np.random.default_rng(5).standard_normal((n, 1, 32)).astype(np.float32)
+    with ThreadPoolExecutor(8) as pool:
+        assert [r.status_code for r in pool.map(lambda x: _post(url, x), xs)] == [200] * n
+    assert requests.post(url, data=b"{nope", timeout=30).status_code == 400
+    assert _post(url, np.zeros((65, 32))).status_code == 413
+    req, lat = "ray_orchestrator_serve_requests_total", "ray_orchestrator_serve_latency_ms"
+
+    last: dict = {}
+
+    def exported():
+        got = last["got"] = _serve_series(metrics_url, spec.name)
+        per_arm: dict[str, float] = {}
+        for key, v in got.items():
+            if key[0] == req:
+                per_arm[key[1]] = per_arm.get(key[1], 0.0) + v
+        done = (got.get((req, "arm=stable", "code=200"), 0) >= n
+                and got.get((req, "arm=none", "code=400"), 0) >= 1
+                and got.get((req, "arm=none", "code=413"), 0) >= 1
+                # one latency observation per answered request, in the same flush
+                and all(got.get((lat + "_count", arm), -1) == c for arm, c in per_arm.items()))
+        return got if done else None
+
+    try:
+        got = wait_until(exported, 60, 0.5, "serve metrics on the node's Prometheus endpoint")
+    except AssertionError as e:
+        shown = {k: v for k, v in last.get("got", {}).items() if not k[0].endswith("_bucket")}
+        raise AssertionError(f"{e}; last scraped: {shown}") from None
+    assert got[(lat + "_bucket", "arm=stable", "le=+Inf")] == got[(lat + "_count", "arm=stable")]
+    # (Ray's agent rebuilds a histogram's _sum from bucket midpoints: only counts are exact)
+    assert 1 <= got[("ray_orchestrator_serve_batch_size_count", "arm=stable")] <= n
+    assert got[("ray_orchestrator_serve_forward_ms_per_example", "arm=stable")] > 0
+    assert ("ray_orchestrator_serve_queue_depth", "arm=stable") in got
+    assert got[("ray_orchestrator_serve_canary_share",)] == 0.0
+    assert not any(k[0] == req and k[1] not in ("arm=stable", "arm=canary", "arm=none") for k in got)
+
+
 def _replica_log(app: str) -> str:
     """Everything the replicas of ``app`` wrote to their Serve log files on this machine."""
     import glob
@@ -547,7 +631,7 @@ def test_canary_promotes_a_good_checkpoint(app):
 
 
 @pytest.mark.slow
-def test_canary_rolls_back_a_failing_checkpoint_and_clients_see_no_errors(app, checkpoints):
+def test_canary_rolls_back_a_failing_checkpoint_and_clients_see_no_errors(app, checkpoints, metrics_url):
     from jobs.serve import rollout, served
     spec, url, models = app
     _, bad = checkpoints
@@ -561,6 +645,15 @@ def test_canary_rolls_back_a_failing_checkpoint_and_clients_see_no_errors(app, c
     assert load.failures() == []  # a failed canary forward is answered by the stable model
     assert {v for _, v, _ in load.results} == {old}
     assert served(spec)["stable"] == old and served(spec)["canary"] is None
+    # metrics: the gate's verdicts (from this driver), and the canary's failures as its 500s
+    gate = "ray_orchestrator_serve_gate_decisions_total"
+    want = [(gate, "gate=min_requests", "outcome=pass"), (gate, "gate=error_rate", "outcome=fail"),
+            (gate, "gate=decision", "outcome=rollback"),
+            ("ray_orchestrator_serve_requests_total", "arm=canary", "code=500")]
+    got = wait_until(lambda: (g := _serve_series(metrics_url, spec.name)) and all(g.get(k, 0) >= 1 for k in want)
+                     and g.get(("ray_orchestrator_serve_canary_share",)) == 0.0 and g,
+                     60, 0.5, "canary gate metrics")
+    assert (gate, "gate=p95_latency_ms", "outcome=pass") in got or (gate, "gate=p95_latency_ms", "outcome=fail") in got
 
 
 def test_batcher_fills_the_next_batch_with_what_arrived_during_a_forward():

@@ -5,6 +5,8 @@ Most jobs are ``tests/fake_job.py`` (starts in a blink; behaviour set in the spe
 time the scheduler, not training. The last test runs real elastic DeepSpeed train jobs end to end:
 a high-priority job preempts a low one, which checkpoints, requeues, resumes and finishes with
 every sample seen exactly once.
+
+The store is a SQLite file; the tests marked ``both_stores`` run on PostgreSQL too.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 import subprocess
 import sys
 import urllib.error
@@ -19,7 +22,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, free_ports, wait_until
+from conftest import ROOT, STORE_BACKENDS, free_ports, store_url_for, wait_until
 from orchestrator.cli import main as cli
 from orchestrator.policy import PolicyConfig, Quota
 from orchestrator.service import Scheduler, SchedulerConfig
@@ -126,9 +129,18 @@ def adapter(head):
 
 
 @pytest.fixture
-def env(adapter, tmp_path):
+def backend():
+    """The store backend of ``env``; ``both_stores`` parametrizes it."""
+    return "sqlite"
+
+
+both_stores = pytest.mark.parametrize("backend", STORE_BACKENDS)
+
+
+@pytest.fixture
+def env(adapter, tmp_path, backend, request):
     """A fresh store, spec dir and scheduler for one test."""
-    store = JobStore(str(tmp_path / "jobs.db"))
+    store = JobStore(store_url_for(backend, request, tmp_path))
     config = SchedulerConfig(policy=PolicyConfig(min_run_before_preempt_s=0), entrypoint=FAKE,
                              workdir=ROOT, spec_dir=str(tmp_path / "specs"), retry_backoff_s=1.0,
                              checkpoint_timeout_s=30, tick_s=0.2)
@@ -227,6 +239,7 @@ def test_a_job_whose_entrypoint_says_a_retry_would_fail_the_same_way_is_not_retr
     assert not [t for t in env.store.history(jid) if t.reason.startswith("retry ")]
 
 
+@both_stores
 def test_a_spec_that_can_never_fit_the_cluster_is_rejected_with_the_reason(env):
     jid = env.submit("too-big", workers=3)
     env.sched.tick()
@@ -236,6 +249,7 @@ def test_a_spec_that_can_never_fit_the_cluster_is_rejected_with_the_reason(env):
     assert not any(sid.startswith(f"orch-{jid}") for sid in env.adapter.list_jobs())
 
 
+@both_stores
 def test_cancel_stops_the_ray_job_and_cancelling_again_is_an_error(env, capsys):
     jid = env.submit("long", wait_for="/nonexistent/never")
     env.until(lambda: env.state(jid) == "running", what="running")
@@ -270,16 +284,112 @@ def test_a_preempted_job_checkpoints_before_it_is_stopped_then_resumes(env, tmp_
 
 
 # ---------------------------------------------------------------------------------------------
+# serve jobs: stopping one deletes its Serve application and frees its replicas
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def serve_port(adapter):
+    """A free port for Serve's HTTP proxy on the head; Serve is shut down after the test."""
+    from ray import serve
+    yield free_ports(1)[0]
+    serve.shutdown()
+
+
+def _serve_spec(tmp_path, name: str, port: int, cpus: float = 0.5):
+    """One replica of a tiny mlp, routed at ``/<name>``."""
+    from actors.served_model import save_served_model
+    from jobs.examples.models import mlp
+    kwargs = {"in_dim": 8, "hidden": 8, "num_classes": 2}
+    ckpt = str(tmp_path / f"served-{name}")
+    save_served_model(mlp(**kwargs), ckpt, "jobs.examples.models:mlp", kwargs)
+    return parse_spec({"kind": "serve", "name": name, "checkpoint_url": ckpt,
+                       "model": {"factory": "jobs.examples.models:mlp", "kwargs": kwargs},
+                       "input_shape": [8], "http_port": port, "route_prefix": f"/{name}",
+                       "replicas": {"min_replicas": 1, "max_replicas": 1, "cpus_per_replica": cpus}})
+
+
+def _answers(spec) -> bool:
+    import requests
+    r = requests.post(f"http://127.0.0.1:{spec.http_port}/{spec.name}", json={"inputs": [[0.0] * 8]},
+                      timeout=10)
+    return r.status_code == 200
+
+
+def _cpus() -> float:
+    import ray
+    return ray.available_resources().get("CPU", 0.0)
+
+
+def test_stopping_a_serve_job_with_the_jobs_api_deletes_its_application_and_frees_its_cpu(
+        adapter, serve_port, tmp_path):
+    """``python -m jobs.serve`` submitted as the scheduler submits it; the Jobs API's stop_job
+    (SIGTERM) makes it delete its application, and only it, and wait for its replica: the
+    replica's CPU is free again, and another application on the same Serve keeps serving."""
+    import shlex
+    import time
+    import uuid
+
+    from ray import serve
+    from jobs.serve import deploy
+    spec = _serve_spec(tmp_path, "sigterm-app", serve_port)
+    (tmp_path / "serve.json").write_text(json.dumps(spec.model_dump(mode="json")))
+    sid = f"serve-stop-{uuid.uuid4().hex[:8]}"
+    entry = (f"cd {shlex.quote(ROOT)} && exec {shlex.quote(sys.executable)} -m jobs.serve "
+             f"{shlex.quote(str(tmp_path / 'serve.json'))}")
+    assert adapter.submit(sid, entry, stop_grace_s=30)
+    wait_until(lambda: _answers(spec), 180, 0.5, "the serve job to answer HTTP")
+    bystander = _serve_spec(tmp_path, "bystander", serve_port, cpus=0.25)
+    deploy(bystander, bystander.checkpoint_url)       # joins the job's Serve
+    assert _answers(bystander) and adapter.serve_apps() >= {"sigterm-app", "bystander"}
+    busy = _cpus()
+
+    t0 = time.monotonic()
+    assert adapter.jobs.stop_job(sid)                 # SIGTERM, SIGKILL 30 s later
+    wait_until(lambda: adapter.list_jobs(sid)[sid].status == "STOPPED", 60, 0.2, "the job to stop")
+    stopped_s = time.monotonic() - t0
+    wait_until(lambda: _cpus() >= busy + 0.5 - 1e-6, 30, 0.2, "the replica's CPU to be free")
+    assert "sigterm-app" not in serve.status().applications
+    logs = adapter.logs(sid)
+    # the job cleaned up itself, within the grace the submission gave it (29 s: 1 s short of it)
+    assert "SIGTERM: deleted Serve application 'sigterm-app'; its replicas are gone" in logs, logs[-3000:]
+    assert "of a 29s budget" in logs and stopped_s < 29, (stopped_s, logs[-2000:])
+    assert _answers(bystander)                        # only its own application went
+    adapter.delete_serve_app("bystander")
+    assert "bystander" not in adapter.serve_apps()
+    wait_until(lambda: _cpus() >= busy + 0.75 - 1e-6, 30, 0.2, "the bystander's CPU to be free")
+
+
+def test_cancelling_a_serve_job_in_the_scheduler_frees_its_replicas(adapter, serve_port, tmp_path):
+    """The scheduler runs a serve spec as a Ray job; ``orchestrator cancel`` stops it and its
+    Serve application and replica are gone, the CPU they held free again."""
+    store = JobStore(str(tmp_path / "jobs.db"))
+    config = SchedulerConfig(policy=PolicyConfig(min_run_before_preempt_s=0), workdir=ROOT,
+                             spec_dir=str(tmp_path / "specs"), tick_s=0.2)
+    env = Env(store, adapter, config, tmp_path)
+    spec = _serve_spec(tmp_path, "cancel-app", serve_port)
+    free = _cpus()
+    jid = store.submit(spec)
+    env.until(lambda: env.state(jid) == "running" and _answers(spec), 180, "the serve job to answer")
+    assert _cpus() <= free - 0.5 + 1e-6               # its replica holds half a CPU
+    assert cli(["cancel", jid, "--store", store.url]) == 0
+    sid = f"orch-{jid}-a0"
+    env.until(lambda: adapter.list_jobs()[sid].status == "STOPPED", 60, "the Ray job to stop")
+    env.until(lambda: "cancel-app" not in adapter.serve_apps() and _cpus() >= free - 1e-6, 30,
+              "its application gone and its CPU free")
+    assert "SIGTERM: deleted Serve application 'cancel-app'; its replicas are gone" in adapter.logs(sid)
+
+
+# ---------------------------------------------------------------------------------------------
 # durability: kill the scheduler mid-flight
 # ---------------------------------------------------------------------------------------------
-def _scheduler_proc(env, head):
+def _scheduler_proc(env, head, *extra: str):
     return subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "scheduler", "--store", env.store.url,
          "--address", head.gcs, "--tick", "0.3", "--entrypoint", FAKE, "--workdir", ROOT,
-         "--spec-dir", env.config.spec_dir, "--retry-backoff", "1"],
+         "--spec-dir", env.config.spec_dir, "--retry-backoff", "1", *extra],
         cwd=ROOT, stdout=open(env.tmp / "sched.log", "a"), stderr=subprocess.STDOUT)
 
 
+@both_stores
 def test_killing_the_scheduler_mid_flight_loses_and_duplicates_no_job(env, head, tmp_path):
     go = tmp_path / "go"
     ids = [env.submit(f"job-{i}", wait_for=str(go)) for i in range(4)]  # 2 fit at a time
@@ -301,6 +411,45 @@ def test_killing_the_scheduler_mid_flight_loses_and_duplicates_no_job(env, head,
     assert sorted(starts) == [f"job-{i}" for i in range(4)]  # each ran exactly once
     ray_ids = [sid for sid in env.adapter.list_jobs() if any(sid.startswith(f"orch-{j}-") for j in ids)]
     assert sorted(ray_ids) == sorted(f"orch-{j}-a0" for j in ids)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_standby_scheduler_takes_over_from_a_killed_active_one_within_two_lease_periods(env, head, tmp_path):
+    """Two schedulers on one PostgreSQL store: one active by the store's lease, one standing by.
+    SIGKILL the active one while jobs run and queue: the standby takes over within two lease
+    periods, and no job is lost, run twice or restarted."""
+    ttl = 2.0
+    go = tmp_path / "go"
+    ids = [env.submit(f"ha-{i}", wait_for=str(go)) for i in range(4)]  # 2 fit at a time
+    procs = {n: _scheduler_proc(env, head, "--id", n, "--lease-ttl", str(ttl)) for n in ("A", "B")}
+    try:
+        wait_until(lambda: sum(env.state(j) == "running" for j in ids) == 2, 90, 0.2,
+                   "two jobs running under the active scheduler")
+        first = env.store.lease("scheduler")
+        assert first.holder in procs and all(p.poll() is None for p in procs.values())  # the other stands by
+        procs[first.holder].send_signal(signal.SIGKILL)
+        procs[first.holder].wait(10)
+        killed = time.monotonic()
+        after = wait_until(lambda: (lambda le: le if le.holder != first.holder else None)(
+            env.store.lease("scheduler")), 4 * ttl + 10, 0.1, "the standby to take the lease")
+        took = time.monotonic() - killed
+        assert after.epoch == first.epoch + 1 and took <= 2 * ttl + 1.0, took
+        go.write_text("")   # the running jobs finish; the queued two run under the new scheduler
+        wait_until(lambda: all(env.state(j) == "succeeded" for j in ids), 120, 0.3,
+                   "every job to succeed under the new active scheduler")
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.terminate()
+                p.wait(20)
+    starts = [ln[0] for ln in env.lines() if ln[2] == "start"]
+    assert sorted(starts) == [f"ha-{i}" for i in range(4)]   # each ran exactly once
+    assert [env.store.get(j).attempts for j in ids] == [0] * 4   # none restarted
+    ray_ids = [sid for sid in env.adapter.list_jobs() if any(sid.startswith(f"orch-{j}-") for j in ids)]
+    assert sorted(ray_ids) == sorted(f"orch-{j}-a0" for j in ids)
+    log = (tmp_path / "sched.log").read_text()
+    assert "standing by: the active scheduler is" in log and f"active scheduler {after.holder}" in log
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +495,8 @@ def test_metrics_reach_the_ray_metrics_endpoint(env, head):
     def scraped():
         text = urllib.request.urlopen(url, timeout=5).read().decode()
         return all(m in text for m in ("orchestrator_queue_depth", "orchestrator_admissions",
-                                       "orchestrator_wait_seconds"))
+                                       "orchestrator_wait_seconds", "orchestrator_jobs_waiting",
+                                       'reason="behind_reserved_head"'))  # every code, every tick
     wait_until(scraped, 90, 2.0, "scheduler metrics on the node's Prometheus endpoint")
 
 

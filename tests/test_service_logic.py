@@ -12,7 +12,7 @@ import pytest
 from orchestrator.control import JobControl, latest_commit
 from orchestrator import pipeline as pipemod
 from orchestrator.cli import main as cli
-from orchestrator.policy import Node, PolicyConfig
+from orchestrator.policy import Node, PolicyConfig, Quota
 from orchestrator.ray_adapter import RayJob
 from orchestrator.service import Scheduler, SchedulerConfig, parse_submission_id
 from orchestrator.spec import parse_spec
@@ -40,6 +40,9 @@ class FakeRay:
         self.pgs: dict[str, list] = {}
         self.requests: list[list] = []
         self.crash_on_submit = False
+        self.grace: dict[str, float | None] = {}
+        self.apps: set[str] = set()          # Serve applications on the cluster
+        self.deleted_apps: list[str] = []
 
     def nodes(self):
         return list(self._nodes)
@@ -47,11 +50,12 @@ class FakeRay:
     def list_jobs(self):
         return dict(self.jobs)
 
-    def submit(self, sid, entrypoint, *, runtime_env=None, metadata=None):
+    def submit(self, sid, entrypoint, *, runtime_env=None, metadata=None, stop_grace_s=None):
         if self.crash_on_submit:
             self.crash_on_submit = False
             raise SystemExit("scheduler killed while submitting")
         self.submits.append(sid)
+        self.grace[sid] = stop_grace_s
         if sid in self.jobs:
             return False
         self.jobs[sid] = RayJob(sid, "PENDING", "", dict(metadata or {}))
@@ -86,6 +90,13 @@ class FakeRay:
     def request_resources(self, bundles):
         self.requests.append(bundles)
 
+    def serve_apps(self):
+        return set(self.apps)
+
+    def delete_serve_app(self, name):
+        self.deleted_apps.append(name)
+        self.apps.discard(name)
+
 
 def train_spec(tmp_path, name, *, lo=1, hi=1, priority="normal", retries=0, team="t", batch=4):
     return parse_spec({
@@ -99,9 +110,10 @@ def train_spec(tmp_path, name, *, lo=1, hi=1, priority="normal", retries=0, team
 
 
 @pytest.fixture
-def world(tmp_path):
+def world(tmp_path, store_url):
+    """A scheduler's world on each store backend (SQLite, PostgreSQL): clock, store, fake Ray."""
     clock = Clock()
-    store = JobStore(str(tmp_path / "jobs.db"), clock=clock)
+    store = JobStore(store_url, clock=clock)
     ray = FakeRay()
     config = SchedulerConfig(policy=PolicyConfig(min_run_before_preempt_s=0),
                              spec_dir=str(tmp_path / "specs"), retry_backoff_s=10,
@@ -267,6 +279,59 @@ def test_preempted_train_job_is_stopped_only_after_it_checkpoints_or_times_out(w
     assert store.get(low).state == "queued" and store.get(low).attempts == 1
 
 
+def serve_job_spec(name="srv", *, replicas=1, priority="normal", retries=0):
+    return parse_spec({"kind": "serve", "name": name, "checkpoint_url": "/nowhere",
+                       "model": {"factory": "jobs.examples.models:mlp"}, "input_shape": [32],
+                       "scheduling": {"priority": priority, "max_retries": retries},
+                       "replicas": {"min_replicas": replicas, "max_replicas": replicas,
+                                    "cpus_per_replica": 0.5}})
+
+
+def test_a_cancelled_serve_job_gets_a_stop_grace_and_leaves_no_serve_application(world):
+    """jobs.serve deletes its own application on SIGTERM; where one is left (its driver was
+    killed first), the scheduler deletes it once Ray reports the job stopped."""
+    clock, store, ray, scheduler = world
+    jid = store.submit(serve_job_spec())
+    s = running(scheduler, ray)
+    sid = f"orch-{jid}-a0"
+    assert ray.grace[sid] == s.config.serve_stop_grace_s == 30
+    ray.apps |= {"srv", "someone-elses"}
+    s.tick()
+    assert ray.deleted_apps == []                  # running: its application stays
+    store.cancel(jid)
+    s.tick()                                       # stops the Ray job
+    assert ray.jobs[sid].status == "STOPPED" and ray.deleted_apps == []
+    events = s.tick()
+    assert ray.deleted_apps == ["srv"] and ray.apps == {"someone-elses"}
+    assert f"deleted Serve application 'srv' that Ray job {sid} left behind" in events
+    ray.apps.add("srv")                            # checked once: a later app of that name stays
+    s.tick()
+    assert ray.deleted_apps == ["srv"]
+
+
+def test_a_preempted_serve_jobs_application_is_deleted_but_not_its_next_attempts(world, tmp_path):
+    clock, store, ray, scheduler = world
+    ray._nodes = [Node("n0", 1.0)]
+    low = store.submit(serve_job_spec(replicas=2, priority="low"))
+    s = running(scheduler, ray)
+    ray.apps.add("srv")
+    high = store.submit(train_spec(tmp_path, "high", priority="high"))
+    s.tick()                                       # preempts the serve job: Ray stops it
+    assert store.get(low).state == "preempted" and ray.jobs[f"orch-{low}-a0"].status == "STOPPED"
+    s.tick()                                       # stopped: its application goes, it requeues
+    assert ray.deleted_apps == ["srv"] and store.get(low).state == "queued"
+    store.cancel(high)
+    s.tick()
+    run_ray_jobs(ray)
+    s.tick()
+    assert store.get(low).state == "running" and store.get(low).attempts == 1
+    ray.apps.add("srv")                            # the next attempt serves the same name
+    ray.set(f"orch-{low}-a0", "FAILED")            # an old attempt reported again (restart)
+    s2 = scheduler()                               # a new scheduler process checks it again
+    s2.tick()
+    assert ray.deleted_apps == ["srv"] and "srv" in ray.apps
+
+
 def test_blocked_gangs_are_announced_to_the_autoscaler_and_never_fitting_ones_rejected(world, tmp_path):
     clock, store, ray, scheduler = world
     s = scheduler()
@@ -282,6 +347,123 @@ def test_blocked_gangs_are_announced_to_the_autoscaler_and_never_fitting_ones_re
     store.cancel(big)
     s.tick()
     assert ray.requests[-1] == []                 # nothing blocked any more: request withdrawn
+
+
+class Recorder:
+    """The scheduler's Metrics callbacks, remembered."""
+
+    def __init__(self):
+        self.waiting: list[dict[str, int]] = []
+
+    def on_tick(self, queued, running):
+        pass
+
+    def on_admit(self, priority, wait_s):
+        pass
+
+    def on_preempt(self, priority):
+        pass
+
+    def on_waiting(self, by_reason):
+        self.waiting.append(dict(by_reason))
+
+    def on_leader(self, holder, active):
+        pass
+
+
+def test_a_quota_held_job_shows_why_in_queue_and_status_until_it_is_admitted(world, tmp_path, capsys):
+    clock, store, ray, scheduler = world
+    s = scheduler()
+    s.config.quotas = {"t": Quota(cpus=2)}
+    s.metrics = Recorder()
+    writes = []
+    set_waits = store.set_waits
+    store.set_waits = lambda w: writes.append(w) or set_waits(w)
+    a = store.submit(train_spec(tmp_path, "a", lo=2, hi=2))
+    b = store.submit(train_spec(tmp_path, "b", lo=2, hi=2))
+    s.tick()
+    detail = "team 't' CPU quota 2/2 in use, its gang needs 2 more"
+    job = store.get(b)
+    assert (job.state, job.wait_reason, job.wait_detail, job.wait_since) == ("queued", "quota", detail, clock.t)
+    assert s.metrics.waiting[-1] == {"quota": 1, "gang_does_not_fit": 0, "autoscaler": 0,
+                                     "behind_reserved_head": 0, "backoff": 0, "never_fits": 0}
+    db = store.url
+    assert cli(["queue", "--store", db]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "WAITING-FOR" in out[0].split()
+    [row] = [ln for ln in out if ln.startswith(b)]
+    assert "quota: team 't' CPU quota 2/2 in use" in row
+    [row] = [ln for ln in out if ln.startswith(a)]
+    assert row.split()[8] == "-"                  # admitted: waits for nothing
+    assert cli(["status", b, "--store", db]) == 0
+    assert "waiting for: quota since " in (out := capsys.readouterr().out) and detail in out
+    assert cli(["status", b, "--store", db, "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["wait_reason"], d["wait_detail"], d["wait_since"]) == ("quota", detail, clock.t)
+    clock.t += 5
+    s.tick()
+    s.tick()                                      # nothing changed: nothing written
+    assert writes[-2:] == [{}, {}] and store.get(b).wait_since == clock.t - 5
+    run_ray_jobs(ray)
+    s.tick()
+    ray.set(f"orch-{a}-a0", "SUCCEEDED")
+    s.tick()                                      # a is done: b is admitted, its reason gone
+    job = store.get(b)
+    assert job.state == "admitted" and (job.wait_reason, job.wait_detail, job.wait_since) == (None, None, None)
+    assert s.metrics.waiting[-1]["quota"] == 0
+
+
+def test_the_scheduler_reads_quotas_from_the_store_every_tick_so_quota_set_needs_no_restart(world, tmp_path,
+                                                                                            capsys):
+    clock, store, ray, scheduler = world
+    db = store.url
+    assert cli(["quota", "set", "t", "--cpus", "0:2", "--store", db]) == 0
+    a = store.submit(train_spec(tmp_path, "a", lo=2, hi=2))
+    b = store.submit(train_spec(tmp_path, "b", lo=2, hi=2))
+    s = running(scheduler, ray)
+    assert store.get(a).state == "running"
+    assert (store.get(b).state, store.get(b).wait_reason) == ("queued", "quota")
+    assert "team 't' CPU quota 2/2 in use" in store.get(b).wait_detail
+    assert cli(["quota", "set", "t", "--cpus", "0:4", "--store", db]) == 0  # the same scheduler runs on
+    s.tick()
+    assert store.get(b).state == "admitted" and store.get(b).wait_reason is None
+    # A stored quota wins over the service's configured default for that team; delete it and the
+    # default holds again.
+    s.config.quotas = {"t": Quota(cpus=4)}
+    ray._nodes = [Node("n0", 4.0), Node("n1", 4.0)]
+    c = store.submit(train_spec(tmp_path, "c", lo=1, hi=1))
+    assert cli(["quota", "set", "t", "--cpus", "0:5", "--store", db]) == 0
+    s.tick()
+    assert store.get(c).state == "admitted"
+    d = store.submit(train_spec(tmp_path, "d", lo=1, hi=1))
+    assert cli(["quota", "delete", "t", "--store", db]) == 0
+    s.tick()
+    assert (store.get(d).state, store.get(d).wait_reason) == ("queued", "quota")
+    assert "team 't' CPU quota 5/4 in use" in store.get(d).wait_detail
+
+
+def test_a_failed_job_in_backoff_says_until_when_and_a_rejected_one_why_it_never_fits(world, tmp_path):
+    clock, store, ray, scheduler = world
+    jid = store.submit(train_spec(tmp_path, "a", retries=2))
+    s = scheduler()
+    s.tick()
+    ray.set(f"orch-{jid}-a0", "FAILED", "exit code 1")
+    s.tick()                                      # failed at t=1000: retry after 10s
+    s.tick()
+    job = store.get(jid)
+    assert job.state == "queued" and job.wait_reason == "backoff"
+    assert job.wait_detail == "until 1970-01-01 00:16:50 UTC: retry 1/2 after a failure, 10s backoff"
+    clock.t += 10
+    s.tick()
+    job = store.get(jid)
+    assert job.state == "admitted" and job.wait_reason is None
+    huge = parse_spec({**train_spec(tmp_path, "huge").model_dump(mode="json"),
+                       "resources": {"min_workers": 1, "max_workers": 1, "cpus_per_worker": 16}})
+    hid = store.submit(huge)
+    s.tick()
+    job = store.get(hid)
+    assert job.state == "failed" and job.wait_reason == "never_fits"
+    assert job.reason == f"rejected: {job.wait_detail}" and "even when empty" in job.wait_detail
 
 
 def test_parse_submission_id_round_trips_and_ignores_foreign_ids():
@@ -423,6 +605,105 @@ def test_the_pipeline_entrypoint_runs_stages_in_order_and_skips_those_after_a_fa
     assert [ln[0] for ln in lines if ln[2] == "start"] == ["s-a", "s-b", "s-d"]
     assert json.loads(next(ln[2] for ln in lines if ln[0] == "s-d" and ln[2].startswith("upstream"))
                       .split(" ", 1)[1]) == {"a": "mem-a"}
+
+
+_PIPELINE_SCRIPT = """
+import json, sys
+from jobs.pipeline import PipelineStop, run_pipeline
+from orchestrator.spec import load_spec
+with PipelineStop() as stop:
+    result = run_pipeline(load_spec(sys.argv[1]), sys.executable, entrypoint=sys.argv[2], stop=stop)
+print("RESULT " + json.dumps({"signum": stop.signum, "stages": result}), flush=True)
+"""
+
+
+def test_the_pipeline_entrypoint_passes_a_stop_signal_to_the_running_stage_and_starts_no_other(tmp_path):
+    """SIGTERM to the pipeline's process alone reaches the running stage (a serve stage cleans up
+    on it), and the stages after it are not run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT, wait_until
+    log = tmp_path / "log"
+
+    def stage(name, deps):
+        sp = train_spec(tmp_path, f"s-{name}").model_dump(mode="json")
+        sp["model"]["kwargs"] = {"log": str(log), "wait_for": str(tmp_path / "never")}
+        return {"name": name, "depends_on": deps, "spec": sp}
+    spec = parse_spec({"kind": "pipeline", "name": "p", "stages": [stage("a", []), stage("b", ["a"])]})
+    (tmp_path / "p.json").write_text(json.dumps(spec.model_dump(mode="json")))
+    fake = "{python} " + os.path.join(ROOT, "tests", "fake_job.py") + " {spec}"
+    proc = subprocess.Popen([sys.executable, "-c", _PIPELINE_SCRIPT, str(tmp_path / "p.json"), fake],
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: log.exists() and "s-a" in log.read_text(), 60, 0.05, "stage a to start")
+        proc.send_signal(signal.SIGTERM)           # the parent only
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    result = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
+    assert result["signum"] == signal.SIGTERM, out
+    stages = result["stages"]
+    assert stages["a"]["state"] == "cancelled" and stages["a"]["reason"] == "stopped by SIGTERM (exit code -15)"
+    assert stages["b"] == {"state": "cancelled", "reason": "not run: pipeline stopped by SIGTERM",
+                           "checkpoint": None}
+    assert [ln.split()[0] for ln in log.read_text().splitlines()] == ["s-a"]  # b never started
+    assert pipemod.pipeline_outcome({n: (r["state"], r["reason"]) for n, r in stages.items()})[0] == "cancelled"
+
+
+# ---------------------------------------------------------------------------------------------
+# outages: the loop waits, with capped backoff, logging once
+# ---------------------------------------------------------------------------------------------
+class DownRay(FakeRay):
+    """A FakeRay whose Jobs API fails while ``down`` is set; records when it was asked."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = True
+        self.asked: list[float] = []
+
+    def list_jobs(self):
+        import time
+        from orchestrator.ray_adapter import RayUnavailable
+        self.asked.append(time.monotonic())
+        if self.down:
+            raise RayUnavailable("no Ray cluster at 127.0.0.1:1: connection refused")
+        return super().list_jobs()
+
+
+def test_run_waits_out_a_ray_outage_with_capped_backoff_logging_it_once(tmp_path, caplog):
+    import logging
+    import threading
+
+    from conftest import wait_until
+    store = JobStore(str(tmp_path / "jobs.db"))
+    ray = DownRay()
+    health = tmp_path / "alive"
+    sched = Scheduler(store, ray, SchedulerConfig(tick_s=0.02, reconnect_max_s=0.08,
+                                                  health_file=str(health)))
+    stop = threading.Event()
+    t = threading.Thread(target=sched.run, args=(stop,), daemon=True)
+    with caplog.at_level(logging.INFO, logger="orchestrator.scheduler"):
+        t.start()
+        try:
+            wait_until(lambda: len(ray.asked) >= 9, 10, 0.01, "nine failed ticks")
+            jid = store.submit(train_spec(tmp_path, "queued-meanwhile"))  # the store needs no Ray
+            assert health.exists()
+            ray.down = False
+            wait_until(lambda: store.get(jid).state == "admitted", 10, 0.01, "the job admitted")
+        finally:
+            stop.set()
+            t.join(10)
+    gaps = [b - a for a, b in zip(ray.asked, ray.asked[1:9])]
+    for gap, want in zip(gaps, (0.02, 0.04, 0.08, 0.08, 0.08, 0.08, 0.08, 0.08)):  # doubling...
+        assert gap >= want * 0.9, gaps
+    assert max(gaps) < 1.5, gaps  # ...capped (uncapped, the last would be 2.56 s)
+    text = [r.getMessage() for r in caplog.records]
+    assert sum("scheduler tick failed" in m for m in text) == 1, text
+    assert sum("work again" in m for m in text) == 1, text
 
 
 # ---------------------------------------------------------------------------------------------

@@ -223,6 +223,7 @@ _NOT_STORAGE = {
     ("orchestrator/store.py", "://"): "the job store's SQLAlchemy database URL",
     ("orchestrator/store.py", "sqlite:///"): "the job store's SQLAlchemy database URL",
     ("orchestrator/store.py", "sqlite:///:memory:"): "the job store's SQLAlchemy database URL",
+    ("orchestrator/store.py", "postgresql+psycopg://"): "the job store's SQLAlchemy database URL (psycopg 3)",
 }
 
 

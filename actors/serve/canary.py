@@ -2,7 +2,8 @@
 
 The deployment sends a share of traffic to the canary checkpoint and records, per arm, how many
 requests it served, how many failed and their latencies. :func:`canary_decision` turns those
-numbers into ``promote``, ``rollback`` or ``wait``; ``jobs.serve.rollout`` applies the decision.
+numbers into ``promote``, ``rollback`` or ``wait`` (:func:`gates` gives each gate's verdict and
+figures); ``jobs.serve.rollout`` applies the decision and records it.
 """
 
 from __future__ import annotations
@@ -41,6 +42,34 @@ class ArmStats:
                 "error_rate": round(self.error_rate, 6), "p95_latency_ms": round(self.p95_latency_s * 1e3, 3)}
 
 
+@dataclass(frozen=True)
+class Gate:
+    """One gate's verdict over the two arms, with its figures: the canary's value must not exceed
+    ``limit`` (computed from the stable arm's value and the config)."""
+    name: str       # "error_rate" or "p95_latency_ms"
+    passed: bool
+    canary: float
+    stable: float
+    limit: float
+
+    def line(self) -> str:
+        return (f"{self.name}: canary {self.canary:.6g} vs stable {self.stable:.6g}, limit {self.limit:.6g} "
+                f"-> {'pass' if self.passed else 'fail'}")
+
+
+def gates(stable: ArmStats, canary: ArmStats, cfg: Canary) -> list[Gate]:
+    """Every gate of :func:`canary_decision` once the window is full, each with its figures."""
+    err_limit = stable.error_rate * (1 + cfg.max_error_increase)
+    p95_limit = stable.p95_latency_s * (1 + cfg.max_p95_slowdown)
+    return [Gate("error_rate", canary.error_rate <= err_limit, canary.error_rate, stable.error_rate, err_limit),
+            Gate("p95_latency_ms", canary.p95_latency_s <= p95_limit, canary.p95_latency_s * 1e3,
+                 stable.p95_latency_s * 1e3, p95_limit * 1e3)]
+
+
+def window_filled(stable: ArmStats, canary: ArmStats, cfg: Canary) -> bool:
+    return stable.requests >= cfg.min_requests and canary.requests >= cfg.min_requests
+
+
 def canary_decision(stable: ArmStats, canary: ArmStats, cfg: Canary) -> Decision:
     """``wait`` until both arms have ``cfg.min_requests`` requests, then:
 
@@ -51,10 +80,6 @@ def canary_decision(stable: ArmStats, canary: ArmStats, cfg: Canary) -> Decision
       ``cfg.max_p95_slowdown`` (``canary_p95 > stable_p95 * (1 + max_p95_slowdown)``),
     * otherwise ``promote``.
     """
-    if stable.requests < cfg.min_requests or canary.requests < cfg.min_requests:
+    if not window_filled(stable, canary, cfg):
         return "wait"
-    if canary.error_rate > stable.error_rate * (1 + cfg.max_error_increase):
-        return "rollback"
-    if canary.p95_latency_s > stable.p95_latency_s * (1 + cfg.max_p95_slowdown):
-        return "rollback"
-    return "promote"
+    return "promote" if all(g.passed for g in gates(stable, canary, cfg)) else "rollback"

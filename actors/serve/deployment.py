@@ -12,6 +12,11 @@ way) and each arm runs its own forward. A failed canary forward is answered by t
 so clients never see the canary's errors; the failure is still counted against the canary. Each
 replica reports per-arm latencies and errors to a :class:`CanaryStatsCollector` actor that
 ``jobs.serve.rollout`` reads to apply :func:`actors.serve.canary.canary_decision`.
+
+Metrics (``orchestrator.metrics.SERVE``, :mod:`actors.serve.telemetry`): every answer is counted by
+status code and arm (the arm it was routed to; ``none`` when refused before routing) with its
+latency from arrival in the replica to the reply; every forward adds its batch size and time per
+example; queue depth and canary share are set at each flush (every 0.5 s).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from starlette.responses import Response
 from actors.served_model import load_served_model
 from actors.serve.graph import as_graph
 from actors.serve.request import InputSchema, RequestError, check_api_key, parse_inputs
+from actors.serve.telemetry import FLUSH_S, ServeMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -101,10 +107,16 @@ class _Reply:
     outputs: np.ndarray | None
     version: str | None
     error: RequestError | None = None
+    arm: str = "stable"      # the arm the request was routed to
+    fell_back: bool = False  # the canary failed on it and the stable arm answered
 
 
 def _examples(items: list[_Item]) -> int:
     return sum(len(i.x) for i in items)
+
+
+def _examples_of(xs: list[np.ndarray]) -> int:
+    return sum(len(x) for x in xs)
 
 
 class _Batcher:
@@ -146,6 +158,12 @@ class _Batcher:
 
     def _queued_examples(self) -> int:
         return sum(len(it.x) for it, _ in self._pending)
+
+    def queued_by_role(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for it, _ in self._pending:
+            out[it.role] = out.get(it.role, 0) + len(it.x)
+        return out
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -203,6 +221,12 @@ class ModelServer:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="forward")
         self._batcher = _Batcher(self._run, self._count_batch)
         self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            app = serve.get_replica_context().app_name
+        except Exception:  # noqa: BLE001 - constructed outside Serve (a unit test)
+            app = "unknown"
+        self._metrics = ServeMetrics(app)
+        self._flusher: asyncio.Task | None = None
 
     # configuration -------------------------------------------------------------------------
     async def reconfigure(self, cfg: dict[str, Any]) -> None:
@@ -242,6 +266,8 @@ class ModelServer:
         if cfg.get("canary_stats_actor") != self._stats_actor_name:
             self._stats_actor_name, self._stats_actor = cfg.get("canary_stats_actor"), None
         self._arms = arms  # one assignment: a request sees the old arms or the new, never a mix
+        if self._flusher is None or self._flusher.done():  # on the loop that serves requests
+            self._flusher = loop.create_task(self._flush_loop())
 
     def _load(self, url: str, model_ref: dict, graph_key: tuple) -> tuple[torch.nn.Module, str]:
         model = load_served_model(url, model_ref, self._storage_options).to(self._device)
@@ -253,26 +279,33 @@ class ModelServer:
     # HTTP ----------------------------------------------------------------------------------
     async def __call__(self, request: Request):
         t0 = time.perf_counter()
+        arm = "none"  # refused before routing
         try:
             if request.method != "POST":
                 raise RequestError(405, f"use POST with a JSON body, not {request.method}")
             check_api_key(request.headers, self._key_digest)
             x = parse_inputs(await request.body(), self._schema)
             arms = self._arms
-            role = "canary" if "canary" in arms and random.random() < self._share else "stable"
-            item = _Item(x, role, t0)
+            arm = "canary" if "canary" in arms and random.random() < self._share else "stable"
+            item = _Item(x, arm, t0)
             if len(x) > self._max_batch_size:  # already a full batch: skip the queue
                 reply = (await self._run([item]))[0]
             else:
                 reply = await self._batcher.submit(item)
+            arm = reply.arm
             if reply.error is not None:
                 raise reply.error
-            return json_response({"outputs": np.ascontiguousarray(reply.outputs), "model_version": reply.version})
+            response = json_response({"outputs": np.ascontiguousarray(reply.outputs),
+                                      "model_version": reply.version})
+            code = 500 if reply.fell_back else 200  # the canary's failure, answered by stable
         except RequestError as e:
-            return json_response({"error": e.message}, e.status)
+            response, code = json_response({"error": e.message}, e.status), e.status
         except Exception as e:  # noqa: BLE001 - never let one request take the replica down
             logger.exception("prediction failed")
-            return json_response({"error": f"internal error: {type(e).__name__}: {e}"}, 500)
+            response = json_response({"error": f"internal error: {type(e).__name__}: {e}"}, 500)
+            code = 500
+        self._metrics.request(arm, code, time.perf_counter() - t0)
+        return response
 
     def _count_batch(self, examples: int) -> None:
         self._batch_sizes[examples] += 1
@@ -292,7 +325,9 @@ class ModelServer:
             if not idx:
                 continue
             arm = arms[role]
-            outs, took = await self._forward(arm, [items[i].x for i in idx])
+            xs = [items[i].x for i in idx]
+            outs, took = await self._forward(arm, xs)
+            self._metrics.forward(role, _examples_of(xs), took)
             failed = 0
             for i, out in zip(idx, outs):
                 if isinstance(out, RequestError):
@@ -300,15 +335,17 @@ class ModelServer:
                     if role == "canary":
                         fallback.append(i)
                         continue
-                    replies[i] = _Reply(None, None, out)
+                    replies[i] = _Reply(None, None, out, role)
                 else:
-                    replies[i] = _Reply(out, arm.url)
+                    replies[i] = _Reply(out, arm.url, None, role)
             self._record(role, [t_batch - items[i].t0 + took for i in idx], failed)
         if fallback:
-            outs, _ = await self._forward(arms["stable"], [items[i].x for i in fallback])
+            xs = [items[i].x for i in fallback]
+            outs, took = await self._forward(arms["stable"], xs)
+            self._metrics.forward("stable", _examples_of(xs), took)
             for i, out in zip(fallback, outs):
-                replies[i] = _Reply(None, None, out) if isinstance(out, RequestError) \
-                    else _Reply(out, arms["stable"].url)
+                replies[i] = _Reply(None, None, out, "canary") if isinstance(out, RequestError) \
+                    else _Reply(out, arms["stable"].url, None, "canary", fell_back=True)
         self._maybe_flush()
         return replies  # type: ignore[return-value]
 
@@ -363,6 +400,17 @@ class ModelServer:
         except Exception as e:  # noqa: BLE001 - statistics must never fail a request
             logger.warning("canary stats not reported: %s", e)
         self._samples = {}
+
+    # metrics -------------------------------------------------------------------------------
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            try:
+                queued = dict.fromkeys(self._arms, 0)
+                queued.update(self._batcher.queued_by_role())
+                self._metrics.flush(queued, self._share)
+            except Exception as e:  # noqa: BLE001 - keep flushing; ServeMetrics logs its own
+                logger.warning("serve metrics flush failed: %s: %s", type(e).__name__, e)
 
     # health and introspection ----------------------------------------------------------------
     async def check_health(self) -> None:

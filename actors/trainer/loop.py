@@ -463,7 +463,8 @@ class Worker:
             flops = None
         return telemetry.TrainMetrics(self.spec.name, self.attempt, self.rank, self.world,
                                       tokens_per_sample=tokens, flops_per_sample=flops,
-                                      peak_flops=telemetry.peak_flops(self.spec, self.device))
+                                      peak_flops=telemetry.peak_flops(self.spec, self.device),
+                                      enabled=self.spec.metrics)
 
     def _grad_norm(self) -> float | None:
         """The last step's global gradient norm where DeepSpeed computed it (ZeRO 1-3, bf16)."""

@@ -54,14 +54,14 @@ class TrainMetrics:
     failure is logged once and recording stops, training goes on."""
 
     def __init__(self, job: str, attempt: int, rank: int, world: int, *, tokens_per_sample: int | None,
-                 flops_per_sample: float | None, peak_flops: float | None):
+                 flops_per_sample: float | None, peak_flops: float | None, enabled: bool = True):
         self.rank, self.world = rank, world
         self.job = Recorder(TRAIN, job=job, attempt=str(attempt))
         self.per_rank = Recorder(TRAIN, job=job, attempt=str(attempt), rank=str(rank))
         self.data = Recorder(DATA, job=job, attempt=str(attempt), rank=str(rank))
         self.tokens_per_sample = tokens_per_sample
         self.flops_per_sample, self.peak = flops_per_sample, peak_flops
-        self.on = True
+        self.on = enabled  # a spec's ``metrics: false``: every method returns at once
 
     def _safe(fn):  # noqa: N805 - a decorator for the methods below
         def call(self, *args, **kwargs):

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from bench.scheduler.sim import CLASSES, SimConfig, fifo_decide, simulate, synthetic_trace
+from bench.scheduler.sim import CLASSES, SimConfig, cohort_quotas, fifo_decide, simulate, synthetic_trace
 from orchestrator.policy import PolicyConfig, decide
 
 
@@ -26,6 +26,9 @@ def main(argv=None) -> int:
     ap.add_argument("--aging-per-hour", type=float, default=PolicyConfig.aging_per_hour)
     ap.add_argument("--min-run", type=float, default=PolicyConfig.min_run_before_preempt_s,
                     help="seconds a job runs before it may be shrunk or preempted")
+    ap.add_argument("--cohorts", type=int, default=0, metavar="N",
+                    help="give the trace's 8 teams equal guaranteed shares in N cohorts (guarantees, "
+                         "borrowing, reclaim, fair share); 0: no quotas (default)")
     ap.add_argument("--out", default="bench_out")
     args = ap.parse_args(argv)
 
@@ -35,12 +38,14 @@ def main(argv=None) -> int:
     trace = synthetic_trace(args.jobs, args.nodes, args.load, args.seed)
     sim = SimConfig(tick_s=args.tick)
     cfg = PolicyConfig(aging_per_hour=args.aging_per_hour, min_run_before_preempt_s=args.min_run)
+    quotas = cohort_quotas(trace, args.cohorts) if args.cohorts > 0 else None
     print(f"trace: {len(trace.jobs)} jobs, {len(trace.nodes)} nodes, offered load {args.load}, "
-          f"seed {args.seed}, cycle every {args.tick:g} s simulated")
+          f"seed {args.seed}, cycle every {args.tick:g} s simulated"
+          + (f"; {len(quotas)} teams with equal guarantees in {args.cohorts} cohort(s)" if quotas else ""))
     results = []
     for name, fn in (("policy", decide), ("fifo", fifo_decide)):
         t0 = time.perf_counter()
-        r = simulate(trace, fn, name, cfg, sim, progress)
+        r = simulate(trace, fn, name, cfg, sim, progress, quotas)
         print("\r" + " " * 150 + "\r", end="", file=sys.stderr)
         r.wall_s = time.perf_counter() - t0
         results.append(r)

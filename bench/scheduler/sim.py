@@ -162,8 +162,9 @@ class Simulator:
     """Runs one trace to completion under one scheduling function."""
 
     def __init__(self, trace: Trace, decide_fn, name: str, config: PolicyConfig | None = None,
-                 sim: SimConfig = SimConfig(), progress=None):
+                 sim: SimConfig = SimConfig(), progress=None, quotas=None):
         self.trace, self.decide_fn, self.cfg, self.sim = trace, decide_fn, config or PolicyConfig(), sim
+        self.quotas = quotas
         self.progress = progress
         self.free = {n: [c, g] for n, c, g in trace.nodes}
         self.total = {n: (c, g) for n, c, g in trace.nodes}
@@ -287,7 +288,7 @@ class Simulator:
                                      for nid, f in self.free.items()))
         t0 = time.perf_counter()
         ds = self.decide_fn([j.view for j in self.queue.values()],
-                            [j.view for j in self.running.values()], cluster, None, t, self.cfg)
+                            [j.view for j in self.running.values()], cluster, self.quotas, t, self.cfg)
         res.decide_s += time.perf_counter() - t0
         res.decisions += len(ds)
         changed = False
@@ -355,5 +356,17 @@ class Simulator:
 
 
 def simulate(trace: Trace, decide_fn, name: str, config: PolicyConfig | None = None,
-             sim: SimConfig = SimConfig(), progress=None) -> Result:
-    return Simulator(trace, decide_fn, name, config, sim, progress).run()
+             sim: SimConfig = SimConfig(), progress=None, quotas=None) -> Result:
+    return Simulator(trace, decide_fn, name, config, sim, progress, quotas).run()
+
+
+def cohort_quotas(trace: Trace, cohorts: int = 1) -> dict:
+    """Every team of the trace guaranteed an equal share of the cluster's CPUs and GPUs, no max,
+    the teams spread over ``cohorts`` cohorts: the policy's guarantees, borrowing, reclaim and
+    fair share at work (FIFO ignores quotas)."""
+    from orchestrator.policy import Quota
+    teams = sorted({j.team for j in trace.jobs})
+    cpus = sum(c for _, c, _ in trace.nodes) / len(teams)
+    gpus = sum(g for _, _, g in trace.nodes) / len(teams)
+    return {t: Quota(guaranteed_cpus=cpus, guaranteed_gpus=gpus, cohort=f"cohort{i % cohorts}")
+            for i, t in enumerate(teams)}

@@ -22,7 +22,11 @@ Four measurements, with the issue's targets:
    one worker is removed right after a checkpoint commits (its spares die with it); seconds from
    the removal to the next completed step against the same run's cold start. Target < 0.5x.
 
-``--only`` runs a subset of the phases (``save,step,stall,recovery,node-loss``).
+6. metrics cost: the step-time job with the spec's ``metrics`` on (the default: every KPI to
+   Prometheus through Ray's metrics agent) and off, interleaved ``--repeats`` times; median step
+   and CPU per step, on against off. Target <= 1.02x. Not in the default run (``--only metrics``).
+
+``--only`` runs a subset of the phases (``save,step,stall,recovery,node-loss,metrics``).
 
 Prints a table, writes ``<out>/train.json`` and ``<out>/train.png``. The 1-minute load average is
 sampled throughout (the figures mean little on a busy machine; it is printed with them).
@@ -46,7 +50,7 @@ from actors.trainer.hooks import TrainHooks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 T0 = time.time()
-PHASES = ("save", "step", "stall", "recovery", "node-loss")
+PHASES = ("save", "step", "stall", "recovery", "node-loss", "metrics")
 
 
 def log(msg: str) -> None:
@@ -131,9 +135,10 @@ def cpu_per_step(run: dict, warmup: int) -> float:
 
 # ------------------------------------------------------------------------------------------ config
 def make_spec(a, data_url: str, ckpt_url: str, *, steps: int, interval: int, log_interval: int,
-              async_save: bool = False) -> dict:
+              async_save: bool = False, metrics: bool = True) -> dict:
     return {
         "kind": "train", "name": "bench-train", "max_steps": steps, "log_interval": log_interval,
+        "metrics": metrics,
         "seed": a.seed, "max_restarts": 3,
         "resources": {"min_workers": a.workers, "max_workers": a.workers, "cpus_per_worker": a.threads,
                       "warm_spares": a.warm_spares},
@@ -373,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--node-loss-steps", type=int, default=30,
                     help="steps of the node-loss run (a checkpoint every --ckpt-interval; the node of "
                          "the last rank is removed after the commit of step --kill-after)")
-    ap.add_argument("--only", default=",".join(PHASES),
+    ap.add_argument("--only", default=",".join(p for p in PHASES if p != "metrics"),
                     help=f"comma-separated phases to run, of {', '.join(PHASES)}")
     ap.add_argument("--save-reps", type=int, default=9)
     ap.add_argument("--ckpt-root", help="fsspec URL for checkpoints (default: under --workdir)")
@@ -444,7 +449,7 @@ def _run(a, ckpt_root: str, report: dict) -> None:
         report["save"] = json.load(open(os.path.join(a.workdir, "save.out.json")))
 
     import ray
-    if set(a.phases) & {"step", "stall", "recovery"}:
+    if set(a.phases) & {"step", "stall", "recovery", "metrics"}:
         ray.init(num_cpus=max(2, a.workers * a.threads), include_dashboard=False, log_to_driver=a.verbose,
                  runtime_env={"env_vars": {"PYTHONPATH": ROOT}},
                  _system_config={"worker_niceness": a.niceness})
@@ -473,6 +478,17 @@ def _run_local(a, spec, data_url: str, ckpt_root: str, report: dict, deepspeed_c
             report["step_time"]["ours"].append(o)
             log(f"  ours: median {statistics.median(steady(durations(o['t']), a.warmup)) * 1e3:.1f} ms/step, "
                 f"{cpu_per_step(o, a.warmup):.3f} CPU s/step, cold start {o['cold_start_s']:.1f} s")
+
+    if "metrics" in a.phases:  # the same job with its metrics on and off, interleaved
+        report["metrics_cost"] = {"off": [], "on": []}
+        for rep in range(a.repeats):
+            for mode in (("off", "on") if rep % 2 == 0 else ("on", "off")):
+                log(f"metrics {rep + 1}/{a.repeats}: ours with metrics {mode}, {a.warmup}+{a.steps} steps")
+                o = run_ours(make_spec(a, data_url, f"{ckpt_root}/metrics-{mode}-{rep}", steps=a.warmup + a.steps,
+                                       interval=10**6, log_interval=10, metrics=mode == "on"), cpu=True)
+                report["metrics_cost"][mode].append(o)
+                log(f"  metrics {mode}: median {statistics.median(steady(durations(o['t']), a.warmup)) * 1e3:.1f} "
+                    f"ms/step, {cpu_per_step(o, a.warmup):.3f} CPU s/step")
 
     if "stall" in a.phases:  # sync vs async checkpointing, same job
         report["stall"] = {}
@@ -598,6 +614,17 @@ def _finish(a, report: dict) -> None:
              "<= 1.05x"),
             ("CPU s per step", f"{cpu_o:.3f}", f"{cpu_b:.3f}", ratios["cpu_per_step"], "<= 1.05x"),
             ("input stall, share", f"{stall_share:.2%}", "(waiting for the next batch)", None, "< 2%")]
+    mc = report.get("metrics_cost")
+    if mc:
+        d = {m: [x for o in mc[m] for x in steady(durations(o["t"]), a.warmup)] for m in ("on", "off")}
+        med = {m: statistics.median(d[m]) for m in d}
+        cpu = {m: statistics.median(cpu_per_step(o, a.warmup) for o in mc[m]) for m in mc}
+        ratios.update(metrics_step_time_median=med["on"] / med["off"], metrics_cpu_per_step=cpu["on"] / cpu["off"])
+        summary.update(metrics_step_time_median_s=med, metrics_cpu_s_per_step=cpu)
+        rows += [("step ms, metrics on", f"{med['on'] * 1e3:.1f}", f"{med['off'] * 1e3:.1f} (metrics off)",
+                  ratios["metrics_step_time_median"], "<= 1.02x"),
+                 ("CPU s/step, metrics on", f"{cpu['on']:.3f}", f"{cpu['off']:.3f} (metrics off)",
+                  ratios["metrics_cpu_per_step"], "<= 1.02x")]
     if sv:
         bps = sv["bytes_per_s"]
         ratios.update(
@@ -651,7 +678,8 @@ def _finish(a, report: dict) -> None:
     targets = {"step_time_median": ("<=", 1.10), "step_time_mean": ("<=", 1.05), "cpu_per_step": ("<=", 1.05),
                "save_vs_fsspec": (">=", 0.8), "save_durable_vs_fsspec_fsync": (">=", 0.8),
                "stall_async_vs_sync_next_step": ("<=", 0.5), "input_stall_share": ("<", 0.02),
-               "recovery_vs_cold_start": ("<", 0.25), "node_loss_recovery_vs_own_cold_start": ("<", 0.5)}
+               "recovery_vs_cold_start": ("<", 0.25), "node_loss_recovery_vs_own_cold_start": ("<", 0.5),
+               "metrics_step_time_median": ("<=", 1.02), "metrics_cpu_per_step": ("<=", 1.02)}
     verdict = {}
     for k, (op, v) in targets.items():
         r = ratios.get(k)

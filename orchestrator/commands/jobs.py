@@ -8,8 +8,10 @@ a path or any SQLAlchemy URL). ``--address`` (default ``$RAY_ADDRESS``) names th
 
 ``submit``, ``status``, ``queue`` and ``cancel`` touch only the store (so ``ray job submit --
 orchestrator submit SPEC`` works from anywhere the store is reachable); the ``scheduler`` service
-turns store state into Ray jobs and back. Exit status: 0 ok, 1 a store or Ray error (unknown job,
-illegal transition, store or cluster unavailable), 2 an invalid spec or argument.
+turns store state into Ray jobs and back. It waits out Ray outages of any length (its Ray driver
+is a child process it starts again: ``ray_adapter.RayLink``); ``scheduler --once`` fails fast.
+Exit status: 0 ok, 1 a store or Ray error (unknown job, illegal transition, store or cluster
+unavailable), 2 an invalid spec or argument.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def register(sub) -> None:
     _common(p)
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("queue", help="table of jobs waiting or running (--all: every job)")
+    p = sub.add_parser("queue", help="table of jobs waiting or running, and why each waits "
+                                     "(--all: every job)")
     p.add_argument("--all", action="store_true", help="include finished jobs")
     p.add_argument("--state", action="append", choices=storemod.STATES, help="only these states")
     _common(p)
@@ -62,8 +65,17 @@ def register(sub) -> None:
                                          "preempt (Ctrl-C or SIGTERM stops it; jobs keep running)")
     p.add_argument("--once", action="store_true", help="run a single scheduling tick and exit")
     p.add_argument("--tick", type=float, default=2.0, metavar="S", help="seconds between ticks")
+    p.add_argument("--lease-ttl", type=float, default=15.0, metavar="S",
+                   help="high availability: schedulers on one store elect one active by a lease in "
+                        "the store, renewed every tick; a standby takes over once it has not been "
+                        "renewed for S seconds (default 15; at least twice --tick)")
+    p.add_argument("--id", default=None, metavar="NAME",
+                   help="this scheduler's name in the lease (default: host:pid:random)")
     p.add_argument("--quota", action="append", default=[], metavar="TEAM=CPUS[:GPUS]",
-                   help="the most a team may hold at once (repeatable)")
+                   help="DEPRECATED, use `orchestrator quota set TEAM --cpus 0:CPUS [--gpus 0:GPUS]`: "
+                        "the most a team may hold at once (repeatable). Written to the store at "
+                        "start, only for a team the store has no quota for (a stored quota wins "
+                        "and is left as it is); the store is what the scheduler reads every tick")
     p.add_argument("--autoscale-node", action="append", default=[], metavar="CPUS[:GPUS]",
                    help="a node type the autoscaler can add (repeatable); without any, a gang "
                         "larger than the current cluster is rejected")
@@ -87,6 +99,12 @@ def register(sub) -> None:
                         "there, so remote clusters need shared storage (s3://...)")
     p.add_argument("--entrypoint", default="{python} -m jobs.{kind} {spec}",
                    help="entrypoint template ({python}, {kind}, {spec})")
+    p.add_argument("--reconnect-max", type=float, default=30.0, metavar="S",
+                   help="while Ray (or the store) is unreachable, retry after the tick, doubling "
+                        "up to S seconds; the scheduler waits out outages of any length")
+    p.add_argument("--health-file", default=None, metavar="PATH",
+                   help="touch PATH after every tick (failed ones too): a liveness probe checks "
+                        "its age (cluster/orchestrator-scheduler.k8s.yaml)")
     _common(p)
     p.set_defaults(func=cmd_scheduler)
 
@@ -176,6 +194,9 @@ def cmd_status(args) -> int:
         print(json.dumps(d, indent=2, default=str))
         return 0
     print(f"{job.id}  {job.kind}  {job.state}  ({job.reason})")
+    if job.wait_reason:
+        print(f"  waiting for: {job.wait_reason} since {_when(job.wait_since)} ({_age(job.wait_since)}): "
+              f"{job.wait_detail}")
     print(f"  team {job.team}, priority {job.priority}, workers {job.workers} "
           f"(gang {job.min_workers}..{job.max_workers} x {job.cpus_per_worker:g} CPU"
           f"{f', {job.gpus_per_worker:g} GPU' if job.gpus_per_worker else ''})")
@@ -189,9 +210,20 @@ def cmd_status(args) -> int:
             print(f"  stage {s.stage}: {s.id}  {s.state}  ({s.reason})")
     print("  history:")
     for t in job.history:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t.at))
-        print(f"    {when}  {t.from_state or '-':>9} -> {t.to_state:<9}  {t.reason}")
+        print(f"    {_when(t.at)}  {t.from_state or '-':>9} -> {t.to_state:<9}  {t.reason}")
     return 0
+
+
+def _when(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _waiting_for(job, width: int = 60) -> str:
+    """The queue's WAITING-FOR cell: the code and the start of its detail."""
+    if not job.wait_reason:
+        return "-"
+    text = f"{job.wait_reason}: {job.wait_detail}" if job.wait_detail else job.wait_reason
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def cmd_queue(args) -> int:
@@ -202,10 +234,10 @@ def cmd_queue(args) -> int:
         return _fail(str(e))
     rank = {c: i for i, c in enumerate(("critical", "high", "normal", "low"))}
     jobs.sort(key=lambda j: (j.state not in storemod.ACTIVE, rank.get(j.priority, 9), j.submit_time))
-    cols = ("ID", "KIND", "TEAM", "PRIORITY", "STATE", "WORKERS", "TRIES", "AGE", "REASON")
+    cols = ("ID", "KIND", "TEAM", "PRIORITY", "STATE", "WORKERS", "TRIES", "AGE", "WAITING-FOR", "REASON")
     rows = [(j.id, j.kind, j.team, j.priority, j.state,
              f"{j.workers}/{j.min_workers}..{j.max_workers}" if j.max_workers else "-",
-             str(j.attempts), _age(j.submit_time), j.reason[:60]) for j in jobs]
+             str(j.attempts), _age(j.submit_time), _waiting_for(j), j.reason[:60]) for j in jobs]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip())
     for r in rows:
@@ -259,6 +291,23 @@ def _parse_resources(text: str, what: str) -> tuple[float, float]:
     return float(m[1]), float(m[2] or 0)
 
 
+def _seed_quotas(store, quotas: dict) -> None:
+    """The deprecated ``--quota`` flags: each becomes the team's stored quota (a max, nothing
+    guaranteed) unless the store already has one for it, which wins."""
+    from orchestrator.commands.quota import describe
+    for team, q in quotas.items():
+        try:
+            have = store.get_quota(team)
+        except storemod.UnknownQuota:
+            store.set_quota(team, max_cpus=q.cpus, max_gpus=q.gpus)
+            print(f"scheduler: --quota is deprecated; stored quota of {team!r} (max {q.cpus:g} CPU"
+                  f"{'' if q.gpus is None else f', {q.gpus:g} GPU'}); change it with "
+                  f"`orchestrator quota set`", file=sys.stderr)
+            continue
+        print(f"scheduler: --quota {team}=... ignored: the store has a quota for it, which wins "
+              f"({describe(have)})", file=sys.stderr)
+
+
 def cmd_scheduler(args) -> int:
     import logging
     import signal
@@ -278,35 +327,54 @@ def cmd_scheduler(args) -> int:
         policy = PolicyConfig() if args.min_run_before_preempt is None else \
             PolicyConfig(min_run_before_preempt_s=args.min_run_before_preempt)
         config = SchedulerConfig(
-            policy=policy, quotas=quotas, autoscale_shapes=shapes, python=args.python,
+            policy=policy, autoscale_shapes=shapes, python=args.python,
             entrypoint=args.entrypoint, workdir=os.path.abspath(args.workdir),
             working_dir=args.working_dir, spec_dir=args.spec_dir, retry_backoff_s=args.retry_backoff,
             checkpoint_timeout_s=args.checkpoint_timeout, admission_timeout_s=args.admission_timeout,
-            tick_s=args.tick)
+            tick_s=args.tick, lease_ttl_s=args.lease_ttl, reconnect_max_s=args.reconnect_max,
+            health_file=args.health_file, **({"scheduler_id": args.id} if args.id else {}))
     except ValueError as e:
         return _fail(str(e), 2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         store = storemod.JobStore(args.store)
+        _seed_quotas(store, quotas)
     except storemod.StoreError as e:
         return _fail(str(e))
-    from orchestrator.ray_adapter import RayAdapter, RayMetrics, RayUnavailable, connection_help
+    # The Ray driver is a child process (RayLink) that is started again after Ray went away:
+    # a driver does not outlive a GCS outage of 60 s, the scheduler must.
+    from orchestrator.ray_adapter import RayLink, RayUnavailable, connection_help
+    ray = RayLink(args.address)
     try:
-        ray = RayAdapter(args.address)
+        ray.connect()
     except RayUnavailable as e:
-        return _fail(f"{e}\n({connection_help(args.address)})")
-    sched = Scheduler(store, ray, config, metrics=RayMetrics())
-    if args.once:
-        try:
-            sched.tick()
-        except (RayUnavailable, storemod.StoreError) as e:
-            return _fail(str(e))
-        return 0
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(f"scheduler: store {store.url}, Ray jobs at {ray.dashboard_url}", flush=True)
+        if args.once:
+            return _fail(f"{e}\n({connection_help(args.address)})")
+        # A service started before its cluster (or during an outage) waits for it.
+        print(f"scheduler: store {store.url}; {e}; waiting for Ray "
+              f"({connection_help(args.address)})", file=sys.stderr, flush=True)
+    sched = Scheduler(store, ray, config, metrics=ray.metrics)
     try:
-        sched.run(stop)
-    except KeyboardInterrupt:
-        pass
-    return 0
+        if args.once:
+            try:
+                if not sched.lead():
+                    held = store.lease("scheduler")
+                    return _fail(f"another scheduler is active on this store: {held.holder if held else '?'}")
+                try:
+                    sched.tick()
+                finally:
+                    store.release_lease(sched.lease)
+            except (RayUnavailable, storemod.StoreError) as e:
+                return _fail(str(e))
+            return 0
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        if ray.connected:
+            print(f"scheduler: store {store.url}, Ray jobs at {ray.dashboard_url}", flush=True)
+        try:
+            sched.run(stop)
+        except KeyboardInterrupt:
+            pass
+        return 0
+    finally:
+        ray.close()
