@@ -10,7 +10,7 @@
    order checked afterwards);
 4. the tune stage searches the learning rate with Ray Tune (ASHA) over the same trainer and
    exports the best trial's checkpoint; the serve stage serves it with Ray Serve and the demo sends
-   it HTTP requests;
+   it HTTP requests (spread over ``--serve-seconds``, so Prometheus sees the stage's rates);
 5. prints a summary (steps, losses, recovery time, best trial, serve latency) and writes plots and
    ``summary.json`` under ``--out`` (default ``demo_out/``).
 
@@ -73,6 +73,8 @@ def start_ray(num_cpus: int | None):
         return ray
     import socket
     with socket.socket() as s:  # the Jobs API needs the dashboard agent on its default port
+        # (as the agent binds it: a previous Ray's connections in TIME_WAIT do not hold the port)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("", 52365))
         except OSError:
@@ -178,11 +180,15 @@ def train_report(spec, t_kill: float | None) -> dict:
     return info
 
 
-def send_requests(url: str, n: int) -> dict:
+def send_requests(url: str, n: int, seconds: float = 0.0) -> dict:
+    """``n`` requests one after another, spread over at least ``seconds`` (a stage long enough
+    for Prometheus, scraping every few seconds, to see its rates)."""
     import numpy as np
     rng = np.random.default_rng(0)
     lat, first = [], None
-    for _ in range(n):
+    t_start = time.monotonic()
+    for i in range(n):
+        time.sleep(max(0.0, t_start + i * seconds / n - time.monotonic()))
         body = json.dumps({"inputs": rng.normal(size=(1, 32)).round(4).tolist()}).encode()
         req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
         t0 = time.perf_counter()
@@ -247,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kill-after-step", type=int, default=15,
                     help="kill a worker once this step's checkpoint is committed")
     ap.add_argument("--requests", type=int, default=200, help="HTTP requests sent to Serve")
+    ap.add_argument("--serve-seconds", type=float, default=30.0,
+                    help="spread the requests over at least this long (for Prometheus and Grafana to see)")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs for local Ray")
     ap.add_argument("--port", type=int, default=8000, help="Serve's HTTP port")
     args = ap.parse_args(argv)
@@ -322,9 +330,10 @@ def main(argv: list[str] | None = None) -> int:
         say(4, f"best trial {best.get('trial_id')} {best.get('values')} loss {best.get('loss')}")
 
         url = f"http://127.0.0.1:{args.port}/predict"
-        say(5, f"serve stage: the best checkpoint on Ray Serve at {url}; sending {args.requests} requests")
+        say(5, f"serve stage: the best checkpoint on Ray Serve at {url}; sending {args.requests} requests "
+               f"over {args.serve_seconds:g} s")
         poll(lambda: state("serve") == "running" and serving(url), 600, what="the serve stage")
-        serve_info = send_requests(url, args.requests)
+        serve_info = send_requests(url, args.requests, args.serve_seconds)
         say(5, f"p50 {serve_info['p50_ms']} ms, p95 {serve_info['p95_ms']} ms")
     finally:
         store.cancel(pid, "demo finished")

@@ -22,7 +22,7 @@ def test_demo_runs_the_whole_product(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "AWS_"))}
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.demo", "--out", str(out), "--steps", "30",
-         "--kill-after-step", "10", "--requests", "50", "--port", str(free_port())],
+         "--kill-after-step", "10", "--requests", "50", "--serve-seconds", "0", "--port", str(free_port())],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     tail = (proc.stdout[-4000:] + proc.stderr[-4000:])
     assert proc.returncode == 0, tail
