@@ -188,6 +188,7 @@ class Worker:
         self.history: list[dict] = []
         self.reported_commit: str | None = None
         self.resumed_from: tuple[int, int] | None = None  # (step, world size) of the restored checkpoint
+        self._own_grad_norm: float | None = None  # ZeRO-0 fp32: taken on log steps (_compute)
         self._next_poll = 0.0                              # when rank 0 next reads the scheduler's requests
         r = spec.resources
         self.spares = warm.WarmSpares(r.warm_spares, r.warm_spare_keep_alive_s, "trainer workers")
@@ -407,7 +408,8 @@ class Worker:
                     log.warning("[%s] checkpointed at step %d as the scheduler asked (%s)",
                                 spec.name, step, request)
             if step % spec.log_interval == 0 or step == self.max_steps:
-                dt = time.monotonic() - t_last
+                t_now = time.monotonic()  # intervals tile the run: saves and reports count too
+                dt = t_now - t_last
                 metrics["samples_per_s"] = n_last / dt if dt > 0 else 0.0
                 metrics["input_stall"] = wait_last / dt if dt > 0 else 0.0  # share of the time
                 kpi.interval(metrics["samples_per_s"], dt / max(1, steps_last),
@@ -417,7 +419,7 @@ class Worker:
                                 spec.name, step, self.max_steps, g_loss, metrics["samples_per_s"],
                                 self.world)
                 self.report(metrics)
-                t_last, n_last, wait_last, own_wait_last, steps_last = time.monotonic(), 0, 0.0, 0.0, 0
+                t_last, n_last, wait_last, own_wait_last, steps_last = t_now, 0, 0.0, 0.0, 0
             if self.saver.last_committed is not committed:  # the writer committed a checkpoint
                 committed = self.saver.last_committed
                 kpi.committed()
@@ -438,10 +440,17 @@ class Worker:
         t_data = time.monotonic() - t_data  # input stall: waiting for this step's batches
         totals = torch.zeros(5, dtype=torch.float64, device=self.device)
         totals[4] = t_data
-        for mb in micro_batches:
+        # ZeRO-0 fp32 runs the plain torch optimizer: DeepSpeed keeps no gradient norm. Rank 0
+        # takes it itself on log steps, from the reduced gradients, before the optimizer step.
+        own_norm = self.rank == 0 and self.spec.metrics and self.engine.get_global_grad_norm() is None \
+            and (step + 1) % spec.log_interval == 0
+        for i, mb in enumerate(micro_batches):
             out = self.engine(model_input(mb["x"], self.device, self.compute_dtype))
             loss = compute_loss(spec.loss, out, mb["y"].to(self.device, non_blocking=True))
             self.engine.backward(loss)
+            if own_norm and i == len(micro_batches) - 1:
+                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+                self._own_grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else None
             self.engine.step()
             ids = mb["id"].to(self.device, torch.float64)
             totals[:3] += torch.stack([loss.detach().double(), ids.sum(), (ids * ids).sum()])
@@ -467,9 +476,10 @@ class Worker:
                                       enabled=self.spec.metrics)
 
     def _grad_norm(self) -> float | None:
-        """The last step's global gradient norm where DeepSpeed computed it (ZeRO 1-3, bf16)."""
+        """The last step's global gradient norm: DeepSpeed's (ZeRO 1-3, bf16), else the one rank 0
+        took on the last log step (ZeRO-0 fp32)."""
         norm = self.engine.get_global_grad_norm()
-        return None if norm is None else float(norm)
+        return float(norm) if norm is not None else self._own_grad_norm
 
     @staticmethod
     def _since_process_start() -> float:
