@@ -193,3 +193,25 @@ def test_a_running_train_job_exports_its_kpis_and_top_shows_them(ray_local, metr
     h = {r["step"]: r for r in result.history}
     own = 32 * 4 / (h[12]["t"] - h[8]["t"])                               # the job's own steps 9-12
     assert sps == pytest.approx(own, rel=0.2)
+
+
+def test_model_flops_come_from_a_declaration_or_six_times_parameters_times_tokens():
+    import types
+
+    from actors.trainer.telemetry import flops_per_sample, peak_flops
+    model, factory = types.SimpleNamespace(), types.SimpleNamespace()
+    assert flops_per_sample(model, factory, (32,), "float32", 1000) is None       # unknown: no MFU
+    assert flops_per_sample(model, factory, (128,), "int64", 1000) == 6 * 1000 * 128  # token ids
+    factory.flops_per_sample = lambda m: 42.0                                     # the factory declares
+    assert flops_per_sample(model, factory, (128,), "int64", 1000) == 42.0
+    model.flops_per_sample = 7                                                    # the model wins
+    assert flops_per_sample(model, factory, (32,), "float32", 1000) == 7.0
+    spec = types.SimpleNamespace(resources=types.SimpleNamespace(peak_tflops_per_worker=None))
+    assert peak_flops(spec, torch_device("cpu")) is None                          # CPU: not known
+    spec.resources.peak_tflops_per_worker = 312.0
+    assert peak_flops(spec, torch_device("cpu")) == 312e12
+
+
+def torch_device(kind):
+    import torch
+    return torch.device(kind)
