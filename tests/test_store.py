@@ -296,7 +296,7 @@ def test_many_processes_opening_an_empty_database_at_once_all_succeed_with_one_s
     assert race(open_store, store_url) == ["ok"] * RACERS
     engine = sa.create_engine(normalize_url(store_url))
     try:
-        assert set(sa.inspect(engine).get_table_names()) == {"jobs", "transitions", "schema_version"}
+        assert set(sa.inspect(engine).get_table_names()) == {"jobs", "transitions", "schema_version", "leases", "quotas"}
         with engine.connect() as c:
             assert c.exec_driver_sql("select version from schema_version").all() == [(SCHEMA_VERSION,)]
     finally:
