@@ -314,6 +314,7 @@ class Scheduler:
                     self._failed(job, f"Ray has no job {sid} any more (cluster restarted?)", now)
                 elif rj.live:
                     self._read_checkpoint(job, now)
+                    self._enforce_time_limit(job, rj, now)
                 else:
                     self._finished(job, rj, now)
             elif job.state == "preempted" and rj is not None:
@@ -476,26 +477,52 @@ class Scheduler:
     def _stop_victim(self, job: JobRecord, rj, now: float) -> None:
         """A preempted job still running: a train job checkpoints first (up to
         ``checkpoint_timeout_s``), then Ray stops it. Idempotent across ticks and restarts."""
-        sid = job.submission_id
-        if job.kind == "train" and rj.status == "RUNNING":
-            spec = job.load()
-            from orchestrator.control import JobControl, latest_commit
-            control = JobControl(spec.checkpoint.url, spec.storage.as_options())
-            req = f"{sid}:preempt"
-            control.request_checkpoint(req)
-            step = control.checkpoint_served(req)
-            if step is None and now - job.updated_time < self.config.checkpoint_timeout_s:
-                return
-            c = latest_commit(spec.checkpoint.url, spec.storage.as_options())
-            if c is not None:
-                self.store.update(job.id, checkpoint_url=c.url, checkpoint_step=c.step,
-                                  checkpoint_time=c.committed_at)
-            why = (f"checkpointed at step {step}" if step is not None else
-                   f"no checkpoint within {self.config.checkpoint_timeout_s:g}s, stopping anyway")
-        else:
-            why = "stopping"
-        if self.ray.stop(sid):
-            self._event(f"{job.id} preempted: {why}; Ray job {sid} stopped")
+        why = self._checkpoint_before_stop(job, rj, now, "preempt", since=job.updated_time)
+        if why is not None and self.ray.stop(job.submission_id):
+            self._event(f"{job.id} preempted: {why}; Ray job {job.submission_id} stopped")
+
+    def _checkpoint_before_stop(self, job: JobRecord, rj, now: float, purpose: str,
+                                since: float) -> str | None:
+        """Ask a running train job for a checkpoint (request ``<submission id>:<purpose>``) and
+        record it in the store once served. Returns what happened ("checkpointed at step N", or
+        that none came within ``checkpoint_timeout_s`` of ``since``) once the job may be stopped;
+        None while the checkpoint is still awaited. Other kinds may stop at once."""
+        if job.kind != "train" or rj.status != "RUNNING":
+            return "stopping"
+        spec = job.load()
+        from orchestrator.control import JobControl, latest_commit
+        control = JobControl(spec.checkpoint.url, spec.storage.as_options())
+        req = f"{job.submission_id}:{purpose}"
+        control.request_checkpoint(req)
+        step = control.checkpoint_served(req)
+        if step is None and now - since < self.config.checkpoint_timeout_s:
+            return None
+        c = latest_commit(spec.checkpoint.url, spec.storage.as_options())
+        if c is not None:
+            self.store.update(job.id, checkpoint_url=c.url, checkpoint_step=c.step,
+                              checkpoint_time=c.committed_at)
+        return (f"checkpointed at step {step}" if step is not None else
+                f"no checkpoint within {self.config.checkpoint_timeout_s:g}s, stopping anyway")
+
+    def _enforce_time_limit(self, job: JobRecord, rj, now: float) -> None:
+        """A run past its ``scheduling.time_limit`` checkpoints (train jobs, up to
+        ``checkpoint_timeout_s``) and is stopped; the job fails with the reason and is not retried
+        (another run would be stopped the same way). Resubmitted with a longer limit and the same
+        ``checkpoint.url``, a train job resumes from that checkpoint."""
+        limit = job.time_limit
+        if limit is None or job.start_time is None or now - job.start_time <= limit:
+            return
+        why = self._checkpoint_before_stop(job, rj, now, "time-limit", since=job.start_time + limit)
+        if why is None:
+            return
+        self.ray.stop(job.submission_id)
+        ran = now - job.start_time
+        self.store.transition(job.id, "failed", f"time limit reached: ran {_duration(ran)}, limit "
+                              f"{_duration(limit)} (scheduling.time_limit); {why}; Ray job "
+                              f"{job.submission_id} stopped; not retried (another run would be "
+                              "stopped the same way): resubmit with a longer limit to continue",
+                              expect="running")
+        self._event(f"{job.id} stopped at its time limit ({_duration(limit)}): {why}")
 
     def _stop_strays(self, ray_jobs: dict, by_id: dict[str, JobRecord]) -> None:
         """Stop live Ray jobs of this store that no unfinished job owns (cancelled jobs,
@@ -742,6 +769,13 @@ class _Live:
     """Stand-in Ray status for a job preempted this tick (it was running a moment ago)."""
     status = "RUNNING"
     live = True
+
+
+def _duration(seconds: float) -> str:
+    """``95`` -> ``1m35s``; ``7200`` -> ``2h``: how long, for people."""
+    s = int(round(seconds))
+    parts = [(s // 86400, "d"), (s // 3600 % 24, "h"), (s // 60 % 60, "m"), (s % 60, "s")]
+    return "".join(f"{n}{u}" for n, u in parts if n) or "0s"
 
 
 def _bundles(job: JobRecord) -> list[dict[str, float]]:

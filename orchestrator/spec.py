@@ -282,6 +282,7 @@ class Scheduling(Strict):
     priority: Literal["low", "normal", "high", "critical"] = "normal"
     max_retries: int = Field(3, ge=0, le=100)
     preemptible: bool = True
+    time_limit: float | None = Field(None, gt=0)
 
 
 class _JobBase(Strict):

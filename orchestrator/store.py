@@ -294,6 +294,12 @@ class JobRecord:
                        self.start_time, allowed=self.allowed_workers)
 
     @property
+    def time_limit(self) -> float | None:
+        """Seconds one run may last (``scheduling.time_limit``); None: no limit."""
+        limit = (self.spec.get("scheduling") or {}).get("time_limit")
+        return None if limit is None else float(limit)
+
+    @property
     def allowed_workers(self) -> tuple[int, ...] | None:
         """The worker counts a train job can run at (its batch plan's); None: any in the range."""
         if self.kind != "train":

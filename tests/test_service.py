@@ -153,11 +153,13 @@ class Env:
         self.sched = Scheduler(store, adapter, config, metrics=adapter.metrics)
         self.log = tmp / "events.log"
 
-    def spec(self, name, *, workers=1, priority="normal", team="t", retries=0, kind="train", **kw):
+    def spec(self, name, *, workers=1, priority="normal", team="t", retries=0, kind="train",
+             time_limit=None, **kw):
         kw.setdefault("log", str(self.log))
         return parse_spec({
             "kind": "train", "name": name, "max_steps": 1,
-            "scheduling": {"team": team, "priority": priority, "max_retries": retries},
+            "scheduling": {"team": team, "priority": priority, "max_retries": retries,
+                           "time_limit": time_limit},
             "resources": {"min_workers": workers, "max_workers": workers, "cpus_per_worker": 1},
             "model": {"factory": "jobs.examples.models:mlp", "kwargs": kw},
             "dataset": {"url": str(self.tmp / "data")},
@@ -281,6 +283,28 @@ def test_a_preempted_job_checkpoints_before_it_is_stopped_then_resumes(env, tmp_
     hist = [(t.from_state, t.to_state) for t in env.store.history(low)]
     assert ("running", "preempted") in hist and ("preempted", "queued") in hist
     assert [ln[1] for ln in env.lines("low") if ln[2] == "start"] == [f"orch-{low}-a0", f"orch-{low}-a1"]
+
+
+def test_a_job_past_its_time_limit_checkpoints_is_stopped_and_not_retried(env, tmp_path):
+    """A run past ``scheduling.time_limit`` is asked for a checkpoint, stopped once it has one,
+    and fails with the reason (retries left or not: another run would end the same way); a job
+    that ends within its limit is left alone."""
+    go = tmp_path / "go"
+    capped = env.submit("capped", retries=2, time_limit=2, wait_for="/nonexistent/never",
+                        honor_control=True)
+    roomy = env.submit("roomy", time_limit=3600, wait_for=str(go))
+    env.until(lambda: env.state(capped) == "failed", 60, "the capped job to stop at its limit")
+    job = env.store.get(capped)
+    assert job.reason.startswith("time limit reached: ran "), job.reason
+    assert "limit 2s (scheduling.time_limit); checkpointed at step 7" in job.reason, job.reason
+    assert job.checkpoint_step == 7 and job.attempts == 0
+    sid = f"orch-{capped}-a0"
+    assert [ln[2] for ln in env.lines("capped")][:2] == ["start", f"checkpointed {sid}:time-limit"]
+    env.until(lambda: env.adapter.list_jobs()[sid].status == "STOPPED", 30, "the Ray job to stop")
+    assert env.state(roomy) == "running"
+    go.write_text("")
+    env.until(lambda: env.state(roomy) == "succeeded", 60, "the roomy job to finish")
+    assert not [t for t in env.store.history(capped) if t.reason.startswith("retry ")]
 
 
 # ---------------------------------------------------------------------------------------------
