@@ -268,10 +268,11 @@ class RequestResources:
 
 Decision = Union[Admit, Grow, Shrink, Preempt, Requeue, Reject, RequestResources]
 
-# Why a queued job is not admitted. ``backoff`` is decided by the service (a failed job is not
-# offered to the policy until its retry delay has passed); the others here, in :func:`decide`.
+# Why a queued job is not admitted. ``backoff`` and ``upstream`` are decided by the service (a
+# failed job is not offered to the policy until its retry delay has passed, a pipeline stage not
+# until its upstream stages succeeded); the others here, in :func:`decide`.
 WAIT_CODES = ("quota", "gang_does_not_fit", "autoscaler", "behind_reserved_head", "backoff",
-              "never_fits")
+              "never_fits", "upstream")
 
 
 @dataclass(frozen=True)

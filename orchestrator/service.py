@@ -633,12 +633,14 @@ class Scheduler:
             self.store.transition(parent.id, final, why, expect=parent.state)
             self._event(f"pipeline {parent.id} {final}: {why}")
 
-    def _stage_ready(self, job: JobRecord, states: dict[str, dict[str, str]]) -> bool:
+    def _stage_status(self, job: JobRecord, states: dict[str, dict[str, str]]) -> tuple[str, str]:
+        """A pipeline stage's :func:`orchestrator.pipeline.stage_status` (siblings read once per
+        pipeline per tick into ``states``)."""
         sib = states.get(job.parent_id)
         if sib is None:
             sib = {s.stage: s.state for s in self.store.list(parent_id=job.parent_id)}
             states[job.parent_id] = sib
-        return pipemod.stage_status(job.depends_on, sib)[0] == "ready"
+        return pipemod.stage_status(job.depends_on, sib)
 
     # -------------------------------------------------------------------------------- policy
     def _views(self, active: list[JobRecord], ray_jobs: dict, now: float):
@@ -652,8 +654,12 @@ class Scheduler:
                 continue
             v = j.view(now)
             if j.state == "queued":
-                if j.parent_id and not self._stage_ready(j, stage_states):
-                    continue
+                if j.parent_id:
+                    status, why = self._stage_status(j, stage_states)
+                    if status != "ready":  # "blocked" ones fail in _advance_pipelines
+                        if status == "waiting":
+                            held.append(Wait(j.id, "upstream", why))
+                        continue
                 w = self._backoff_wait(j, now)
                 if w is not None:
                     held.append(w)

@@ -86,10 +86,18 @@ class InvalidQuota(StoreError, ValueError):
         super().__init__(message)
 
 
+def redacted(url: str) -> str:
+    """The store URL as it may be shown or logged: a password in it becomes ``***``."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a database URL: nothing to hide that we could parse
+        return url
+
+
 class StoreUnavailable(StoreError):
     def __init__(self, url: str, reason: str):
         self.url = url
-        super().__init__(f"cannot open job store {url!r}: {reason}")
+        super().__init__(f"cannot open job store {redacted(url)!r}: {reason}")
 
 
 class Deposed(StoreError):

@@ -386,7 +386,7 @@ def test_a_quota_held_job_shows_why_in_queue_and_status_until_it_is_admitted(wor
     job = store.get(b)
     assert (job.state, job.wait_reason, job.wait_detail, job.wait_since) == ("queued", "quota", detail, clock.t)
     assert s.metrics.waiting[-1] == {"quota": 1, "gang_does_not_fit": 0, "autoscaler": 0,
-                                     "behind_reserved_head": 0, "backoff": 0, "never_fits": 0}
+                                     "behind_reserved_head": 0, "backoff": 0, "never_fits": 0, "upstream": 0}
     db = store.url
     assert cli(["queue", "--store", db]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -564,6 +564,20 @@ def test_a_serve_stage_in_the_scheduler_exports_then_serves(world, tmp_path):
     ray.set(f"orch-{stages['serve'].id}-a0", "SUCCEEDED")
     s.tick()
     assert store.get(pid).state == "succeeded"
+
+
+def test_a_pipeline_stage_waiting_for_its_upstream_stages_says_which(world, tmp_path):
+    clock, store, ray, scheduler = world
+    pipe = parse_spec({"kind": "pipeline", "name": "p", "stages": [
+        {"name": "a", "spec": train_spec(tmp_path, "a").model_dump(mode="json")},
+        {"name": "b", "depends_on": ["a"], "spec": train_spec(tmp_path, "b").model_dump(mode="json")}]})
+    pid = store.submit(pipe)
+    s = scheduler()
+    s.tick()
+    b = next(st for st in store.list(parent_id=pid) if st.stage == "b")
+    assert (b.state, b.wait_reason, b.wait_detail) == ("queued", "upstream", "waiting for stage(s) a")
+    a = next(st for st in store.list(parent_id=pid) if st.stage == "a")
+    assert a.wait_reason is None and a.state == "admitted"
 
 
 def test_cancelling_a_pipeline_cancels_its_stages_and_stops_the_running_one(world, tmp_path):

@@ -15,7 +15,7 @@ from store_racers import CHAIN, RACERS, move_every_job, open_store, race
 from orchestrator import spec as specmod
 from orchestrator.policy import Quota
 from orchestrator.store import (LEGAL, SCHEMA_VERSION, STATES, IllegalTransition, InvalidQuota, JobStore,
-                                StoreUnavailable, UnknownJob, UnknownQuota, normalize_url)
+                                StoreUnavailable, UnknownJob, UnknownQuota, normalize_url, redacted)
 
 TRAIN = {
     "kind": "train", "name": "mlp", "scheduling": {"team": "research", "priority": "high", "max_retries": 2},
@@ -174,6 +174,15 @@ def test_a_postgresql_server_that_is_not_there_is_named(postgres_server):
     with pytest.raises(StoreUnavailable, match="cannot open job store 'postgresql://postgres@127") as e:
         JobStore(url)
     assert url in str(e.value)
+
+
+def test_a_password_in_the_store_url_is_never_shown(postgres_server):
+    url = f"postgresql://postgres:s3cret-pw@127.0.0.1:{free_port()}/jobs"
+    with pytest.raises(StoreUnavailable) as e:
+        JobStore(url)
+    assert "s3cret-pw" not in str(e.value)
+    assert "postgresql://postgres:***@127.0.0.1" in str(e.value)
+    assert redacted("sqlite:////tmp/jobs.db") == "sqlite:////tmp/jobs.db"
 
 
 def test_without_the_driver_a_postgresql_url_names_the_extra_to_install(monkeypatch):

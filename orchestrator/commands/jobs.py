@@ -351,7 +351,7 @@ def cmd_scheduler(args) -> int:
         if args.once:
             return _fail(f"{e}\n({connection_help(args.address)})")
         # A service started before its cluster (or during an outage) waits for it.
-        print(f"scheduler: store {store.url}; {e}; waiting for Ray "
+        print(f"scheduler: store {storemod.redacted(store.url)}; {e}; waiting for Ray "
               f"({connection_help(args.address)})", file=sys.stderr, flush=True)
     sched = Scheduler(store, ray, config, metrics=ray.metrics)
     try:
@@ -370,7 +370,7 @@ def cmd_scheduler(args) -> int:
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         if ray.connected:
-            print(f"scheduler: store {store.url}, Ray jobs at {ray.dashboard_url}", flush=True)
+            print(f"scheduler: store {storemod.redacted(store.url)}, Ray jobs at {ray.dashboard_url}", flush=True)
         try:
             sched.run(stop)
         except KeyboardInterrupt:
