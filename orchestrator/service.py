@@ -254,6 +254,7 @@ class Scheduler:
         now = self.clock()
         ray_jobs = self.ray.list_jobs()          # raises before anything changes
         nodes = self.ray.nodes()
+        placed = set(self._placed)  # gangs Ray had placed when ``nodes`` was read
         active = self.store.list(UNFINISHED)
         by_id = {j.id: j for j in active}
         self._stop_strays(ray_jobs, by_id)
@@ -269,8 +270,9 @@ class Scheduler:
         queue, running, backoff = self._views(active, ray_jobs, now)
         admitted = {j.submission_id: j.id for j in active if j.state == "admitted"}
         self._placed &= set(admitted)
+        # Placed in this tick's reconcile: not in the view of ``nodes`` read before it.
         unplaced = {jid for sid, jid in admitted.items()
-                    if sid not in self._placed and sid not in ray_jobs}  # submitted: placed
+                    if sid not in placed and sid not in ray_jobs}  # submitted: placed before
         cluster = ClusterState.of(free_capacity(nodes, running, unplaced), self.config.autoscale_shapes)
         decisions, waits = decide_with_reasons(queue, running, cluster, self.quotas(), now,
                                                self.config.policy)
@@ -782,7 +784,8 @@ def free_capacity(nodes: list[Node], running: list[JobView],
     - *booked*: what ``running`` (jobs holding capacity: admitted, running, stopping) hold there
       by their recorded placements;
     - *claimed*: the part of *booked* Ray can already be using: all of it but the gangs of the
-      admitted jobs in ``unplaced`` (ids), whose placement groups Ray has not placed yet;
+      admitted jobs in ``unplaced`` (ids), whose placement groups Ray had not placed (as far as
+      the scheduler knows) when ``nodes`` were read;
     - *outside* = max(0, (total - Ray's available) - *claimed*): work this scheduler did not start;
     - free = max(0, total - *booked* - *outside*).
 

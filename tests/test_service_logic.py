@@ -13,7 +13,7 @@ from orchestrator.control import JobControl, latest_commit
 from orchestrator import pipeline as pipemod
 from orchestrator.cli import main as cli
 from orchestrator.policy import JobView, Node, PolicyConfig, Quota
-from orchestrator.ray_adapter import RayJob
+from orchestrator.ray_adapter import RayAdapter, RayJob, RayLink
 from orchestrator.service import Scheduler, SchedulerConfig, free_capacity, parse_submission_id
 from orchestrator.spec import parse_spec
 from orchestrator.store import JobStore
@@ -265,6 +265,28 @@ def test_the_recorded_placement_is_where_ray_put_the_gang_not_where_the_policy_p
     events = s.tick()
     assert store.get(jid).placement == {other: 2} and list(ray.jobs) == [f"orch-{jid}-a0"]
     assert any(e.startswith(f"{jid} placed by Ray on {other} x2") for e in events), events
+
+
+def test_a_gang_ray_has_not_placed_yet_is_booked_once_beside_work_outside_the_scheduler(world, tmp_path):
+    clock, store, ray, scheduler = world
+    ray._nodes = [Node("n0", 4.0, free_cpus=2.0)]  # Ray: an actor not ours holds 2 of the 4 CPUs
+    ray.place = False
+    a = store.submit(train_spec(tmp_path, "a", lo=2, hi=2, batch=2))
+    s = scheduler()
+    s.tick()
+    assert store.get(a).state == "admitted"
+    b = store.submit(train_spec(tmp_path, "b"))
+    s.tick()  # a's gang is booked, not in Ray's view yet: the actor's 2 CPUs are still outside
+    job = store.get(b)
+    assert (job.state, job.wait_reason) == ("queued", "gang_does_not_fit")
+    assert "free in all 0 CPU" in job.wait_detail, job.wait_detail
+    ray.place = True
+    s.tick()  # placed and submitted after Ray's view was read: that view does not show it yet
+    assert store.get(a).placement == {"n0": 2} and f"orch-{a}-a0" in ray.jobs
+    assert store.get(b).state == "queued"
+    ray._nodes = [Node("n0", 4.0, free_cpus=0.0)]  # Ray's view now counts a's bundles too
+    s.tick()
+    assert store.get(b).state == "queued"
 
 
 def test_free_capacity_counts_work_outside_the_scheduler_once_and_the_schedulers_own_never_twice():
@@ -720,6 +742,14 @@ class DownRay(FakeRay):
         if self.down:
             raise RayUnavailable("no Ray cluster at 127.0.0.1:1: connection refused")
         return super().list_jobs()
+
+
+def test_the_ray_link_forwards_every_method_of_the_adapter():
+    """The scheduler command talks to Ray through RayLink: an adapter method it does not forward
+    would fail only there."""
+    public = {n for n, v in vars(RayAdapter).items() if callable(v) and not n.startswith("_")}
+    assert public == set(RayLink.METHODS)
+    assert all(callable(getattr(RayLink, n)) for n in RayLink.METHODS)
 
 
 def test_run_waits_out_a_ray_outage_with_capped_backoff_logging_it_once(tmp_path, caplog):
