@@ -134,15 +134,21 @@ class RayAdapter:
 
     # cluster --------------------------------------------------------------------------------
     def nodes(self) -> list[Node]:
-        """Alive nodes with their total CPUs and GPUs (free capacity is the scheduler's
-        bookkeeping; the placement group of each admission is the check against Ray's)."""
+        """Alive nodes with their total CPUs and GPUs and, as ``free_*``, what Ray reports
+        available on each now: everything running counted, this scheduler's own jobs and
+        placement groups included (``orchestrator.service.free_capacity`` reconciles the two).
+        A node Ray has not reported availability for yet shows nothing free."""
         import ray
+        available = ray_internals.available_resources_per_node()
         out = []
         for n in ray.nodes():
             if not n.get("Alive"):
                 continue
             r = n.get("Resources", {})
-            out.append(Node(n["NodeID"], float(r.get("CPU", 0.0)), float(r.get("GPU", 0.0))))
+            cpus, gpus = float(r.get("CPU", 0.0)), float(r.get("GPU", 0.0))
+            a = available.get(n["NodeID"], {})
+            out.append(Node(n["NodeID"], cpus, gpus, min(cpus, a.get("CPU", 0.0)),
+                            min(gpus, a.get("GPU", 0.0))))
         return out
 
     # jobs -----------------------------------------------------------------------------------
@@ -224,6 +230,21 @@ class RayAdapter:
         if pg is None:
             return None
         return bool(pg.wait(timeout_seconds=0.01))
+
+    def reservation_placement(self, name: str) -> dict[str, int] | None:
+        """Where Ray put the placed group ``name``'s bundles: node id (hex, as :meth:`nodes`
+        names it) -> bundles there. None if there is no such group or it is not placed yet."""
+        from ray.util import placement_group_table
+        pg = self._placement_group(name)
+        if pg is None:
+            return None
+        info = placement_group_table(pg)
+        if info.get("state") != "CREATED":
+            return None
+        out: dict[str, int] = {}
+        for node in info.get("bundles_to_node_id", {}).values():
+            out[node] = out.get(node, 0) + 1
+        return out or None
 
     def release(self, name: str) -> None:
         """Remove the placement group ``name`` (its resources go to the job's own workers)."""
@@ -339,7 +360,8 @@ class RayLink:
     """
 
     METHODS = ("nodes", "list_jobs", "submit", "stop", "logs", "serve_apps", "delete_serve_app",
-               "reserve", "reservation_ready", "release", "reservations", "request_resources")
+               "reserve", "reservation_ready", "reservation_placement", "release", "reservations",
+               "request_resources")
 
     def __init__(self, address: str | None = None, *, namespace: str = NAMESPACE,
                  connect_timeout_s: float = 120.0, call_timeout_s: float = 120.0):

@@ -3,9 +3,12 @@
 One :meth:`Scheduler.tick`, top to bottom:
 
 1. **Observe.** Ray's jobs (``list_jobs``, by submission id) and nodes; the store's unfinished jobs.
+   Ray is the truth for capacity: each node's free room is its total less what this store's jobs
+   hold less what Ray reports used by anything else (:func:`free_capacity` states the rule).
 2. **Reconcile** every job with what Ray says: an admitted job gets its gang reserved as a
-   placement group and, once that is placed, is submitted through the Jobs API (the group is
-   released to the job's own workers when it starts running); finished Ray jobs finish store
+   placement group and, once that is placed, has the nodes Ray put it on recorded as its
+   placement and is submitted through the Jobs API (the group is released to the job's own
+   workers when it starts running); finished Ray jobs finish store
    jobs; failed ones are retried with exponential backoff up to ``max_retries``; preempted train
    jobs are asked to checkpoint and then stopped; Ray jobs no store job owns any more (cancelled,
    superseded attempts) are stopped and stray placement groups removed. A serve job stopped or
@@ -141,6 +144,7 @@ class Scheduler:
         self._requested: list[dict[str, float]] | None = None
         self._events: list[str] = []
         self._serve_checked: set[str] = set()  # ended Ray jobs the Serve safety net has checked
+        self._placed: set[str] = set()  # admitted gangs (submission ids) Ray has placed
         self.lease: Lease | None = None  # held while this process is the active scheduler
         self._standby_said: tuple | None = None
         self._beat_failed = False
@@ -250,6 +254,7 @@ class Scheduler:
         now = self.clock()
         ray_jobs = self.ray.list_jobs()          # raises before anything changes
         nodes = self.ray.nodes()
+        placed = set(self._placed)  # gangs Ray had placed when ``nodes`` was read
         active = self.store.list(UNFINISHED)
         by_id = {j.id: j for j in active}
         self._stop_strays(ray_jobs, by_id)
@@ -263,7 +268,12 @@ class Scheduler:
             log.warning("checking stopped serve jobs' applications: %s", e)
         active = self.store.list(UNFINISHED)
         queue, running, backoff = self._views(active, ray_jobs, now)
-        cluster = ClusterState.of(_free(nodes, running), self.config.autoscale_shapes)
+        admitted = {j.submission_id: j.id for j in active if j.state == "admitted"}
+        self._placed &= set(admitted)
+        # Placed in this tick's reconcile: not in the view of ``nodes`` read before it.
+        unplaced = {jid for sid, jid in admitted.items()
+                    if sid not in placed and sid not in ray_jobs}  # submitted: placed before
+        cluster = ClusterState.of(free_capacity(nodes, running, unplaced), self.config.autoscale_shapes)
         decisions, waits = decide_with_reasons(queue, running, cluster, self.quotas(), now,
                                                self.config.policy)
         waits += backoff
@@ -341,6 +351,7 @@ class Scheduler:
             self.ray.reserve(sid, _bundles(job))
             ready = self.ray.reservation_ready(sid)
         if ready:
+            self._record_placement(job)
             self._submit(job)
         elif now - job.updated_time > self.config.admission_timeout_s:
             self.ray.release(sid)
@@ -348,6 +359,16 @@ class Scheduler:
                                   f"requeued: Ray did not place its gang of {job.workers} within "
                                   f"{self.config.admission_timeout_s:g}s", expect="admitted")
             self._event(f"{job.id} requeued: gang not placed in time")
+
+    def _record_placement(self, job: JobRecord) -> None:
+        """Store where Ray put the placed gang (node -> workers), not where the policy planned it:
+        free capacity, preemption and shrink then count what the job really holds on each node."""
+        self._placed.add(job.submission_id)
+        placed = self.ray.reservation_placement(job.submission_id)
+        if placed and placed != job.placement:
+            self.store.update(job.id, placement=placed)
+            self._event(f"{job.id} placed by Ray on {_nodes_line(placed)} "
+                        f"(the policy planned {_nodes_line(job.placement)})")
 
     def _submit(self, job: JobRecord) -> None:
         spec = job.load()
@@ -791,13 +812,43 @@ def _bundles(job: JobRecord) -> list[dict[str, float]]:
     return [dict(b) for _ in range(max(1, job.workers))]
 
 
-def _free(nodes: list[Node], running: list[JobView]) -> list[Node]:
-    """Nodes with what running jobs hold (by the store's placements) taken out."""
-    used: dict[str, list[float]] = {}
+def free_capacity(nodes: list[Node], running: list[JobView],
+                  unplaced: set[str] = frozenset()) -> list[Node]:
+    """The policy's view of ``nodes``: each node's total, less what this store's jobs hold there,
+    less what Ray says is used there by anything else.
+
+    ``nodes`` come from Ray (:meth:`RayAdapter.nodes`): totals, and as ``free_*`` what Ray reports
+    available, which counts everything: actors and jobs started outside this scheduler, other
+    schedulers' jobs, and this scheduler's own placement groups and workers. Per node and resource:
+
+    - *booked*: what ``running`` (jobs holding capacity: admitted, running, stopping) hold there
+      by their recorded placements;
+    - *claimed*: the part of *booked* Ray can already be using: all of it but the gangs of the
+      admitted jobs in ``unplaced`` (ids), whose placement groups Ray had not placed (as far as
+      the scheduler knows) when ``nodes`` were read;
+    - *outside* = max(0, (total - Ray's available) - *claimed*): work this scheduler did not start;
+    - free = max(0, total - *booked* - *outside*).
+
+    So a just-admitted gang is counted once (booked, not yet in Ray's view), a placed gang once
+    (claimed against Ray's use of it), and a job's Ray use beyond its booking on a node (its
+    workers placed elsewhere, extra actors) counts as outside, erring towards less free.
+    """
+    booked: dict[str, list[float]] = {}
+    claimed: dict[str, list[float]] = {}
     for r in running:
         for n, w in r.placement.items():
-            u = used.setdefault(n, [0.0, 0.0])
-            u[0] += w * r.cpus_per_worker
-            u[1] += w * r.gpus_per_worker
-    return [Node(n.id, n.cpus, n.gpus, max(0.0, n.cpus - used.get(n.id, (0, 0))[0]),
-                 max(0.0, n.gpus - used.get(n.id, (0, 0))[1])) for n in nodes]
+            for into in (booked, claimed) if r.id not in unplaced else (booked,):
+                u = into.setdefault(n, [0.0, 0.0])
+                u[0] += w * r.cpus_per_worker
+                u[1] += w * r.gpus_per_worker
+    out = []
+    for n in nodes:
+        b, c = booked.get(n.id, (0.0, 0.0)), claimed.get(n.id, (0.0, 0.0))
+        free = [max(0.0, total - b[i] - max(0.0, (total - available) - c[i]))
+                for i, (total, available) in enumerate(((n.cpus, n.free_cpus), (n.gpus, n.free_gpus)))]
+        out.append(Node(n.id, n.cpus, n.gpus, *free))
+    return out
+
+
+def _nodes_line(placement: dict[str, int]) -> str:
+    return ", ".join(f"{n[:12]} x{w}" for n, w in sorted(placement.items())) or "no node"

@@ -13,6 +13,7 @@ import types
 import pytest
 import torch
 
+from conftest import wait_until
 from orchestrator.compat import CompatError, deepspeed_internals, ray_internals
 
 
@@ -21,6 +22,28 @@ def test_every_ray_internal_is_where_the_compat_module_expects_it():
     assert ray_internals.worker_setup_hook_env_var() and ray_internals.train_health_check_env_var()
     from ray.train.torch import TorchTrainer
     assert issubclass(ray_internals.PolicyTorchTrainer, TorchTrainer)
+
+
+def test_per_node_available_resources_count_an_actors_cpu_on_its_node(ray_local):
+    """The scheduler's view of free capacity (``RayAdapter.nodes``) rests on this internal."""
+    ray = ray_local
+    node = ray.get_runtime_context().get_node_id()
+    total = ray.nodes()[0]["Resources"]["CPU"]
+
+    @ray.remote(num_cpus=1)
+    class Hog:
+        def node(self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
+    hog = Hog.remote()
+    try:
+        assert ray.get(hog.node.remote(), timeout=60) == node
+        wait_until(lambda: ray_internals.available_resources_per_node()[node].get("CPU", 0.0) == total - 1,
+                   30, what="the actor's CPU to show as used on its node")
+    finally:
+        ray.kill(hog)
+    wait_until(lambda: ray_internals.available_resources_per_node()[node].get("CPU", 0.0) == total,
+               30, what="the CPU to show as free again")
 
 
 def test_every_deepspeed_internal_is_where_the_compat_module_expects_it():
@@ -34,6 +57,7 @@ def test_every_deepspeed_internal_is_where_the_compat_module_expects_it():
     ("ray.train.v2._internal.execution.scaling_policy", "ElasticScalingPolicy._count_possible_workers",
      "ElasticScalingPolicy._count_possible_workers"),
     ("ray._private.ray_constants", "WORKER_PROCESS_SETUP_HOOK_ENV_VAR", "WORKER_PROCESS_SETUP_HOOK_ENV_VAR"),
+    ("ray._private.state", "available_resources_per_node", "ray._private.state.available_resources_per_node"),
 ])
 def test_a_moved_ray_internal_fails_verify_naming_it(monkeypatch, module, dotted, named):
     import importlib

@@ -308,6 +308,62 @@ def test_a_job_past_its_time_limit_checkpoints_is_stopped_and_not_retried(env, t
 
 
 # ---------------------------------------------------------------------------------------------
+# Ray is the truth for capacity and placement
+# ---------------------------------------------------------------------------------------------
+def test_an_actor_started_outside_the_scheduler_keeps_a_gang_waiting_until_it_is_killed(env, tmp_path):
+    """Work the scheduler did not start counts: an actor holding one of the head's 2 CPUs keeps a
+    2-worker gang (which fits the idle head) waiting, saying what is free; killing it admits it."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class Hog:
+        def ready(self) -> bool:
+            return True
+
+    done = tmp_path / "go"
+    hog = Hog.remote()
+    try:
+        ray.get(hog.ready.remote(), timeout=60)
+        wait_until(lambda: [n.free_cpus for n in env.adapter.nodes()] == [1.0], 30, 0.2,
+                   "Ray's view to show the actor's CPU in use")
+        jid = env.submit("crowded", workers=2, wait_for=str(done))
+        env.sched.tick()
+        job = env.store.get(jid)
+        assert job.state == "queued" and job.wait_reason == "gang_does_not_fit", (job.state, job.wait_reason)
+        assert job.wait_detail.startswith("needs 2 x (1 CPU); largest free node 1 CPU (fits 1), "
+                                          "free in all 1 CPU (fits 1)"), job.wait_detail
+    finally:
+        ray.kill(hog)
+    env.until(lambda: env.state(jid) == "running", 60, "the gang to run once the actor is gone")
+    done.write_text("")
+    env.until(lambda: env.state(jid) == "succeeded", 60, "the job to finish")
+
+
+def test_the_recorded_placement_is_the_one_ray_gave_the_placement_group(env, tmp_path):
+    import ray
+    from ray.util import placement_group_table
+    from ray.util.placement_group import get_placement_group
+
+    done = tmp_path / "go"
+    jid = env.submit("placed", workers=2, wait_for=str(done))
+    env.sched.tick()
+    sid = f"orch-{jid}-a0"
+    assert env.state(jid) == "admitted"
+    # the group lives until a tick sees the Ray job running; none runs until this is read
+    wait_until(lambda: env.adapter.reservation_ready(sid), 60, 0.2, "the gang's placement group")
+    table = placement_group_table(get_placement_group(sid))
+    ray_placement: dict[str, int] = {}
+    for node in table["bundles_to_node_id"].values():
+        ray_placement[node] = ray_placement.get(node, 0) + 1
+    env.until(lambda: env.state(jid) == "running", 60, "the job to run")
+    assert env.store.get(jid).placement == ray_placement
+    assert set(ray_placement) <= {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert sum(ray_placement.values()) == 2
+    done.write_text("")
+    env.until(lambda: env.state(jid) == "succeeded", 60, "the job to finish")
+
+
+# ---------------------------------------------------------------------------------------------
 # serve jobs: stopping one deletes its Serve application and frees its replicas
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture

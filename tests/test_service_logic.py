@@ -12,9 +12,9 @@ import pytest
 from orchestrator.control import JobControl, latest_commit
 from orchestrator import pipeline as pipemod
 from orchestrator.cli import main as cli
-from orchestrator.policy import Node, PolicyConfig, Quota
-from orchestrator.ray_adapter import RayJob
-from orchestrator.service import Scheduler, SchedulerConfig, parse_submission_id
+from orchestrator.policy import JobView, Node, PolicyConfig, Quota
+from orchestrator.ray_adapter import RayAdapter, RayJob, RayLink
+from orchestrator.service import Scheduler, SchedulerConfig, free_capacity, parse_submission_id
 from orchestrator.spec import parse_spec
 from orchestrator.store import JobStore
 
@@ -28,11 +28,13 @@ class Clock:
 
 
 class FakeRay:
-    """The RayAdapter surface, in memory. ``place=False`` leaves placement groups pending."""
+    """The RayAdapter surface, in memory. ``place=False`` leaves placement groups pending;
+    ``placed_on`` names the node it puts every gang on (default: the first)."""
 
     def __init__(self, nodes=(("n0", 4.0),), place: bool = True):
         self._nodes = [Node(n, c) for n, c in nodes]
         self.place = place
+        self.placed_on: str | None = None
         self.jobs: dict[str, RayJob] = {}
         self.entrypoints: dict[str, str] = {}
         self.submits: list[str] = []
@@ -80,6 +82,11 @@ class FakeRay:
 
     def reservation_ready(self, name):
         return (self.place if name in self.pgs else None)
+
+    def reservation_placement(self, name):
+        if not (self.place and name in self.pgs):
+            return None
+        return {self.placed_on or self._nodes[0].id: len(self.pgs[name])}
 
     def release(self, name):
         self.pgs.pop(name, None)
@@ -242,6 +249,69 @@ def test_a_gang_ray_cannot_place_in_time_is_requeued(world, tmp_path):
     job = store.get(jid)
     assert job.state in ("queued", "admitted") and ray.jobs == {}
     assert any("did not place its gang" in t.reason for t in store.history(jid))
+
+
+def test_the_recorded_placement_is_where_ray_put_the_gang_not_where_the_policy_planned_it(world, tmp_path):
+    clock, store, ray, scheduler = world
+    ray._nodes = [Node("n0", 4.0), Node("n1", 4.0)]
+    ray.place = False
+    jid = store.submit(train_spec(tmp_path, "a", lo=2, hi=2, batch=2))
+    s = scheduler()
+    s.tick()
+    planned = store.get(jid).placement
+    assert store.get(jid).state == "admitted" and sum(planned.values()) == 2 and len(planned) == 1
+    other = "n1" if "n0" in planned else "n0"
+    ray.place, ray.placed_on = True, other  # Ray packs the gang on the node the policy did not pick
+    events = s.tick()
+    assert store.get(jid).placement == {other: 2} and list(ray.jobs) == [f"orch-{jid}-a0"]
+    assert any(e.startswith(f"{jid} placed by Ray on {other} x2") for e in events), events
+
+
+def test_a_gang_ray_has_not_placed_yet_is_booked_once_beside_work_outside_the_scheduler(world, tmp_path):
+    clock, store, ray, scheduler = world
+    ray._nodes = [Node("n0", 4.0, free_cpus=2.0)]  # Ray: an actor not ours holds 2 of the 4 CPUs
+    ray.place = False
+    a = store.submit(train_spec(tmp_path, "a", lo=2, hi=2, batch=2))
+    s = scheduler()
+    s.tick()
+    assert store.get(a).state == "admitted"
+    b = store.submit(train_spec(tmp_path, "b"))
+    s.tick()  # a's gang is booked, not in Ray's view yet: the actor's 2 CPUs are still outside
+    job = store.get(b)
+    assert (job.state, job.wait_reason) == ("queued", "gang_does_not_fit")
+    assert "free in all 0 CPU" in job.wait_detail, job.wait_detail
+    ray.place = True
+    s.tick()  # placed and submitted after Ray's view was read: that view does not show it yet
+    assert store.get(a).placement == {"n0": 2} and f"orch-{a}-a0" in ray.jobs
+    assert store.get(b).state == "queued"
+    ray._nodes = [Node("n0", 4.0, free_cpus=0.0)]  # Ray's view now counts a's bundles too
+    s.tick()
+    assert store.get(b).state == "queued"
+
+
+def test_free_capacity_counts_work_outside_the_scheduler_once_and_the_schedulers_own_never_twice():
+    """Ray's view (``free_*``: what Ray reports available, everything counted) reconciled with
+    the store's bookings, on a node of 8 CPUs and 2 GPUs where others use 3 CPUs and 1 GPU."""
+    def job(jid, workers, cpus=1.0, gpus=0.0):
+        return JobView(jid, 100, state="running", workers=workers, placement={"n0": workers},
+                       cpus_per_worker=cpus, gpus_per_worker=gpus)
+
+    def free(ray_free_cpus, ray_free_gpus, running, unplaced=frozenset()):
+        idle = Node("n1", 4.0)  # nobody uses it: all free
+        nodes = free_capacity([Node("n0", 8.0, 2.0, ray_free_cpus, ray_free_gpus), idle], running,
+                              set(unplaced))
+        assert nodes[1] == Node("n1", 4.0, 0.0, 4.0, 0.0)
+        return nodes[0].free_cpus, nodes[0].free_gpus
+
+    assert free(5.0, 1.0, []) == (5.0, 1.0)                  # outside work alone
+    a = job("a", 2, gpus=0.5)                               # ours, placed: Ray counts it too
+    assert free(3.0, 0.0, [a]) == (3.0, 0.0)
+    b = job("b", 2)                                         # just admitted: Ray has not placed it
+    assert free(3.0, 0.0, [a, b], unplaced={"b"}) == (1.0, 0.0)
+    assert free(1.0, 0.0, [a, b]) == (1.0, 0.0)             # placed: the same figure, not -2
+    assert free(8.0, 2.0, [a, b], unplaced={"b"}) == (4.0, 1.0)  # nothing outside: bookings alone
+    assert free(2.0, 1.0, [job("c", 2)]) == (2.0, 1.0)      # Ray use beyond its booking is counted
+    assert free(0.0, 0.0, []) == (0.0, 0.0)                 # a node Ray reports nothing free on
 
 
 def test_shrink_asks_for_a_checkpoint_then_caps_the_elastic_job(world, tmp_path):
@@ -686,6 +756,14 @@ class DownRay(FakeRay):
         if self.down:
             raise RayUnavailable("no Ray cluster at 127.0.0.1:1: connection refused")
         return super().list_jobs()
+
+
+def test_the_ray_link_forwards_every_method_of_the_adapter():
+    """The scheduler command talks to Ray through RayLink: an adapter method it does not forward
+    would fail only there."""
+    public = {n for n, v in vars(RayAdapter).items() if callable(v) and not n.startswith("_")}
+    assert public == set(RayLink.METHODS)
+    assert all(callable(getattr(RayLink, n)) for n in RayLink.METHODS)
 
 
 def test_run_waits_out_a_ray_outage_with_capped_backoff_logging_it_once(tmp_path, caplog):

@@ -200,6 +200,20 @@ def dashboard_url_from_gcs() -> str | None:
             or ray._private.worker.global_worker.node.address_info.get("webui_url"))
 
 
+# Why: the scheduler counts work it did not start (actors, `ray job submit`, other schedulers) by
+# each node's *available* resources; Ray 2.60's public APIs give them cluster-wide only
+# (``ray.available_resources``) or give per-node totals only (``ray.nodes()``,
+# ``ray.util.state.list_nodes``). This is the GCS's per-node view behind ``ray status``
+# (a DeveloperAPI in a private module). Public API to move to: a per-node available-resources
+# column in ``ray.util.state.list_nodes`` (none announced).
+def available_resources_per_node() -> dict[str, dict[str, float]]:
+    """Node id (hex) -> resource name -> amount available now, for every live node Ray reports.
+    A resource at zero may be left out of a node's map."""
+    from ray._private import state
+    return {node: {k: float(v) for k, v in res.items()}
+            for node, res in state.available_resources_per_node().items()}
+
+
 # -------------------------------------------------------------------------------- verify
 def _need(obj: Any, attr: str, where: str) -> Any:
     if not hasattr(obj, attr):
@@ -265,6 +279,8 @@ def verify() -> None:
         if var not in source:
             raise _fail(f"environment variable {var}", "is no longer read by ray.serve._private.constants")
 
+    from ray._private import state
+    _need(state, "available_resources_per_node", "ray._private.state")
     _need(services, "get_webui_url_from_internal_kv", "ray._private.services")
     _need(worker, "global_worker", "ray._private.worker")
     _need(worker, "_global_node", "ray._private.worker")
