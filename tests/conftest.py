@@ -172,7 +172,8 @@ METRICS_REPORT_MS = 2000
 def _start_local_ray():
     import ray
     if not ray.is_initialized():
-        ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=True,
+        # address="local": always a Ray of its own, never one `ray start` left running here
+        ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {"PYTHONPATH": ROOT}}, _metrics_export_port=free_port(),
                  _system_config={"metrics_report_interval_ms": METRICS_REPORT_MS})
     return ray
