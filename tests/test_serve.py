@@ -21,7 +21,7 @@ from actors.served_model import (ServedCheckpointError, load_served_model, read_
                                      save_served_model)
 from actors.serve.graph import GraphError, as_graph
 from actors.serve.request import (InputSchema, RequestError, api_key_digest, check_api_key,
-                                  parse_inputs)
+                                  check_content_type, parse_inputs)
 from jobs.examples.models import mlp
 from orchestrator.spec import Canary, ModelRef, parse_spec
 
@@ -148,6 +148,20 @@ def test_api_key_accepts_bearer_or_x_api_key_and_refuses_the_rest():
         with pytest.raises(RequestError) as e:
             check_api_key(headers, digest)
         assert e.value.status == 401
+
+
+@pytest.mark.parametrize("content_type", [None, "", "application/json", "Application/JSON; charset=utf-8",
+                                          "application/vnd.api+json"])
+def test_json_content_types_and_none_are_accepted(content_type):
+    check_content_type({} if content_type is None else {"content-type": content_type})
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/jsonl"])
+def test_other_content_types_are_refused_with_415_saying_what_to_send(content_type):
+    with pytest.raises(RequestError) as e:
+        check_content_type({"content-type": content_type})
+    assert e.value.status == 415 and "application/json" in e.value.message and content_type in e.value.message
 
 
 def _arm(n, errors=0, latency=0.010):
@@ -493,6 +507,55 @@ def test_bad_requests_get_4xx_and_the_replica_stays_healthy(app):
     assert served(spec)["pid"] == pid  # same replica: nothing restarted it
     serve.get_app_handle(spec.name).check_health.remote().result()
     assert serve.status().applications[spec.name].status == "RUNNING"
+
+
+def _raw_request(port: int, head: str, body: bytes, timeout: float = 30.0) -> tuple[int, dict]:
+    """Send ``head`` and ``body`` on a raw connection (no more: a client that stops here), then
+    read the reply; ``(status, JSON body)``. A server that waited for more would time out."""
+    import http.client
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+        reply = http.client.HTTPResponse(s)
+        reply.begin()
+        return reply.status, json.loads(reply.read())
+
+
+def test_a_body_over_the_limit_is_refused_from_its_content_length_before_it_is_sent(app):
+    spec, url, _ = app
+    limit = InputSchema(tuple(spec.input_shape), spec.input_dtype, spec.max_request_examples).max_body_bytes
+    head = (f"POST {spec.route_prefix} HTTP/1.1\nHost: 127.0.0.1\nContent-Type: application/json\n"
+            f"Content-Length: 20000000\n")
+    # 1 KB of a declared 20 MB: the 413 comes without the rest
+    status, reply = _raw_request(spec.http_port, head, b'{"inputs": [[' + b"0, " * 300)
+    assert status == 413 and f"20000000 bytes; the limit is {limit}" in reply["error"], reply
+    assert _post(url, np.zeros((1, 32))).status_code == 200
+
+
+def test_a_chunked_body_is_read_only_up_to_the_limit(app):
+    spec, url, _ = app
+    limit = InputSchema(tuple(spec.input_shape), spec.input_dtype, spec.max_request_examples).max_body_bytes
+    head = (f"POST {spec.route_prefix} HTTP/1.1\nHost: 127.0.0.1\nContent-Type: application/json\n"
+            "Transfer-Encoding: chunked\n")
+    chunk = b" " * 8192
+    n = limit // len(chunk) + 2
+    # past the limit, and no last chunk: the server must answer before the body ends
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(n))
+    status, reply = _raw_request(spec.http_port, head, body)
+    assert status == 413 and f"the limit is {limit}" in reply["error"], reply
+    assert _post(url, np.zeros((1, 32))).status_code == 200
+
+
+def test_a_body_that_is_not_json_is_refused_with_415_and_json_with_a_charset_is_served(app):
+    import requests
+    spec, url, _ = app
+    body = _body({"inputs": [[0.0] * 32]})
+    for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+        r = requests.post(url, data=body, headers={"Content-Type": content_type}, timeout=30)
+        assert r.status_code == 415 and "application/json" in r.json()["error"], r.text
+    for headers in ({"Content-Type": "application/json; charset=utf-8"}, {}):  # none: read as JSON
+        r = requests.post(url, data=body, headers=headers, timeout=30)
+        assert r.status_code == 200 and len(r.json()["outputs"]) == 1, (headers, r.text)
 
 
 def test_api_key_is_required_when_configured(serve_port, checkpoints, monkeypatch):
