@@ -8,6 +8,7 @@ at the end so later modules get the CPUs back.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ except ImportError:  # pragma: no cover
     pass
 
 MLP = "jobs.examples.models:mlp"
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "examples")
 
 
 class _Exploding(torch.nn.Module):
@@ -218,6 +220,82 @@ def test_checkpoint_that_does_not_fit_the_model_is_refused_with_its_url(tmp_path
         load_served_model(url, ModelRef(factory=MLP, kwargs={"hidden": 8}))
     with pytest.raises(ServedCheckpointError, match="not a served checkpoint"):
         load_served_model(str(tmp_path / "missing"))
+
+
+def _training_checkpoint(root: str, model: torch.nn.Module, step: int = 7) -> str:
+    """Commit ``model``'s weights at ``step`` under ``root`` in the trainer's checkpoint format
+    (one rank, whole tensors), with the example train spec it came from; returns the step's URL."""
+    from actors.trainer.checkpoint import CheckpointStore, SaveRequest
+    from orchestrator.spec import load_spec
+    spec = load_spec(os.path.join(EXAMPLES, "mlp_train.yaml")).model_dump(mode="json")
+    store = CheckpointStore(root)
+    tensors = {n: {"fp32": t.detach().clone()} for n, t in model.state_dict().items()}
+    store.write_shard(SaveRequest(step, 0, 1, tensors, {"seed": 0}, {"step": step, "spec": spec}))
+    return store.commit(step, 1, {"loss": 0.5}, timeout_s=10)
+
+
+def test_a_training_checkpoint_given_to_the_loader_is_refused_naming_the_command_that_exports_it(tmp_path):
+    step = _training_checkpoint(str(tmp_path / "ckpt"), _seeded_mlp(4))
+    for url in (step, str(tmp_path / "ckpt")):
+        with pytest.raises(ServedCheckpointError) as e:
+            load_served_model(url)
+        assert (f"It is a training checkpoint: `python -m jobs.serve SPEC --checkpoint {url}`" in str(e.value)
+                and f"`orchestrator export {step} {tmp_path / 'ckpt' / 'served' / 'step-00000007'}`"
+                in str(e.value)), str(e.value)
+
+
+def test_jobs_serve_exports_a_training_checkpoint_next_to_it_once_without_ray(tmp_path, no_ray):
+    from jobs.serve import servable_checkpoint
+    model = _seeded_mlp(5)
+    root = str(tmp_path / "ckpt")
+    step = _training_checkpoint(root, model)
+    spec = _spec(8000)
+    url, note = servable_checkpoint(spec, root)
+    assert url == str(tmp_path / "ckpt" / "served" / "step-00000007")
+    assert note == f"exported training checkpoint {step} for serving to {url} (orchestrator export)"
+    x = torch.randn(5, 32)
+    np.testing.assert_array_equal(_forward(load_served_model(url, spec.model), x), _forward(model, x))
+    assert read_served_meta(url)["step"] == 7
+    assert servable_checkpoint(spec, step) == (url, f"training checkpoint {step} was exported before: serving {url}")
+    assert servable_checkpoint(spec, url) == (url, None)  # a served checkpoint is itself
+    with pytest.raises(ServedCheckpointError, match="not a served checkpoint"):
+        servable_checkpoint(spec, str(tmp_path / "missing"))
+
+
+_NO_RAY = """
+import sys, ray
+def refuse(*a, **k):
+    print("RAY WAS STARTED", flush=True)
+    sys.exit(99)
+ray.init = refuse
+from jobs.serve import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("checkpoint, words", [
+    ("missing", "is not a served checkpoint: not found"),
+    ("corrupt-training", "is a training checkpoint that could not be exported for serving (orchestrator export"),
+])
+def test_jobs_serve_refuses_a_bad_checkpoint_before_ray_starts(tmp_path, checkpoint, words):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    url = str(tmp_path / checkpoint)
+    if checkpoint == "corrupt-training":
+        step = _training_checkpoint(url, _seeded_mlp(6))
+        shard = os.path.join(step, "params-r00000.safetensors")
+        open(shard, "r+b").write(b"garbage")  # the manifest's checksum no longer matches
+    spec = tmp_path / "serve.yaml"
+    spec.write_text(json.dumps(_spec(8000, checkpoint_url=url).model_dump(mode="json")))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", _NO_RAY, str(spec)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env=dict(env, PYTHONPATH=ROOT))
+    assert r.returncode == 2 and "RAY WAS STARTED" not in r.stdout, (r.stdout, r.stderr)
+    assert url in r.stderr and words in r.stderr, r.stderr
+    assert time.monotonic() - t0 < 60
 
 
 def test_cli_refuses_a_spec_that_is_not_a_serve_spec(tmp_path, capsys):
@@ -556,6 +634,36 @@ def test_a_body_that_is_not_json_is_refused_with_415_and_json_with_a_charset_is_
     for headers in ({"Content-Type": "application/json; charset=utf-8"}, {}):  # none: read as JSON
         r = requests.post(url, data=body, headers=headers, timeout=30)
         assert r.status_code == 200 and len(r.json()["outputs"]) == 1, (headers, r.text)
+
+
+def test_the_serve_example_serves_a_training_checkpoint_over_http(serve_port, tmp_path, capsys):
+    """``python -m jobs.serve jobs/examples/mlp_serve.yaml`` pointed at a training checkpoint (as
+    the example is): exported before deploying, then served over HTTP."""
+    import requests
+    import yaml
+    from ray import serve
+    from jobs.serve import main
+    model = _seeded_mlp(8)
+    root = str(tmp_path / "ckpt")
+    _training_checkpoint(root, model)
+    spec = yaml.safe_load(open(os.path.join(EXAMPLES, "mlp_serve.yaml")))
+    # the running Serve's port (it keeps its own), this test's checkpoint, one small replica
+    spec.update(checkpoint_url=root, http_port=serve_port,
+                replicas={**spec["replicas"], "max_replicas": 1, "cpus_per_replica": 0.25})
+    path = tmp_path / "mlp_serve.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    try:
+        assert main([str(path), "--detach"]) == 0
+        out = capsys.readouterr().out
+        served = str(tmp_path / "ckpt" / "served" / "step-00000007")
+        assert f"to {served} (orchestrator export)" in out and f"serving {served} at " in out, out
+        x = np.random.default_rng(8).standard_normal((3, 32)).astype(np.float32)
+        r = requests.post(f"http://127.0.0.1:{serve_port}{spec['route_prefix']}",
+                          json={"inputs": x.tolist()}, timeout=30)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["outputs"], _forward(model, x), rtol=1e-5, atol=1e-6)
+    finally:
+        serve.delete(spec["name"])
 
 
 def test_api_key_is_required_when_configured(serve_port, checkpoints, monkeypatch):
