@@ -64,7 +64,7 @@ def test_the_pipeline_example_trains_tunes_and_serves_the_best_trial_over_http(t
             if proc.poll() is not None:
                 return "exited"
             return next((ln.split(" at ", 1)[1].strip() for ln in lines if ln.startswith("[serve] serving ")), None)
-        url = wait_until(serving, 400, 0.5, "the pipeline's serve stage to serve")
+        url = wait_until(serving, 600, 0.5, "the pipeline's serve stage to serve")
         assert url != "exited", "".join(lines[-40:])
         assert f"[serve] serving {tmp_path / 'tune' / 'best'} at " in "".join(lines)
         x = np.random.default_rng(0).standard_normal((2, 32)).tolist()
