@@ -647,8 +647,9 @@ def test_the_serve_example_serves_a_training_checkpoint_over_http(serve_port, tm
     root = str(tmp_path / "ckpt")
     _training_checkpoint(root, model)
     spec = yaml.safe_load(open(os.path.join(EXAMPLES, "mlp_serve.yaml")))
-    # the running Serve's port (it keeps its own), this test's checkpoint, one small replica
-    spec.update(checkpoint_url=root, http_port=serve_port,
+    # the running Serve's port (it keeps its own), a route of its own (the module's app has
+    # /predict), this test's checkpoint, one small replica
+    spec.update(checkpoint_url=root, http_port=serve_port, route_prefix="/example",
                 replicas={**spec["replicas"], "max_replicas": 1, "cpus_per_replica": 0.25})
     path = tmp_path / "mlp_serve.yaml"
     path.write_text(yaml.safe_dump(spec))
