@@ -53,12 +53,23 @@ def read_served_meta(url: str, storage_options: dict[str, Any] | None = None) ->
     try:
         meta = json.loads(st.read_text(META))
     except storage.StorageError as e:
-        raise ServedCheckpointError(f"{url} is not a served checkpoint: {e}") from None
+        raise ServedCheckpointError(f"{url} is not a served checkpoint: {e}"
+                                    f"{_export_hint(url, storage_options)}") from None
     except json.JSONDecodeError as e:
         raise ServedCheckpointError(f"{storage.join(url, META)} is not valid JSON: {e}") from None
     if not isinstance(meta, dict) or "factory" not in meta:
         raise ServedCheckpointError(f"{storage.join(url, META)} has no 'factory'")
     return meta
+
+
+def _export_hint(url: str, storage_options: dict[str, Any] | None) -> str:
+    """For a training checkpoint's URL, the command that makes it a served one."""
+    from orchestrator.pipeline import served_location, training_step
+    step = training_step(url, storage_options)
+    if step is None:
+        return ""
+    return (f". It is a training checkpoint: `python -m jobs.serve SPEC --checkpoint {url}` exports "
+            f"and serves it, or export it first: `orchestrator export {step} {served_location(step)}`")
 
 
 def load_served_model(url: str, model_ref: ModelRef | dict | None = None,

@@ -1,7 +1,10 @@
 """Serve a checkpoint over HTTP: ``python -m jobs.serve SPEC.yaml [--checkpoint URL] [--detach]``.
 
-Connects to Ray (``RAY_ADDRESS`` or a local instance; a Ray it starts itself gets the spec's
-``ingress``), deploys the spec's checkpoint as a Ray Serve application
+Checks the checkpoint first, before Ray is touched (:func:`servable_checkpoint`): a served
+checkpoint is served as it is; a training checkpoint (a ``step-N`` directory or a checkpoint root)
+is exported for serving to ``<root>/served/step-N`` first, as ``orchestrator export`` does; anything
+else exits 2 saying what is missing. Then connects to Ray (``RAY_ADDRESS`` or a local instance; a
+Ray it starts itself gets the spec's ``ingress``), deploys the checkpoint as a Ray Serve application
 (:mod:`actors.serve.deployment`), prints the endpoint URL and which ingress serves it, and keeps
 the application running until stopped (``--detach`` returns at once and leaves it running).
 
@@ -46,14 +49,16 @@ from ray import serve
 
 from actors.serve import ingress
 from actors.serve.canary import ArmStats, Decision, canary_decision, gates, window_filled
-from actors.served_model import ServedCheckpointError, load_served_model
+from actors.served_model import ServedCheckpointError, load_served_model, read_served_meta
 from actors.serve.deployment import (STATS_NAMESPACE, CanaryStatsCollector, build_app,
                                      user_config)
 from actors.serve.request import api_key_digest
+from orchestrator import pipeline as pipemod
 from orchestrator.metrics import SERVE, Recorder
 from orchestrator.outcome import stopped_exit_code
 from orchestrator.ray_adapter import STOP_WAIT_ENV
 from orchestrator.spec import Canary, ModelRef, ServeSpec, SpecError, load_spec
+from orchestrator.storage import StorageError
 
 log = logging.getLogger("jobs.serve")
 REPLICA_ACTOR_PREFIX = "SERVE_REPLICA::"  # a replica actor's name: SERVE_REPLICA::<app>#<deployment>#<id>
@@ -160,6 +165,36 @@ def _key_digest(spec: ServeSpec) -> str | None:
         raise SpecError([("api_key_env", f"environment variable {spec.api_key_env} is unset or empty; "
                                          "set it to the API key or remove api_key_env")])
     return api_key_digest(key)
+
+
+def servable_checkpoint(spec: ServeSpec, url: str) -> tuple[str, str | None]:
+    """The served checkpoint to deploy for ``url``, and a line saying what was exported, if anything.
+
+    A served checkpoint is itself. A training checkpoint (a committed ``step-N`` directory, or a
+    checkpoint root: its newest step) is exported, as ``orchestrator export`` does, to
+    ``<root>/served/step-N`` (:func:`orchestrator.pipeline.served_location`, outside the
+    ``step-*`` names that checkpoint retention deletes); an export already there is reused. Needs
+    no Ray. Raises ServedCheckpointError naming the URL when it is neither, or the export fails.
+    """
+    opts = spec.storage.as_options()
+    if pipemod.is_served_checkpoint(url, opts):
+        return url, None
+    step = pipemod.training_step(url, opts)
+    if step is None:
+        read_served_meta(url, opts)  # raises, saying what is missing
+        return url, None
+    out = pipemod.served_location(step)
+    if pipemod.is_served_checkpoint(out, opts):
+        return out, f"training checkpoint {step} was exported before: serving {out}"
+    # the trainer's export, as `orchestrator export` runs it (jobs/ may import any actors/ module)
+    from actors.trainer.checkpoint import CheckpointError
+    from actors.trainer.export import export
+    try:
+        export(step, out, opts)
+    except (CheckpointError, StorageError) as e:
+        raise ServedCheckpointError(f"{url} is a training checkpoint that could not be exported for "
+                                    f"serving (orchestrator export {step} {out}): {e}") from None
+    return out, f"exported training checkpoint {step} for serving to {out} (orchestrator export)"
 
 
 def _checked(spec: ServeSpec, url: str, model: ModelRef) -> tuple[str, dict]:
@@ -422,12 +457,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.spec}: kind is {loaded.kind!r}; jobs.serve needs a serve spec", file=sys.stderr)
                 return 2
             spec = loaded
-            try:
-                endpoint = deploy(spec, args.checkpoint, host=args.host)
+            try:  # the checkpoint (exported if it is a training one) and the spec before Ray
+                url, exported = servable_checkpoint(spec, args.checkpoint or spec.checkpoint_url)
+                if exported:
+                    print(exported, flush=True)
+                endpoint = deploy(spec, url, host=args.host)
             except (ServedCheckpointError, SpecError) as e:
                 print(e, file=sys.stderr)
                 return 2
-            print(f"serving {args.checkpoint or spec.checkpoint_url} at {endpoint}", flush=True)
+            print(f"serving {url} at {endpoint}", flush=True)
             print(f"  ingress: {endpoint.note}", flush=True)
             for url in replica_endpoints(spec):
                 print(f"  replica (direct ingress): {url}", flush=True)

@@ -84,6 +84,20 @@ def is_served_checkpoint(url: str, storage_options: dict[str, Any] | None = None
         return False
 
 
+def training_step(url: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    """The committed training checkpoint ``url`` names: ``url`` itself for a ``step-N`` directory
+    with a manifest, the newest such directory for a checkpoint root; None where it is neither
+    (manifests are not verified here: the export does that)."""
+    from orchestrator.control import MANIFEST, STEP_RE, latest_commit
+    try:
+        if STEP_RE.match(storage.basename(url.rstrip("/"))):
+            return url if storage.Storage(url, storage_options).exists(MANIFEST) else None
+        commit = latest_commit(url, storage_options)
+    except storage.StorageError:
+        return None
+    return commit.url if commit else None
+
+
 def reported_checkpoint(logs: str) -> str | None:
     """The checkpoint a job printed as its last JSON line: ``served`` (tune's exported best),
     ``checkpoint`` (train), or ``best.checkpoint_url``."""

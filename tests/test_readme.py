@@ -48,6 +48,7 @@ COVERED = {
     "export RAY_AUTH_MODE=token": "tests/test_service.py (the ray start fixture uses token auth)",
     "orchestrator scheduler": "tests/test_cluster_autoscaling.py::test_queued_job_that_does_not_fit_is_scaled_for_by_the_scheduler_runs_and_nodes_go_idle_away",
     "python -m jobs.tune": "tests/test_tune.py",
+    "python -m jobs.serve jobs/examples/mlp_serve.yaml": "tests/test_serve.py::test_the_serve_example_serves_a_training_checkpoint_over_http",
     "python -m jobs.serve": "tests/test_demo.py::test_demo_runs_the_whole_product (the pipeline's serve stage runs it)",
     "RAY_SERVE_ENABLE_HA_PROXY=1": "tests/test_serve.py::test_jobs_serve_starting_ray_serves_the_port_through_haproxy_else_direct_ingress ([runs]: jobs.serve starts Ray with the same flags)",
     "python -m cluster.configs": "tests/test_cluster_yaml.py::test_validate_command_checks_every_shipped_yaml_and_fails_on_a_bad_one",

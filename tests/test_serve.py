@@ -8,6 +8,7 @@ at the end so later modules get the CPUs back.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ from actors.served_model import (ServedCheckpointError, load_served_model, read_
                                      save_served_model)
 from actors.serve.graph import GraphError, as_graph
 from actors.serve.request import (InputSchema, RequestError, api_key_digest, check_api_key,
-                                  parse_inputs)
+                                  check_content_type, parse_inputs)
 from jobs.examples.models import mlp
 from orchestrator.spec import Canary, ModelRef, parse_spec
 
@@ -31,6 +32,7 @@ except ImportError:  # pragma: no cover
     pass
 
 MLP = "jobs.examples.models:mlp"
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "examples")
 
 
 class _Exploding(torch.nn.Module):
@@ -150,6 +152,20 @@ def test_api_key_accepts_bearer_or_x_api_key_and_refuses_the_rest():
         assert e.value.status == 401
 
 
+@pytest.mark.parametrize("content_type", [None, "", "application/json", "Application/JSON; charset=utf-8",
+                                          "application/vnd.api+json"])
+def test_json_content_types_and_none_are_accepted(content_type):
+    check_content_type({} if content_type is None else {"content-type": content_type})
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/jsonl"])
+def test_other_content_types_are_refused_with_415_saying_what_to_send(content_type):
+    with pytest.raises(RequestError) as e:
+        check_content_type({"content-type": content_type})
+    assert e.value.status == 415 and "application/json" in e.value.message and content_type in e.value.message
+
+
 def _arm(n, errors=0, latency=0.010):
     return ArmStats.from_samples([latency] * n, errors)
 
@@ -204,6 +220,82 @@ def test_checkpoint_that_does_not_fit_the_model_is_refused_with_its_url(tmp_path
         load_served_model(url, ModelRef(factory=MLP, kwargs={"hidden": 8}))
     with pytest.raises(ServedCheckpointError, match="not a served checkpoint"):
         load_served_model(str(tmp_path / "missing"))
+
+
+def _training_checkpoint(root: str, model: torch.nn.Module, step: int = 7) -> str:
+    """Commit ``model``'s weights at ``step`` under ``root`` in the trainer's checkpoint format
+    (one rank, whole tensors), with the example train spec it came from; returns the step's URL."""
+    from actors.trainer.checkpoint import CheckpointStore, SaveRequest
+    from orchestrator.spec import load_spec
+    spec = load_spec(os.path.join(EXAMPLES, "mlp_train.yaml")).model_dump(mode="json")
+    store = CheckpointStore(root)
+    tensors = {n: {"fp32": t.detach().clone()} for n, t in model.state_dict().items()}
+    store.write_shard(SaveRequest(step, 0, 1, tensors, {"seed": 0}, {"step": step, "spec": spec}))
+    return store.commit(step, 1, {"loss": 0.5}, timeout_s=10)
+
+
+def test_a_training_checkpoint_given_to_the_loader_is_refused_naming_the_command_that_exports_it(tmp_path):
+    step = _training_checkpoint(str(tmp_path / "ckpt"), _seeded_mlp(4))
+    for url in (step, str(tmp_path / "ckpt")):
+        with pytest.raises(ServedCheckpointError) as e:
+            load_served_model(url)
+        assert (f"It is a training checkpoint: `python -m jobs.serve SPEC --checkpoint {url}`" in str(e.value)
+                and f"`orchestrator export {step} {tmp_path / 'ckpt' / 'served' / 'step-00000007'}`"
+                in str(e.value)), str(e.value)
+
+
+def test_jobs_serve_exports_a_training_checkpoint_next_to_it_once_without_ray(tmp_path, no_ray):
+    from jobs.serve import servable_checkpoint
+    model = _seeded_mlp(5)
+    root = str(tmp_path / "ckpt")
+    step = _training_checkpoint(root, model)
+    spec = _spec(8000)
+    url, note = servable_checkpoint(spec, root)
+    assert url == str(tmp_path / "ckpt" / "served" / "step-00000007")
+    assert note == f"exported training checkpoint {step} for serving to {url} (orchestrator export)"
+    x = torch.randn(5, 32)
+    np.testing.assert_array_equal(_forward(load_served_model(url, spec.model), x), _forward(model, x))
+    assert read_served_meta(url)["step"] == 7
+    assert servable_checkpoint(spec, step) == (url, f"training checkpoint {step} was exported before: serving {url}")
+    assert servable_checkpoint(spec, url) == (url, None)  # a served checkpoint is itself
+    with pytest.raises(ServedCheckpointError, match="not a served checkpoint"):
+        servable_checkpoint(spec, str(tmp_path / "missing"))
+
+
+_NO_RAY = """
+import sys, ray
+def refuse(*a, **k):
+    print("RAY WAS STARTED", flush=True)
+    sys.exit(99)
+ray.init = refuse
+from jobs.serve import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("checkpoint, words", [
+    ("missing", "is not a served checkpoint: not found"),
+    ("corrupt-training", "is a training checkpoint that could not be exported for serving (orchestrator export"),
+])
+def test_jobs_serve_refuses_a_bad_checkpoint_before_ray_starts(tmp_path, checkpoint, words):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    url = str(tmp_path / checkpoint)
+    if checkpoint == "corrupt-training":
+        step = _training_checkpoint(url, _seeded_mlp(6))
+        shard = os.path.join(step, "params-r00000.safetensors")
+        open(shard, "r+b").write(b"garbage")  # the manifest's checksum no longer matches
+    spec = tmp_path / "serve.yaml"
+    spec.write_text(json.dumps(_spec(8000, checkpoint_url=url).model_dump(mode="json")))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", _NO_RAY, str(spec)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env=dict(env, PYTHONPATH=ROOT))
+    assert r.returncode == 2 and "RAY WAS STARTED" not in r.stdout, (r.stdout, r.stderr)
+    assert url in r.stderr and words in r.stderr, r.stderr
+    assert time.monotonic() - t0 < 60
 
 
 def test_cli_refuses_a_spec_that_is_not_a_serve_spec(tmp_path, capsys):
@@ -493,6 +585,86 @@ def test_bad_requests_get_4xx_and_the_replica_stays_healthy(app):
     assert served(spec)["pid"] == pid  # same replica: nothing restarted it
     serve.get_app_handle(spec.name).check_health.remote().result()
     assert serve.status().applications[spec.name].status == "RUNNING"
+
+
+def _raw_request(port: int, head: str, body: bytes, timeout: float = 30.0) -> tuple[int, dict]:
+    """Send ``head`` and ``body`` on a raw connection (no more: a client that stops here), then
+    read the reply; ``(status, JSON body)``. A server that waited for more would time out."""
+    import http.client
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+        reply = http.client.HTTPResponse(s)
+        reply.begin()
+        return reply.status, json.loads(reply.read())
+
+
+def test_a_body_over_the_limit_is_refused_from_its_content_length_before_it_is_sent(app):
+    spec, url, _ = app
+    limit = InputSchema(tuple(spec.input_shape), spec.input_dtype, spec.max_request_examples).max_body_bytes
+    head = (f"POST {spec.route_prefix} HTTP/1.1\nHost: 127.0.0.1\nContent-Type: application/json\n"
+            f"Content-Length: 20000000\n")
+    # 1 KB of a declared 20 MB: the 413 comes without the rest
+    status, reply = _raw_request(spec.http_port, head, b'{"inputs": [[' + b"0, " * 300)
+    assert status == 413 and f"20000000 bytes; the limit is {limit}" in reply["error"], reply
+    assert _post(url, np.zeros((1, 32))).status_code == 200
+
+
+def test_a_chunked_body_is_read_only_up_to_the_limit(app):
+    spec, url, _ = app
+    limit = InputSchema(tuple(spec.input_shape), spec.input_dtype, spec.max_request_examples).max_body_bytes
+    head = (f"POST {spec.route_prefix} HTTP/1.1\nHost: 127.0.0.1\nContent-Type: application/json\n"
+            "Transfer-Encoding: chunked\n")
+    chunk = b" " * 8192
+    n = limit // len(chunk) + 2
+    # past the limit, and no last chunk: the server must answer before the body ends
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(n))
+    status, reply = _raw_request(spec.http_port, head, body)
+    assert status == 413 and f"the limit is {limit}" in reply["error"], reply
+    assert _post(url, np.zeros((1, 32))).status_code == 200
+
+
+def test_a_body_that_is_not_json_is_refused_with_415_and_json_with_a_charset_is_served(app):
+    import requests
+    spec, url, _ = app
+    body = _body({"inputs": [[0.0] * 32]})
+    for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+        r = requests.post(url, data=body, headers={"Content-Type": content_type}, timeout=30)
+        assert r.status_code == 415 and "application/json" in r.json()["error"], r.text
+    for headers in ({"Content-Type": "application/json; charset=utf-8"}, {}):  # none: read as JSON
+        r = requests.post(url, data=body, headers=headers, timeout=30)
+        assert r.status_code == 200 and len(r.json()["outputs"]) == 1, (headers, r.text)
+
+
+def test_the_serve_example_serves_a_training_checkpoint_over_http(serve_port, tmp_path, capsys):
+    """``python -m jobs.serve jobs/examples/mlp_serve.yaml`` pointed at a training checkpoint (as
+    the example is): exported before deploying, then served over HTTP."""
+    import requests
+    import yaml
+    from ray import serve
+    from jobs.serve import main
+    model = _seeded_mlp(8)
+    root = str(tmp_path / "ckpt")
+    _training_checkpoint(root, model)
+    spec = yaml.safe_load(open(os.path.join(EXAMPLES, "mlp_serve.yaml")))
+    # the running Serve's port (it keeps its own), a route of its own (the module's app has
+    # /predict), this test's checkpoint, one small replica
+    spec.update(checkpoint_url=root, http_port=serve_port, route_prefix="/example",
+                replicas={**spec["replicas"], "max_replicas": 1, "cpus_per_replica": 0.25})
+    path = tmp_path / "mlp_serve.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    try:
+        assert main([str(path), "--detach"]) == 0
+        out = capsys.readouterr().out
+        served = str(tmp_path / "ckpt" / "served" / "step-00000007")
+        assert f"to {served} (orchestrator export)" in out and f"serving {served} at " in out, out
+        x = np.random.default_rng(8).standard_normal((3, 32)).astype(np.float32)
+        r = requests.post(f"http://127.0.0.1:{serve_port}{spec['route_prefix']}",
+                          json={"inputs": x.tolist()}, timeout=30)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["outputs"], _forward(model, x), rtol=1e-5, atol=1e-6)
+    finally:
+        serve.delete(spec["name"])
 
 
 def test_api_key_is_required_when_configured(serve_port, checkpoints, monkeypatch):

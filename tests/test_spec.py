@@ -228,6 +228,17 @@ def test_every_example_spec_is_valid(path):
     S.load_spec(path)
 
 
+@pytest.mark.parametrize("path, kind, names", [
+    ("jobs/examples/mlp_serve.yaml", "serve", ["mlp-serve"]),
+    ("jobs/examples/mlp_pipeline.yaml", "pipeline", ["mlp-pipeline-train", "mlp-pipeline-tune", "mlp-pipeline-serve"]),
+])
+def test_cli_validate_accepts_the_serve_and_pipeline_examples(path, kind, names):
+    r = subprocess.run([sys.executable, "-m", "orchestrator", "validate", path, "--offline"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"valid {kind} spec" in r.stdout and all(f"name: {n}" in r.stdout for n in names), r.stdout
+
+
 def test_cli_validate_prints_resolved_spec_or_every_error(tmp_path):
     good = subprocess.run([sys.executable, "-m", "orchestrator", "validate", "jobs/examples/mlp_train.yaml",
                            "--offline"], capture_output=True, text=True)

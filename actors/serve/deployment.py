@@ -43,7 +43,7 @@ from starlette.responses import Response
 
 from actors.served_model import load_served_model
 from actors.serve.graph import as_graph
-from actors.serve.request import InputSchema, RequestError, check_api_key, parse_inputs
+from actors.serve.request import InputSchema, RequestError, check_api_key, parse_inputs, read_body
 from actors.serve.telemetry import FLUSH_S, ServeMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -284,7 +284,7 @@ class ModelServer:
             if request.method != "POST":
                 raise RequestError(405, f"use POST with a JSON body, not {request.method}")
             check_api_key(request.headers, self._key_digest)
-            x = parse_inputs(await request.body(), self._schema)
+            x = parse_inputs(await read_body(request, self._schema), self._schema)
             arms = self._arms
             arm = "canary" if "canary" in arms and random.random() < self._share else "stable"
             item = _Item(x, arm, t0)

@@ -1,8 +1,10 @@
 """Validation of prediction requests, pure and testable without Serve.
 
 A request is a JSON object ``{"inputs": [example, ...]}`` where each example has the spec's
-``input_shape`` and dtype. Every rejection is a :class:`RequestError` carrying an HTTP 4xx status
-and a message that says what was expected and what arrived; nothing here can raise anything else.
+``input_shape`` and dtype, sent with ``Content-Type: application/json`` (or none). Every rejection
+is a :class:`RequestError` carrying an HTTP 4xx status and a message that says what was expected
+and what arrived; nothing here can raise anything else. :func:`read_body` refuses a body from its
+headers before reading it where they already say it cannot be one.
 """
 
 from __future__ import annotations
@@ -48,6 +50,52 @@ def _reject_constant(name: str):
     raise RequestError(400, f"non-finite number {name} is not allowed in inputs")
 
 
+def _too_large(size: str, schema: InputSchema) -> RequestError:
+    return RequestError(413, f"request body is {size} bytes; the limit is {schema.max_body_bytes} "
+                             f"(at most {schema.max_request_examples} examples)")
+
+
+def check_content_type(headers) -> None:
+    """Accept ``application/json`` (with any parameters, such as ``charset=utf-8``), a ``+json``
+    type, or no Content-Type at all (read as JSON: minimal clients send none).
+
+    Raises RequestError(415) for any other type, saying which header to send.
+    """
+    value = (headers.get("content-type") or "").strip()
+    mime = value.split(";", 1)[0].strip().lower()
+    if not mime or mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json")):
+        return
+    raise RequestError(415, f"Content-Type {value!r} is not JSON: send 'Content-Type: application/json' "
+                            "(curl: --json, or -H 'Content-Type: application/json'; -d alone sends "
+                            "application/x-www-form-urlencoded)")
+
+
+async def read_body(request, schema: InputSchema) -> bytes:
+    """The body of ``request`` (a Starlette ``Request``: ``headers`` and async ``stream()``),
+    read only as far as the limit (``schema.max_body_bytes``).
+
+    Raises RequestError before reading anything: 415 for a type that is not JSON
+    (:func:`check_content_type`), 400 for a Content-Length that is not a byte count, 413 when the
+    Content-Length is over the limit. A body without Content-Length (chunked) is read chunk by
+    chunk and refused with 413 as soon as it passes the limit; the rest is never read.
+    """
+    headers = request.headers
+    check_content_type(headers)
+    declared = headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise RequestError(400, f"Content-Length {declared!r} is not a byte count")
+        if int(declared) > schema.max_body_bytes:
+            raise _too_large(declared.strip(), schema)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > schema.max_body_bytes:
+            raise _too_large(f"over {size}", schema)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def parse_inputs(body: bytes, schema: InputSchema) -> np.ndarray:
     """Decode and check a request body; returns an array ``[n, *input_shape]`` of the dtype.
 
@@ -55,8 +103,7 @@ def parse_inputs(body: bytes, schema: InputSchema) -> np.ndarray:
     examples, 400 for malformed JSON, a missing ``inputs`` list, a wrong shape or a wrong dtype.
     """
     if len(body) > schema.max_body_bytes:
-        raise RequestError(413, f"request body is {len(body)} bytes; the limit is "
-                                f"{schema.max_body_bytes} (at most {schema.max_request_examples} examples)")
+        raise _too_large(str(len(body)), schema)
     try:
         payload = orjson.loads(body)  # ~12x faster than json for a list of floats
     except orjson.JSONDecodeError:
