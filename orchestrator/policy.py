@@ -107,7 +107,9 @@ class JobView:
     already asked to stop or shrink (its ``target_workers``), whose capacity is about to free.
     ``allowed`` lists the worker counts the job can run at (a train job's batch splits, see
     :class:`orchestrator.batch.BatchPlan`); ``None`` means every count in [min, max]. The policy
-    admits, grows and shrinks jobs to allowed counts only.
+    admits, grows and shrinks jobs to allowed counts only. ``time_limit``: seconds a run may last
+    from ``start_time`` (``scheduling.time_limit``; the service stops it past that), so a running
+    job frees its capacity by ``start_time + time_limit``; ``None``: it may run for ever.
     """
     id: str
     priority: int
@@ -126,8 +128,11 @@ class JobView:
     stopping: bool = False
     target_workers: int | None = None
     allowed: tuple[int, ...] | None = None
+    time_limit: float | None = None
 
     def __post_init__(self):
+        if self.time_limit is not None and not self.time_limit > 0:  # also NaN
+            raise ValueError(f"job {self.id}: time_limit must be > 0 seconds, got {self.time_limit}")
         if not 1 <= self.min_workers <= self.max_workers:
             raise ValueError(f"job {self.id}: need 1 <= min_workers ({self.min_workers}) <= "
                              f"max_workers ({self.max_workers})")
