@@ -213,7 +213,7 @@ class Quota:
 @dataclass(frozen=True)
 class PolicyConfig:
     """Every knob of the policy, in one place."""
-    aging_per_hour: float = 100.0     # priority points a queued job gains per hour waited...
+    aging_per_hour: float = 200.0     # priority points a queued job gains per hour waited...
     max_aging: float = 250.0          # ...up to this many: old low jobs pass high ones, never critical
     min_run_before_preempt_s: float = 1800.0  # a job runs this long before it can be shrunk or stopped
     backfill: bool = True
@@ -221,6 +221,7 @@ class PolicyConfig:
     preemption: bool = True
     grow: bool = True                 # elastic jobs take idle capacity up to their largest count
     grow_past_head: bool = True       # ...also while a head waits, on capacity it does not hold
+    spare_gpu_nodes: bool = True      # workers without GPUs go to nodes without free GPUs first
     reservation: bool = True          # the blocked head holds the capacity it will start on
     slot_reservation: bool = True     # ...only its workers' slots (off: the whole nodes)
     estimate_start: bool = True       # ...from running jobs' time limits; jobs that end before
@@ -317,12 +318,14 @@ class Capacity:
     integer-sized bundles has a few dozen shapes.
     """
 
-    def __init__(self, nodes: Iterable[Node]):
+    def __init__(self, nodes: Iterable[Node], *, spare_gpu_nodes: bool = False):
+        self.spare_gpu_nodes = spare_gpu_nodes  # see :meth:`place`
         self.total: dict[str, tuple[float, float]] = {}
         self.free: dict[str, tuple[float, float]] = {}
         self.by_shape: dict[tuple[float, float], set[str]] = defaultdict(set)
         self.withheld: set[str] = set()
         self.held: dict[str, tuple[float, float]] = {}  # node -> slots reserved on it (not in free)
+        self.version = 0  # moves with every change (caches of the caller key on it)
         self.free_cpus = 0.0
         self.free_gpus = 0.0
         for n in nodes:
@@ -333,7 +336,7 @@ class Capacity:
         """An independent copy; ``withheld=False`` puts reserved nodes and slots back in play."""
         c = Capacity.__new__(Capacity)
         c.total, c.free, c.withheld = self.total, dict(self.free), set(self.withheld)
-        c.held = dict(self.held)
+        c.held, c.spare_gpu_nodes, c.version = dict(self.held), self.spare_gpu_nodes, 0
         c.by_shape = defaultdict(set, {k: set(v) for k, v in self.by_shape.items() if v})
         c.free_cpus, c.free_gpus = self.free_cpus, self.free_gpus
         if not withheld:
@@ -350,6 +353,7 @@ class Capacity:
         return c
 
     def _set(self, node: str, shape: tuple[float, float]) -> None:
+        self.version += 1
         old = self.free.get(node)
         if old is not None and node not in self.withheld:
             self.by_shape[old].discard(node)
@@ -364,6 +368,7 @@ class Capacity:
 
     def withhold(self, nodes: Iterable[str]) -> None:
         """Hide nodes from placement (a head job's reservation)."""
+        self.version += 1
         for n in nodes:
             if n in self.withheld or n not in self.free:
                 continue
@@ -420,7 +425,9 @@ class Capacity:
         """Pack between ``lo`` and ``hi`` workers (as many as fit) onto nodes; ``None`` if < lo.
 
         Best fit: one node that takes them all if any (the tightest such), else the nodes that
-        take the most workers each, so a gang spans as few nodes as possible.
+        take the most workers each, so a gang spans as few nodes as possible. With
+        ``spare_gpu_nodes``, workers that need no GPU go to nodes without free GPUs first, and
+        of equal free room to nodes without GPUs: on a GPU node they take the CPUs its GPUs need.
         """
         if not self.could_hold(lo, bundle):
             return None
@@ -436,14 +443,16 @@ class Capacity:
         if total < lo:
             return None
         want = min(hi, total)
+        spare = self.spare_gpu_nodes and bundle[1] <= 0
+        node_key = (lambda n: (self.total[n][1] > 0, n)) if spare else None
         single = [(w, s) for w, s in fits if w >= want]
         if single:
-            _, shape = min(single, key=lambda ws: (ws[0], ws[1]))
-            return {min(self.by_shape[shape]): want}
+            _, shape = min(single, key=lambda ws: (spare and ws[1][1] > 0, ws[0], ws[1]))
+            return {min(self.by_shape[shape], key=node_key): want}
         out: dict[str, int] = {}
         left = want
-        for w, shape in sorted(fits, key=lambda ws: (-ws[0], ws[1])):
-            for n in sorted(self.by_shape[shape]):
+        for w, shape in sorted(fits, key=lambda ws: (spare and ws[1][1] > 0, -ws[0], ws[1])):
+            for n in sorted(self.by_shape[shape], key=node_key):
                 k = min(w, left)
                 out[n] = k
                 left -= k
@@ -518,7 +527,7 @@ def _decide(queue, running, cluster, quotas, now, config, waits: list[Wait] | No
     explain = waits is not None
     quotas = quotas or {}
     out: list[Decision] = []
-    cap = Capacity(cluster.nodes)
+    cap = Capacity(cluster.nodes, spare_gpu_nodes=config.spare_gpu_nodes)
     usage: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for r in running:
         u = usage[r.team]
@@ -578,6 +587,7 @@ def _decide(queue, running, cluster, quotas, now, config, waits: list[Wait] | No
     # capacity with it back in. ``head_start``: the head's own estimate, for :class:`Wait`.
     hold_until = head_start = -_INF
     anywhere: Capacity | None = None
+    reserved: tuple[int, Counter] = (-1, Counter())  # explain only: (cap.version, what is reserved)
 
     def held_until(start: float) -> float:
         start = start if start < _INF else now
@@ -610,7 +620,9 @@ def _decide(queue, running, cluster, quotas, now, config, waits: list[Wait] | No
             failed_shapes.add(key)
             blocked.append(j)
             if explain:
-                room, detail = _room(j, cap, _reserved_shapes(cap))
+                if reserved[0] != cap.version:
+                    reserved = (cap.version, _reserved_shapes(cap))
+                room, detail = _room(j, cap, reserved[1])
                 why[j.id] = (("behind_reserved_head", _behind(head, preemptor, config, True,
                                                               _starts(head_start, now)))
                              if head is not None and room >= j.min_allowed else ("gang", detail))
@@ -664,8 +676,12 @@ def _decide(queue, running, cluster, quotas, now, config, waits: list[Wait] | No
 
     # 6: elastic jobs grow into capacity nobody waits for, or that no reservation holds.
     if config.grow and (head is None or config.grow_past_head) and not reclaiming:
+        # While gangs wait, a job grows only on a kind of node (GPU or not) none of them waits for.
+        waiting_kinds = {b.gpus_per_worker > 0 for b in blocked}
         for r in sorted(running, key=lambda r: (-r.priority, r.submit_time, r.id)):
             if r.stopping or r.workers >= r.max_allowed or r.state != "running":
+                continue
+            if (r.gpus_per_worker > 0) in waiting_kinds:
                 continue
             hi = r.max_allowed - r.workers if ledger is None else ledger.cap(r, have=r.workers)
             if hi <= 0:

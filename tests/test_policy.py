@@ -288,6 +288,23 @@ def test_elastic_jobs_grow_into_capacity_the_blocked_head_cannot_use():
     assert not of(Grow, decide([head], [gpu, e], c, None, NOW, off))
 
 
+def test_elastic_jobs_do_not_grow_on_the_kind_of_node_a_waiting_gang_needs():
+    # The CPU head holds n2's 3 free CPUs and one of n0's; n1's last CPU is free, but a CPU gang
+    # waits, so the elastic CPU job does not take it.
+    busy = [run("r0", NORMAL, {"n0": 3}), run("r1", NORMAL, {"n1": 3})]
+    e = run("e", NORMAL, {"n2": 1}, mn=1, mx=4)
+    ds = decide([job("head", mn=6, t=1)], busy + [e], cluster_with(busy + [e], 3), None, NOW, CFG)
+    assert not of(Grow, ds) and not admitted(ds)
+
+
+def test_workers_without_gpus_go_to_nodes_without_gpus_first():
+    c = ClusterState.of([Node("g0", 32, 4), Node("c0", 64, 0)])
+    cpu = job("cpu", mn=4, cpus=4)
+    assert admitted(decide([cpu], [], c, None, NOW, CFG))["cpu"].placement == {"c0": 4}
+    off = PolicyConfig(spare_gpu_nodes=False, min_run_before_preempt_s=0)
+    assert admitted(decide([cpu], [], c, None, NOW, off))["cpu"].placement == {"g0": 4}  # tightest fit
+
+
 def test_without_reservation_jobs_behind_the_head_take_any_free_capacity():
     busy = [run("r0", NORMAL, {"n0": 2}), run("r1", NORMAL, {"n1": 2})]
     queue = [job("head", mn=8, t=1), job("a", mn=2, t=2), job("b", mn=2, t=3)]
