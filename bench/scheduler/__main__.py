@@ -132,8 +132,10 @@ ABLATION = (
     ("whole-node reservation", {"slot_reservation": False}),
     ("no time-limit backfill", {"estimate_start": False}),
     ("no time limits given", None),
+    ("GPU nodes not spared", {"spare_gpu_nodes": False}),
     ("no growth", {"grow": False}),
     ("no growth past the head", {"grow_past_head": False}),
+    ("aging 100/h (old default)", {"aging_per_hour": 100.0}),
     ("no aging", {"aging_per_hour": 0.0}),
     ("no backfill", {"backfill": False}),
 )
