@@ -1090,7 +1090,8 @@ def _reserve_for(job: JobView, cap: Capacity, running: Sequence[JobView], *, con
     workers' CPU and GPU on each node) or, without ``slot_reservation``, whole nodes.
 
     Returns what the job waits for besides free nodes, if anything (for :class:`Wait`), and its
-    estimated start (``now`` when it waits only for stopping jobs, ``inf`` when unknown).
+    estimated start (``now`` when it waits only for stopping jobs, ``inf`` when unknown, ``-inf``
+    when it holds nothing: ``reservation`` is off).
     """
     # Capacity that jobs already told to stop or shrink will hand back. A job outranking the head
     # by class may also take the head's nodes (the head got there by aging alone).
@@ -1118,7 +1119,7 @@ def _reserve_for(job: JobView, cap: Capacity, running: Sequence[JobView], *, con
         _hold(cap, job, placement, config)
         return note, now
     if not config.reservation:
-        return None, _INF
+        return None, -_INF  # it holds nothing
     if config.estimate_start:
         shadow = _estimated_start(job, trial, running, now)
         if shadow is not None:
