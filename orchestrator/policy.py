@@ -14,13 +14,22 @@ What one call does, in order:
    fair share) and admit every gang whose smallest allowed worker count packs onto nodes now (up
    to its largest), within team quotas. A job only ever holds a count in its ``allowed`` set
    (those that split its batch).
-4. The first gang that does not fit is the *head*. It reserves the nodes it will start on; jobs
-   behind it may start (backfill) only on other nodes, so they never delay it. A gang that does
-   not fit but lies within its team's guaranteed share first reclaims that share from borrowers.
+4. The first gang that does not fit is the *head*. It gets an *estimated start*: the earliest
+   time its gang fits if running jobs free their capacity at their time limits (``start_time +
+   time_limit``; a job without a limit counts as never ending, so no guess can delay the head).
+   It holds the slots (its workers' CPU and GPU per node) it will use then and cannot get from
+   jobs ending before; the rest of those nodes stays free. Jobs behind it start (backfill) on
+   capacity it does not hold, or, if their own time limit ends before its estimated start, on
+   its slots too (Slurm's backfill); either way they never delay it. When jobs without a limit
+   stand in its way (no estimate), it holds its slots on the nodes with most free room. A gang
+   that does not fit but lies within its team's guaranteed share first reclaims that share from
+   borrowers. Each part is a :class:`PolicyConfig` switch (``reservation``, ``slot_reservation``,
+   ``estimate_start``).
 5. A blocked job whose class outranks running preemptible jobs gets capacity by first shrinking
    elastic lower-class jobs to their smallest allowed count, then stopping the lowest-class victims,
    freshest checkpoint first, after they checkpoint. Nothing is touched unless that frees enough.
-6. Elastic jobs below their largest allowed count grow into capacity nobody queued needs.
+6. Elastic jobs below their largest allowed count grow into capacity nobody queued needs or
+   reserved (``grow_past_head``: also while a head waits, on what it does not hold).
 7. Gangs still blocked are announced to the autoscaler (:class:`RequestResources`).
 
 :func:`decide_with_reasons` makes the same decisions and also says, where each is made, why every
@@ -107,7 +116,9 @@ class JobView:
     already asked to stop or shrink (its ``target_workers``), whose capacity is about to free.
     ``allowed`` lists the worker counts the job can run at (a train job's batch splits, see
     :class:`orchestrator.batch.BatchPlan`); ``None`` means every count in [min, max]. The policy
-    admits, grows and shrinks jobs to allowed counts only.
+    admits, grows and shrinks jobs to allowed counts only. ``time_limit``: seconds a run may last
+    from ``start_time`` (``scheduling.time_limit``; the service stops it past that), so a running
+    job frees its capacity by ``start_time + time_limit``; ``None``: it may run for ever.
     """
     id: str
     priority: int
@@ -126,8 +137,11 @@ class JobView:
     stopping: bool = False
     target_workers: int | None = None
     allowed: tuple[int, ...] | None = None
+    time_limit: float | None = None
 
     def __post_init__(self):
+        if self.time_limit is not None and not self.time_limit > 0:  # also NaN
+            raise ValueError(f"job {self.id}: time_limit must be > 0 seconds, got {self.time_limit}")
         if not 1 <= self.min_workers <= self.max_workers:
             raise ValueError(f"job {self.id}: need 1 <= min_workers ({self.min_workers}) <= "
                              f"max_workers ({self.max_workers})")
@@ -199,13 +213,19 @@ class Quota:
 @dataclass(frozen=True)
 class PolicyConfig:
     """Every knob of the policy, in one place."""
-    aging_per_hour: float = 100.0     # priority points a queued job gains per hour waited...
+    aging_per_hour: float = 200.0     # priority points a queued job gains per hour waited...
     max_aging: float = 250.0          # ...up to this many: old low jobs pass high ones, never critical
     min_run_before_preempt_s: float = 1800.0  # a job runs this long before it can be shrunk or stopped
     backfill: bool = True
     backfill_depth: int = 100_000     # queued jobs examined behind the head per cycle
     preemption: bool = True
     grow: bool = True                 # elastic jobs take idle capacity up to their largest count
+    grow_past_head: bool = True       # ...also while a head waits, on capacity it does not hold
+    spare_gpu_nodes: bool = True      # workers without GPUs go to nodes without free GPUs first
+    reservation: bool = True          # the blocked head holds the capacity it will start on
+    slot_reservation: bool = True     # ...only its workers' slots (off: the whole nodes)
+    estimate_start: bool = True       # ...from running jobs' time limits; jobs that end before
+                                      # the head's estimated start may backfill on its slots
     fair_share: bool = True           # with quotas: DRF order between teams inside a class
     max_request_bundles: int = 10_000  # cap on bundles sent to the autoscaler per cycle
 
@@ -299,11 +319,14 @@ class Capacity:
     integer-sized bundles has a few dozen shapes.
     """
 
-    def __init__(self, nodes: Iterable[Node]):
+    def __init__(self, nodes: Iterable[Node], *, spare_gpu_nodes: bool = False):
+        self.spare_gpu_nodes = spare_gpu_nodes  # see :meth:`place`
         self.total: dict[str, tuple[float, float]] = {}
         self.free: dict[str, tuple[float, float]] = {}
         self.by_shape: dict[tuple[float, float], set[str]] = defaultdict(set)
         self.withheld: set[str] = set()
+        self.held: dict[str, tuple[float, float]] = {}  # node -> slots reserved on it (not in free)
+        self.version = 0  # moves with every change (caches of the caller key on it)
         self.free_cpus = 0.0
         self.free_gpus = 0.0
         for n in nodes:
@@ -311,9 +334,10 @@ class Capacity:
             self._set(n.id, (max(0.0, n.free_cpus), max(0.0, n.free_gpus)))
 
     def copy(self, *, withheld: bool = True) -> "Capacity":
-        """An independent copy; ``withheld=False`` puts reserved nodes back in play."""
+        """An independent copy; ``withheld=False`` puts reserved nodes and slots back in play."""
         c = Capacity.__new__(Capacity)
         c.total, c.free, c.withheld = self.total, dict(self.free), set(self.withheld)
+        c.held, c.spare_gpu_nodes, c.version = dict(self.held), self.spare_gpu_nodes, 0
         c.by_shape = defaultdict(set, {k: set(v) for k, v in self.by_shape.items() if v})
         c.free_cpus, c.free_gpus = self.free_cpus, self.free_gpus
         if not withheld:
@@ -323,9 +347,14 @@ class Capacity:
                 c.by_shape[shape].add(n)
                 c.free_cpus += shape[0]
                 c.free_gpus += shape[1]
+            held, c.held = c.held, {}
+            for n, (hc, hg) in held.items():
+                fc, fg = c.free[n]
+                c._set(n, (fc + hc, fg + hg))
         return c
 
     def _set(self, node: str, shape: tuple[float, float]) -> None:
+        self.version += 1
         old = self.free.get(node)
         if old is not None and node not in self.withheld:
             self.by_shape[old].discard(node)
@@ -340,6 +369,7 @@ class Capacity:
 
     def withhold(self, nodes: Iterable[str]) -> None:
         """Hide nodes from placement (a head job's reservation)."""
+        self.version += 1
         for n in nodes:
             if n in self.withheld or n not in self.free:
                 continue
@@ -349,11 +379,34 @@ class Capacity:
             self.free_gpus -= shape[1]
             self.withheld.add(n)
 
-    def take(self, placement: Mapping[str, int], bundle: tuple[float, float]) -> None:
+    def hold(self, node: str, need: tuple[float, float]) -> None:
+        """Reserve up to ``need`` (CPU, GPU) of the node's free capacity (a head job's slots):
+        hidden from placement like a withheld node, the rest of the node stays in play."""
+        if node not in self.free or node in self.withheld:
+            return
+        fc, fg = self.free[node]
+        c, g = min(fc, max(0.0, need[0])), min(fg, max(0.0, need[1]))
+        if c <= _EPS and g <= _EPS:
+            return
+        hc, hg = self.held.get(node, (0.0, 0.0))
+        self.held[node] = (hc + c, hg + g)
+        self._set(node, (fc - c, fg - g))
+
+    def take(self, placement: Mapping[str, int], bundle: tuple[float, float], *,
+             reserved_first: bool = False) -> None:
+        """Use capacity for a placement. ``reserved_first``: it was placed on a copy with the
+        reservations back in play (see :meth:`copy`); it uses held slots before free ones."""
         c, g = bundle
         for n, w in placement.items():
+            tc, tg = w * c, w * g
+            if reserved_first and n in self.held:
+                hc, hg = self.held.pop(n)
+                uc, ug = min(hc, tc), min(hg, tg)
+                tc, tg = tc - uc, tg - ug
+                if hc - uc > _EPS or hg - ug > _EPS:
+                    self.held[n] = (hc - uc, hg - ug)
             fc, fg = self.free[n]
-            self._set(n, (fc - w * c, fg - w * g))
+            self._set(n, (fc - tc, fg - tg))
 
     def give(self, placement: Mapping[str, int], bundle: tuple[float, float]) -> None:
         c, g = bundle
@@ -373,7 +426,9 @@ class Capacity:
         """Pack between ``lo`` and ``hi`` workers (as many as fit) onto nodes; ``None`` if < lo.
 
         Best fit: one node that takes them all if any (the tightest such), else the nodes that
-        take the most workers each, so a gang spans as few nodes as possible.
+        take the most workers each, so a gang spans as few nodes as possible. With
+        ``spare_gpu_nodes``, workers that need no GPU go to nodes without free GPUs first, and
+        of equal free room to nodes without GPUs: on a GPU node they take the CPUs its GPUs need.
         """
         if not self.could_hold(lo, bundle):
             return None
@@ -389,14 +444,16 @@ class Capacity:
         if total < lo:
             return None
         want = min(hi, total)
+        spare = self.spare_gpu_nodes and bundle[1] <= 0
+        node_key = (lambda n: (self.total[n][1] > 0, n)) if spare else None
         single = [(w, s) for w, s in fits if w >= want]
         if single:
-            _, shape = min(single, key=lambda ws: (ws[0], ws[1]))
-            return {min(self.by_shape[shape]): want}
+            _, shape = min(single, key=lambda ws: (spare and ws[1][1] > 0, ws[0], ws[1]))
+            return {min(self.by_shape[shape], key=node_key): want}
         out: dict[str, int] = {}
         left = want
-        for w, shape in sorted(fits, key=lambda ws: (-ws[0], ws[1])):
-            for n in sorted(self.by_shape[shape]):
+        for w, shape in sorted(fits, key=lambda ws: (spare and ws[1][1] > 0, -ws[0], ws[1])):
+            for n in sorted(self.by_shape[shape], key=node_key):
                 k = min(w, left)
                 out[n] = k
                 left -= k
@@ -471,7 +528,7 @@ def _decide(queue, running, cluster, quotas, now, config, waits: list[Wait] | No
     explain = waits is not None
     quotas = quotas or {}
     out: list[Decision] = []
-    cap = Capacity(cluster.nodes)
+    cap = Capacity(cluster.nodes, spare_gpu_nodes=config.spare_gpu_nodes)
     usage: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for r in running:
         u = usage[r.team]
@@ -520,19 +577,29 @@ def _decide(queue, running, cluster, quotas, now, config, waits: list[Wait] | No
     no_reclaim: set[tuple[str, tuple[int, float, float]]] = set()  # (team, gang) that failed to
     no_reclaim_at = 0                                               # reclaim, at ledger.version
     blocked: list[JobView] = []
-    failed_shapes: set[tuple[int, float, float]] = set()  # min gangs that did not fit this cycle
+    failed_shapes: set[tuple] = set()  # (min gang, may use reserved capacity) that did not fit
     examined = 0
     touched: set[str] = set()  # jobs already told to shrink or stop this cycle
     # explain only: job id -> (code, detail) of a blocked job; "gang" becomes gang_does_not_fit or
     # autoscaler once step 7 knows what it asked for. Room on reserved nodes, by free shape.
     why: dict[str, tuple[str, str]] = {}
-    reserved: Counter | None = None
+    # Reservations' earliest estimated start (now if one is unknown): a job whose time limit ends
+    # before it may use the reserved capacity too (Slurm's backfill); ``anywhere`` is then the
+    # capacity with it back in. ``head_start``: the head's own estimate, for :class:`Wait`.
+    hold_until = head_start = -_INF
+    anywhere: Capacity | None = None
+    reserved: tuple[int, Counter] = (-1, Counter())  # explain only: (cap.version, what is reserved)
+
+    def held_until(start: float) -> float:
+        start = start if start < _INF else now
+        return start if hold_until == -_INF else min(hold_until, start)
     for j in order:
         if head is not None:
             if not config.backfill or examined >= config.backfill_depth:
                 blocked.append(j)
                 if explain:
-                    why[j.id] = ("behind_reserved_head", _behind(head, preemptor, config))
+                    why[j.id] = ("behind_reserved_head",
+                                 _behind(head, preemptor, config) + _starts(head_start, now))
                 continue
             examined += 1
         hi = j.max_allowed if ledger is None else ledger.cap(j)
@@ -540,18 +607,25 @@ def _decide(queue, running, cluster, quotas, now, config, waits: list[Wait] | No
             if explain:
                 waits.append(Wait(j.id, "quota", ledger.detail(j)))
             continue  # over quota: waits without blocking other teams
-        key = (j.min_allowed, j.cpus_per_worker, j.gpus_per_worker)
-        placement = None
+        ends_first = j.time_limit is not None and now + j.time_limit <= hold_until
+        key = (j.min_allowed, j.cpus_per_worker, j.gpus_per_worker, ends_first)
+        placement, on_reserved = None, False
         if key not in failed_shapes:
             placement = _place_gang(cap, j, hi)
+            if placement is None and ends_first:
+                if anywhere is None:
+                    anywhere = cap.copy(withheld=False)
+                placement = _place_gang(anywhere, j, hi)
+                on_reserved = placement is not None
         if placement is None:
             failed_shapes.add(key)
             blocked.append(j)
             if explain:
-                if reserved is None:
-                    reserved = Counter(cap.free[n] for n in cap.withheld)
-                room, detail = _room(j, cap, reserved)
-                why[j.id] = (("behind_reserved_head", _behind(head, preemptor, config, on_reserved=True))
+                if reserved[0] != cap.version:
+                    reserved = (cap.version, _reserved_shapes(cap))
+                room, detail = _room(j, cap, reserved[1])
+                why[j.id] = (("behind_reserved_head", _behind(head, preemptor, config, True,
+                                                              _starts(head_start, now)))
                              if head is not None and room >= j.min_allowed else ("gang", detail))
             if ledger is not None and no_reclaim_at != ledger.version:
                 no_reclaim.clear()  # a charge changed who runs over their guarantee
@@ -565,17 +639,18 @@ def _decide(queue, running, cluster, quotas, now, config, waits: list[Wait] | No
                 else:
                     no_reclaim.clear()
                     reclaiming = True
+                    hold_until = held_until(now)  # it starts as soon as they stop
                     if explain:
                         why[j.id] = ("gang", f"{detail}; {note}")
-                        reserved = None
                     continue
-            if head is None:  # 4: the head reserves its nodes (and may preempt for them)
+            if head is None:  # 4: the head reserves its slots (and may preempt for them)
                 head = j
-                note = _reserve_for(j, cap, running, config=config, now=now, out=out, touched=touched,
-                                    ledger=ledger)
+                note, head_start = _reserve_for(j, cap, running, config=config, now=now, out=out,
+                                                touched=touched, ledger=ledger)
+                hold_until = held_until(head_start)
                 if explain:
-                    why[j.id] = ("gang", why[j.id][1] + (f"; {note}" if note else ""))
-                    reserved = None
+                    why[j.id] = ("gang", why[j.id][1] + (f"; {note}" if note else "")
+                                 + (_starts(head_start, now) if now < head_start < _INF else ""))
                 continue
             if not (config.preemption and preemptor is None and j.priority > head.priority):
                 continue
@@ -584,24 +659,30 @@ def _decide(queue, running, cluster, quotas, now, config, waits: list[Wait] | No
             preemptor = j
             placement = _place_gang(cap.copy(withheld=False), j, hi)
             if placement is None:
-                note = _reserve_for(j, cap, running, config=config, now=now, out=out, touched=touched,
-                                    preempts_head=True, ledger=ledger)
+                note, start = _reserve_for(j, cap, running, config=config, now=now, out=out,
+                                           touched=touched, preempts_head=True, ledger=ledger)
+                hold_until = held_until(start)
                 if explain:  # it fits nowhere now, reserved nodes included: its room stands
                     why[j.id] = ("gang", why[j.id][1] + (f"; {note}" if note else ""))
-                    reserved = None
                 continue
             blocked.pop()
             why.pop(j.id, None)
-            reserved = None  # it may take reserved nodes
+            on_reserved = True  # it may take reserved capacity
         workers = sum(placement.values())
-        cap.take(placement, j.bundle)
+        cap.take(placement, j.bundle, reserved_first=on_reserved)
+        if anywhere is not None:
+            anywhere.take(placement, j.bundle)
         charge(j.team, workers * j.cpus_per_worker, workers * j.gpus_per_worker, asked=j)
         out.append(Admit(j.id, workers, placement))
 
-    # 6: nobody is waiting for capacity: elastic jobs grow into it.
-    if config.grow and head is None and not reclaiming:
+    # 6: elastic jobs grow into capacity nobody waits for, or that no reservation holds.
+    if config.grow and (head is None or config.grow_past_head) and not reclaiming:
+        # While gangs wait, a job grows only on a kind of node (GPU or not) none of them waits for.
+        waiting_kinds = {b.gpus_per_worker > 0 for b in blocked}
         for r in sorted(running, key=lambda r: (-r.priority, r.submit_time, r.id)):
             if r.stopping or r.workers >= r.max_allowed or r.state != "running":
+                continue
+            if (r.gpus_per_worker > 0) in waiting_kinds:
                 continue
             hi = r.max_allowed - r.workers if ledger is None else ledger.cap(r, have=r.workers)
             if hi <= 0:
@@ -939,6 +1020,29 @@ def _gang(job: JobView) -> str:
     return f"{job.min_allowed} x ({c:g} CPU{f', {g:g} GPU' if g else ''})"
 
 
+def _reserved_shapes(cap: Capacity) -> Counter:
+    """What reservations hide, as a change to ``cap``'s free shapes (count per free shape): the
+    withheld nodes' shapes, and each node with held slots at its shape with them back."""
+    out = Counter(cap.free[n] for n in cap.withheld)
+    for n, (hc, hg) in cap.held.items():
+        fc, fg = cap.free[n]
+        out[cap.free[n]] -= 1
+        out[(round(fc + hc, 6), round(fg + hg, 6))] += 1
+    return out
+
+
+def _starts(start: float, now: float, sep: str = "; ") -> str:
+    """The estimated start of a reservation as a clause for :class:`Wait`'s detail."""
+    if start == -_INF:
+        return ""
+    if start >= _INF:
+        return f"{sep}no estimated start: jobs without a time limit hold what it needs"
+    if start <= now:
+        return f"{sep}estimated start now"
+    m = int((start - now + 59) // 60)
+    return f"{sep}estimated start in {m // 60}h{m % 60:02d}m, when running jobs reach their time limits"
+
+
 def _room(job: JobView, cap: Capacity, reserved: Counter) -> tuple[int, str]:
     """How many of the job's workers the free nodes hold, counting nodes reserved for a blocked
     job (``reserved``: their free shapes), and a line with its need, the largest free node and
@@ -947,6 +1051,8 @@ def _room(job: JobView, cap: Capacity, reserved: Counter) -> tuple[int, str]:
     shapes.update(reserved)
     room, best, best_shape, fc, fg = 0, 0, (0.0, 0.0), 0.0, 0.0
     for shape, k in shapes.items():
+        if k <= 0:
+            continue
         w = _fit(shape, job.bundle)
         room += w * k
         fc, fg = fc + shape[0] * k, fg + shape[1] * k
@@ -959,10 +1065,11 @@ def _room(job: JobView, cap: Capacity, reserved: Counter) -> tuple[int, str]:
 
 
 def _behind(head: JobView, preemptor: JobView | None, config: PolicyConfig,
-            on_reserved: bool = False) -> str:
+            on_reserved: bool = False, start: str = "") -> str:
     holders = head.id + (f" and {preemptor.id}" if preemptor is not None else "")
     if on_reserved:
-        return f"head {holders} holds the nodes it fits on (first in line)"
+        what = "slots" if config.slot_reservation else "nodes"
+        return f"head {holders} holds the {what} it fits on (first in line{start})"
     why = "backfill is off" if not config.backfill else \
         f"backfill looks at {config.backfill_depth} jobs behind it per cycle"
     return f"head {holders} is first in line; {why}"
@@ -970,19 +1077,27 @@ def _behind(head: JobView, preemptor: JobView | None, config: PolicyConfig,
 
 def _reserve_for(job: JobView, cap: Capacity, running: Sequence[JobView], *, config: PolicyConfig,
                  now: float, out: list[Decision], touched: set[str],
-                 preempts_head: bool = False, ledger: "_Ledger | None" = None) -> str | None:
+                 preempts_head: bool = False, ledger: "_Ledger | None" = None
+                 ) -> tuple[str | None, float]:
     """Give a blocked job a reservation backfill cannot touch, preempting for it if it may.
 
     Order of resort: capacity already being released by stopping jobs; then shrinking elastic
     lower-class jobs to their smallest allowed count; then stopping lower-class victims (lowest
-    class, freshest checkpoint first). Victims are only touched if the job then fits. Otherwise the
-    job reserves the nodes with most free room whose total size holds its gang.
+    class, freshest checkpoint first). Victims are only touched if the job then fits. Otherwise
+    the job waits for running jobs to end: with ``estimate_start``, at the earliest time their
+    time limits free room for its gang (Slurm's shadow time), it holds what it will use then and
+    cannot get from jobs ending before; else (or if jobs without a limit stand in the way) it
+    holds the nodes with most free room whose total size holds its gang. It holds slots (its
+    workers' CPU and GPU on each node) or, without ``slot_reservation``, whole nodes.
 
-    Returns what the job waits for besides free nodes, if anything (for :class:`Wait`).
+    Returns what the job waits for besides free nodes, if anything (for :class:`Wait`), and its
+    estimated start (``now`` when it waits only for stopping jobs, ``inf`` when unknown, ``-inf``
+    when it holds nothing: ``reservation`` is off).
     """
     # Capacity that jobs already told to stop or shrink will hand back. A job outranking the head
     # by class may also take the head's nodes (the head got there by aging alone).
     trial = cap.copy(withheld=not preempts_head)
+    free_now = dict(trial.free)
     stopping = []
     for r in running:
         if r.stopping:
@@ -1002,10 +1117,59 @@ def _reserve_for(job: JobView, cap: Capacity, running: Sequence[JobView], *, con
                 f"{d.job_id} ({'shrink to ' + str(d.to_workers) if isinstance(d, Shrink) else 'stop'})"
                 for d in out[n:])
     if placement is not None:
+        _hold(cap, job, placement, config)
+        return note, now
+    if not config.reservation:
+        return None, -_INF  # it holds nothing
+    if config.estimate_start:
+        shadow = _estimated_start(job, trial, running, now)
+        if shadow is not None:
+            start, placement = shadow
+            released = {n: (trial.free[n][0] - free_now[n][0], trial.free[n][1] - free_now[n][1])
+                        for n in placement}
+            _hold(cap, job, placement, config, released)
+            return None, start
+    _hold(cap, job, _slots_to_wait_for(job, cap), config)
+    return None, _INF
+
+
+def _estimated_start(job: JobView, trial: Capacity, running: Sequence[JobView], now: float
+                     ) -> tuple[float, dict[str, int]] | None:
+    """When the job's smallest gang fits if running jobs free their capacity at their time
+    limits (``trial``: free capacity, stopping jobs' already given back; it is changed), and
+    where it would go: ``(time, placement)``; None if jobs without a limit stand in the way.
+    O(workers released) plus one placement."""
+    ends = sorted((max(now, r.start_time + r.time_limit), r.id, r) for r in running
+                  if r.time_limit is not None and r.start_time is not None and not r.stopping
+                  and r.workers > 0)
+    need, bundle = job.min_allowed, job.bundle
+    room = sum(_fit(shape, bundle) * len(ns) for shape, ns in trial.by_shape.items() if ns)
+    start = now
+    for end, _, r in ends:
+        if room >= need:
+            break
+        before = {n: _fit(trial.free[n], bundle) for n in r.placement
+                  if n in trial.free and n not in trial.withheld}
+        trial.give(r.placement, r.bundle)
+        room += sum(_fit(trial.free[n], bundle) - k for n, k in before.items())
+        start = end
+    if room < need:
+        return None
+    placement = trial.place(need, need, bundle)
+    return (start, placement) if placement is not None else None
+
+
+def _hold(cap: Capacity, job: JobView, placement: Mapping[str, int], config: PolicyConfig,
+          released: Mapping[str, tuple[float, float]] | None = None) -> None:
+    """Reserve the job's ``placement`` on ``cap``: the slots (less what ``released`` says jobs
+    ending before it starts free there) or, without ``slot_reservation``, the whole nodes."""
+    if not config.slot_reservation:
         cap.withhold(placement)
-        return note
-    cap.withhold(_nodes_to_wait_for(job, cap))
-    return None
+        return
+    c, g = job.bundle
+    for n, w in placement.items():
+        rc, rg = released.get(n, (0.0, 0.0)) if released else (0.0, 0.0)
+        cap.hold(n, (w * c - rc, w * g - rg))
 
 
 def _place_gang(cap: Capacity, job: JobView, hi: int) -> dict[str, int] | None:
@@ -1168,16 +1332,17 @@ def _reclaim_for(job: JobView, cap: Capacity, running: Sequence[JobView], ledger
         for d in out[n:])
 
 
-def _nodes_to_wait_for(job: JobView, cap: Capacity) -> list[str]:
-    """The nodes a blocked gang will start on: most free room first, until their size holds it."""
+def _slots_to_wait_for(job: JobView, cap: Capacity) -> dict[str, int]:
+    """Where a blocked gang will start (workers per node): the nodes with most free room first,
+    each taking as many workers as the whole node holds, until they hold the gang."""
     need = job.min_allowed
-    chosen: list[str] = []
+    chosen: dict[str, int] = {}
     for shape, nodes in sorted(cap.by_shape.items(), key=lambda sn: -_fit(sn[0], job.bundle)):
         for n in sorted(nodes):
-            size = _fit(cap.total[n], job.bundle)
+            size = min(_fit(cap.total[n], job.bundle), need)
             if size <= 0:
                 continue
-            chosen.append(n)
+            chosen[n] = size
             need -= size
             if need <= 0:
                 return chosen

@@ -127,6 +127,34 @@ def parse_bytes(v: Any) -> int:
     return int(n)
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_RE = re.compile(r"^(?:([0-9]+(?:\.[0-9]+)?)([dhms]))+$")
+_DURATION_PART_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([dhms])")
+_CLOCK_RE = re.compile(r"^(?:([0-9]+)-)?(?:([0-9]+):)?([0-9]+):([0-9]+)$")
+
+
+def parse_duration(v: Any) -> float:
+    """``5400``, ``"90s"``, ``"30m"``, ``"2h"``, ``"1h30m"``, ``"1d"``, Slurm's ``"HH:MM:SS"``,
+    ``"MM:SS"`` or ``"D-HH:MM:SS"`` -> seconds (> 0). Raises ValueError."""
+    if isinstance(v, bool):
+        raise ValueError(f"expected a duration like 90s, 2h, 1h30m or HH:MM:SS, got {v!r}")
+    if isinstance(v, (int, float)):
+        n = float(v)
+    else:
+        text = str(v).strip().lower().replace(" ", "")
+        if _DURATION_RE.match(text):
+            n = sum(float(x) * _DURATION_UNITS[u] for x, u in _DURATION_PART_RE.findall(text))
+        elif (m := _CLOCK_RE.match(text)):
+            d, h, mi, sec = (int(x) if x else 0 for x in m.groups())
+            n = float(((d * 24 + h) * 60 + mi) * 60 + sec)
+        else:
+            raise ValueError(f"expected a duration like 90s, 30m, 2h, 1h30m, 1d, HH:MM:SS or a "
+                             f"number of seconds, got {v!r}")
+    if not n > 0 or n == float("inf"):  # also NaN
+        raise ValueError(f"duration must be > 0 seconds, got {v!r}")
+    return n
+
+
 class Shuffle(Strict):
     """The data order: a pure function of (seed, epoch) and the dataset's layout."""
     mode: Literal["auto", "global", "local", "partitioned", "none"] = Field(
@@ -282,7 +310,15 @@ class Scheduling(Strict):
     priority: Literal["low", "normal", "high", "critical"] = "normal"
     max_retries: int = Field(3, ge=0, le=100)
     preemptible: bool = True
-    time_limit: float | None = Field(None, gt=0)
+    time_limit: float | None = Field(
+        None, description="wall time a run may take, in seconds (or 90s, 30m, 2h, 1h30m, 1d, "
+                          "HH:MM:SS): past it the job is stopped after a checkpoint; the scheduler "
+                          "uses it to estimate when capacity frees (backfill). None: no limit")
+
+    @field_validator("time_limit", mode="before")
+    @classmethod
+    def _duration(cls, v):
+        return None if v is None else parse_duration(v)
 
 
 class _JobBase(Strict):

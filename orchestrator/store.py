@@ -299,7 +299,8 @@ class JobRecord:
                        self.max_workers, self.cpus_per_worker, self.gpus_per_worker, self.submit_time,
                        self.state, self.workers, dict(self.placement), self.preemptible,
                        None if self.checkpoint_time is None else max(0.0, now - self.checkpoint_time),
-                       self.start_time, allowed=self.allowed_workers)
+                       self.start_time, allowed=self.allowed_workers,
+                       time_limit=self.time_limit)
 
     @property
     def time_limit(self) -> float | None:

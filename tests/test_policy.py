@@ -186,6 +186,138 @@ def test_backfill_never_delays_head_of_queue(seed):
     assert cap.place(head.min_workers, head.min_workers, head.bundle) is not None, (seed, adm, head)
 
 
+# --- reservations by slot, estimated start, time-limit backfill -----------------------------------
+def test_the_head_holds_only_its_slots_and_the_rest_of_its_node_backfills():
+    # A 64-CPU, 8-GPU node runs 4 x (4 CPU, 1 GPU). The head needs 8 such workers (32 CPU, all
+    # 8 GPUs): it holds the free GPUs and 32 CPUs; the 16 CPUs left take a CPU-only job now.
+    r = JobView("r", NORMAL, min_workers=4, max_workers=4, cpus_per_worker=4, gpus_per_worker=1,
+                state="running", workers=4, placement={"g0": 4}, start_time=0.0)
+    c = ClusterState.of([Node("g0", 64, 8, 48, 4)])
+    head = JobView("head", NORMAL, min_workers=8, max_workers=8, cpus_per_worker=4, gpus_per_worker=1)
+    cpu16, cpu20 = job("cpu16", mn=4, cpus=4, t=1), job("cpu20", mn=5, cpus=4, t=2)
+    assert set(admitted(decide([head, cpu16, cpu20], [r], c, None, NOW, CFG))) == {"cpu16"}
+    # When r ends, the head fits beside what backfilled.
+    cap = Capacity([Node("g0", 64, 8, 48 - 16, 4)])
+    cap.give({"g0": 4}, r.bundle)
+    assert cap.place(8, 8, head.bundle) is not None
+    whole = PolicyConfig(slot_reservation=False, min_run_before_preempt_s=0)
+    assert admitted(decide([head, cpu16], [r], c, None, NOW, whole)) == {}
+
+
+def test_a_job_ending_before_the_heads_estimated_start_backfills_on_its_slots():
+    # r frees 2 of n0's 4 CPUs at NOW + 1000 (its time limit); the head needs all 4 then.
+    r = run("r", NORMAL, {"n0": 2}, start=NOW - 100, time_limit=1100)
+    c = cluster_with([r], 1)
+    queue = [job("head", mn=4, t=1), job("long", t=2, time_limit=2000), job("nolimit", t=3),
+             job("short", t=4, time_limit=1000)]
+    ds, waits = decide_with_reasons(queue, [r], c, None, NOW, CFG)
+    assert set(admitted(ds)) == {"short"}
+    w = why((ds, waits))
+    assert w["long"].code == "behind_reserved_head"
+    assert w["long"].detail.endswith("(first in line; estimated start in 0h17m, when running jobs "
+                                     "reach their time limits)")
+    assert "estimated start in 0h17m" in w["head"].detail
+    # Without start estimates nobody may touch the head's slots.
+    off = PolicyConfig(estimate_start=False, min_run_before_preempt_s=0)
+    assert admitted(decide(queue, [r], c, None, NOW, off)) == {}
+
+
+def test_capacity_the_head_will_not_need_at_its_estimated_start_backfills_jobs_without_limits():
+    # n0 frees at NOW + 1000 (r0's limit) and holds the head then; n1's 2 free CPUs are not
+    # needed, though they are the most free room now (where a head without estimates waits).
+    r0 = run("r0", NORMAL, {"n0": 4}, start=NOW, time_limit=1000)
+    r1 = run("r1", NORMAL, {"n1": 2})
+    c = cluster_with([r0, r1], 2)
+    queue = [job("head", mn=4, t=1), job("nolimit", mn=2, t=2)]
+    assert set(admitted(decide(queue, [r0, r1], c, None, NOW, CFG))) == {"nolimit"}
+    off = PolicyConfig(estimate_start=False, min_run_before_preempt_s=0)
+    assert admitted(decide(queue, [r0, r1], c, None, NOW, off)) == {}
+
+
+def _fits_at(head: JobView, n: int, jobs: list[tuple[dict, float]]) -> float:
+    """The earliest time ``head`` fits on ``n`` 4-CPU nodes if each of ``jobs`` (placement of
+    1-CPU workers, end time; inf: never) holds its capacity until its end."""
+    for t in sorted({0.0, *(end for _, end in jobs if end < float("inf"))}):
+        cap = Capacity(nodes(n))
+        for placement, end in jobs:
+            if end > t:
+                cap.take(placement, (1.0, 0.0))
+        if cap.place(head.min_allowed, head.min_allowed, head.bundle) is not None:
+            return t
+    return float("inf")
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_time_limit_backfill_never_delays_the_heads_estimated_start(seed):
+    """Jobs end at their time limits (no limit: never). Whatever backfills behind the head, the
+    head fits no later than it would have if nothing had backfilled."""
+    rng = random.Random(seed)
+    n = rng.randint(2, 6)
+    running = random_running(rng, n, [HIGH], at_least=1)
+    limit = lambda: rng.choice([None, 300.0, 900.0, 1800.0, 3600.0])  # noqa: E731
+    for r in running:
+        r.start_time, r.time_limit = NOW - rng.choice([0.0, 200.0]), limit()
+    queue = [job(f"q{k}", NORMAL, mn=rng.randint(1, 6), t=k, time_limit=limit())
+             for k in range(rng.randint(2, 10))]
+    ds = decide(queue, running, cluster_with(running, n), None, NOW, CFG)
+    adm = admitted(ds)
+    order = sorted(queue, key=lambda j: j.submit_time)
+    head = next((j for j in order if j.id not in adm), None)
+    if head is None:
+        return
+    ahead = order[:order.index(head)]
+    end = lambda j: float("inf") if j.time_limit is None else j.start_time + j.time_limit - NOW  # noqa: E731
+    before = [(r.placement, end(r)) for r in running] + \
+             [(adm[j.id].placement, j.time_limit or float("inf")) for j in ahead]
+    backfilled = [(adm[j.id].placement, j.time_limit or float("inf"))
+                  for j in order[order.index(head) + 1:] if j.id in adm]
+    assert _fits_at(head, n, before + backfilled) <= _fits_at(head, n, before), (seed, adm, head)
+
+
+def test_elastic_jobs_grow_into_capacity_the_blocked_head_cannot_use():
+    # The head waits for g0's GPUs and needs 1 of its CPUs: an elastic CPU job grows to its
+    # largest count on the CPUs it does not need.
+    gpu = JobView("gpu-r", NORMAL, min_workers=1, max_workers=1, cpus_per_worker=1, gpus_per_worker=8,
+                  state="running", workers=1, placement={"g0": 1}, start_time=0.0)
+    e = run("e", NORMAL, {"c0": 1}, mn=1, mx=12)
+    c = ClusterState.of([Node("g0", 16, 8, 15, 0), Node("c0", 8, 0, 7, 0)])
+    head = JobView("head", NORMAL, min_workers=1, max_workers=1, cpus_per_worker=1, gpus_per_worker=8)
+    [g] = of(Grow, decide([head], [gpu, e], c, None, NOW, CFG))
+    assert g.to_workers == 12 and g.placement.get("g0", 0) <= 14
+    off = PolicyConfig(grow_past_head=False, min_run_before_preempt_s=0)
+    assert not of(Grow, decide([head], [gpu, e], c, None, NOW, off))
+
+
+def test_elastic_jobs_do_not_grow_on_the_kind_of_node_a_waiting_gang_needs():
+    # The CPU head holds n2's 3 free CPUs and one of n0's; n1's last CPU is free, but a CPU gang
+    # waits, so the elastic CPU job does not take it.
+    busy = [run("r0", NORMAL, {"n0": 3}), run("r1", NORMAL, {"n1": 3})]
+    e = run("e", NORMAL, {"n2": 1}, mn=1, mx=4)
+    ds = decide([job("head", mn=6, t=1)], busy + [e], cluster_with(busy + [e], 3), None, NOW, CFG)
+    assert not of(Grow, ds) and not admitted(ds)
+
+
+def test_workers_without_gpus_go_to_nodes_without_gpus_first():
+    c = ClusterState.of([Node("g0", 32, 4), Node("c0", 64, 0)])
+    cpu = job("cpu", mn=4, cpus=4)
+    assert admitted(decide([cpu], [], c, None, NOW, CFG))["cpu"].placement == {"c0": 4}
+    off = PolicyConfig(spare_gpu_nodes=False, min_run_before_preempt_s=0)
+    assert admitted(decide([cpu], [], c, None, NOW, off))["cpu"].placement == {"g0": 4}  # tightest fit
+
+
+def test_without_reservation_jobs_behind_the_head_take_any_free_capacity():
+    busy = [run("r0", NORMAL, {"n0": 2}), run("r1", NORMAL, {"n1": 2})]
+    queue = [job("head", mn=8, t=1), job("a", mn=2, t=2), job("b", mn=2, t=3)]
+    assert set(admitted(decide(queue, busy, cluster_with(busy, 2), None, NOW, CFG))) == set()
+    off = PolicyConfig(reservation=False, min_run_before_preempt_s=0)
+    assert set(admitted(decide(queue, busy, cluster_with(busy, 2), None, NOW, off))) == {"a", "b"}
+
+
+def test_a_time_limit_must_be_positive_naming_the_field():
+    with pytest.raises(ValueError, match="time_limit"):
+        job("j", time_limit=0)
+
+
 # --- quotas and rejection -----------------------------------------------------------------------
 def test_quota_holds_a_team_back_without_blocking_other_teams():
     held = run("a-running", NORMAL, {"n0": 4}, team="a")
@@ -396,13 +528,15 @@ def test_a_job_that_fits_only_on_the_heads_reserved_nodes_waits_behind_the_head_
     assert list(admitted(ds)) == ["small"]
     w = why((ds, waits))
     assert w["small2"] == Wait("small2", "behind_reserved_head",
-                               "head wide holds the nodes it fits on (first in line)")
+                               "head wide holds the slots it fits on (first in line; no estimated "
+                               "start: jobs without a time limit hold what it needs)")
     assert w["wide"].code == "gang_does_not_fit" and w["wide"].detail.startswith("needs 8 x (1 CPU);")
     # Without backfill nobody behind the head is even tried.
     cfg = PolicyConfig(backfill=False, min_run_before_preempt_s=0)
     _, waits = decide_with_reasons([job("wide", mn=8, t=1), job("small", t=2)], busy, cluster_with(busy, 3),
                                    None, NOW, cfg)
-    assert why((_, waits))["small"].detail == "head wide is first in line; backfill is off"
+    assert why((_, waits))["small"].detail == ("head wide is first in line; backfill is off; no estimated "
+                                               "start: jobs without a time limit hold what it needs")
 
 
 def test_a_head_that_preempts_says_whom_it_waits_for():

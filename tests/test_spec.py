@@ -65,6 +65,9 @@ MALFORMED = [
     ("dataset.shuffle", {"tail": "pad"}, "dataset.shuffle.tail", "'drop' or 'carry'"),
     ("scheduling", {"priority": "urgent"}, "scheduling.priority", "'low', 'normal', 'high' or 'critical'"),
     ("scheduling", {"max_retries": -1}, "scheduling.max_retries", "greater than or equal to 0"),
+    ("scheduling", {"time_limit": 0}, "scheduling.time_limit", "must be > 0 seconds"),
+    ("scheduling", {"time_limit": "-5m"}, "scheduling.time_limit", "expected a duration like 90s"),
+    ("scheduling", {"time_limit": "2 weeks"}, "scheduling.time_limit", "expected a duration like 90s"),
     ("unknown_top_level", 1, "unknown_top_level", "unknown key"),
     ("deepspeed.zero_stages", 2, "deepspeed.zero_stages", "unknown key"),
     ("model", _DEL, "model", "required field is missing"),
@@ -81,6 +84,15 @@ def test_malformed_train_spec_names_field_and_reason(path, value, field, reason)
     assert field in fields, f"expected an error at {field}, got {exc.value.errors}"
     assert reason in fields[field], fields[field]
     assert field in str(exc.value)
+
+
+@pytest.mark.parametrize("given,seconds", [(5400, 5400.0), (12.5, 12.5), ("90s", 90.0), ("30m", 1800.0),
+                                           ("2h", 7200.0), ("1h30m", 5400.0), ("1d", 86400.0),
+                                           ("01:30:00", 5400.0), ("10:00", 600.0),
+                                           ("1-02:00:00", 93600.0), (None, None)])
+def test_time_limit_is_seconds_from_a_number_a_duration_or_slurm_clock_time(given, seconds):
+    data = _set(copy.deepcopy(TRAIN), "scheduling", {"time_limit": given})
+    assert S.parse_spec(data).scheduling.time_limit == seconds
 
 
 def test_global_batch_without_split_for_every_worker_count_is_rejected():

@@ -219,6 +219,9 @@ def test_a_record_becomes_the_policy_view_with_its_checkpoint_age(store):
     v = store.get(jid).view(now=130.0)
     assert (v.id, v.priority, v.team, v.min_workers, v.max_workers) == (jid, 200, "research", 2, 4)
     assert v.workers == 3 and v.placement == {"n0": 3} and v.checkpoint_age == 30.0 and v.start_time == 50.0
+    assert v.time_limit is None
+    limited = {**TRAIN, "scheduling": {**TRAIN["scheduling"], "time_limit": "1h30m"}}
+    assert store.get(store.submit(spec(limited))).view(now=130.0).time_limit == 5400.0
 
 
 def test_the_ray_submission_id_is_stable_per_attempt(store):

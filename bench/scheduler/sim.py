@@ -8,6 +8,11 @@ Model: a job's work is worker-seconds; on ``w`` workers it progresses at ``w`` p
 preempted victim checkpoints first (holding its nodes ``ckpt_save_s``), and pays ``restart_s`` of
 work again when it resumes; a resize pays ``resize_s``. Jobs checkpoint every ``ckpt_interval_s``.
 The scheduler runs a cycle every ``tick_s`` simulated seconds in which anything changed.
+
+Time limits (``scheduling.time_limit``) are the users' estimates: each run of a job may last its
+limit from its start, and the policy sees it (``JobView.time_limit``). A run still going at its
+limit is stopped as the service stops it: it checkpoints (``ckpt_save_s``) and ends *timed out*
+(counted in ``timeouts``, not in goodput). FIFO is given the limits too and ignores them.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class TraceJob:
     cpus: float
     gpus: float
     work: float  # worker-seconds
+    time_limit: float | None = None  # the user's estimate of a run's wall time (seconds)
 
 
 @dataclass
@@ -48,13 +54,19 @@ class Trace:
 
 
 def synthetic_trace(n_jobs: int = 10_000, n_nodes: int = 1_000, load: float = 1.05,
-                    seed: int = 0) -> Trace:
+                    seed: int = 0, limit_error: tuple[float, float] | None = (1.7, 0.5)) -> Trace:
     """Mixed CPU/GPU cluster and jobs: 30% GPU nodes (64 CPU, 8 GPU), the rest 32-CPU nodes.
 
     Priorities low/normal/high/critical = 40/35/18/7%; gang sizes 1..64 (log-uniform-ish);
     durations log-normal (median 40 min, clipped 2 min..12 h); 40% of jobs elastic
     (min = max/2). Arrivals are Poisson, spaced so the offered load on the busier resource is
     ``load`` (above 1 the cluster is oversubscribed and queues build).
+
+    Time limits: the true run time on the job's smallest gang (the longest it can take) times a
+    log-normal estimate error of median ``limit_error[0]`` and sigma ``limit_error[1]``, never
+    below 1 (users overestimate; a limit under the true run time would stop the job), plus 10
+    minutes for checkpoints and resizes. ``None``: no job has a limit. The limits draw their own
+    random numbers after everything else, so the rest of the trace is the same either way.
     """
     rng = np.random.default_rng(seed)
     n_gpu = int(round(n_nodes * 0.3))
@@ -76,8 +88,14 @@ def synthetic_trace(n_jobs: int = 10_000, n_nodes: int = 1_000, load: float = 1.
     work = dur * maxw
     span = max((work * cpus).sum() / cap_cpu, (work * gpus).sum() / cap_gpu) / load
     arrivals = np.sort(rng.uniform(0, span, n_jobs))
+    limits = [None] * n_jobs
+    if limit_error is not None:
+        median, sigma = limit_error
+        err = np.maximum(1.0, rng.lognormal(math.log(median), sigma, n_jobs))
+        limits = [float(x) for x in err * work / minw + 600.0]
     jobs = [TraceJob(f"j{i:05d}", float(arrivals[i]), PRIORITY[CLASSES[prios[i]]], f"team{teams[i]}",
-                     int(minw[i]), int(maxw[i]), float(cpus[i]), float(gpus[i]), float(work[i]))
+                     int(minw[i]), int(maxw[i]), float(cpus[i]), float(gpus[i]), float(work[i]),
+                     limits[i])
             for i in range(n_jobs)]
     return Trace(nodes, jobs)
 
@@ -126,6 +144,8 @@ class _Job:
     first_start: float | None = None
     end: float | None = None
     version: int = 0             # invalidates stale finish events
+    runs: int = 0                # admissions so far (a limit event is for one run)
+    timed_out: bool = False
     preemptions: int = 0
     rejected: str | None = None
 
@@ -145,6 +165,7 @@ class Result:
     shrinks: int = 0
     rejected: int = 0
     unfinished: int = 0
+    timeouts: int = 0
     util_series: list[tuple[float, float, float]] = field(default_factory=list)
     util_window: float = 0.0     # allocated share while jobs were still arriving
 
@@ -181,7 +202,8 @@ class Simulator:
         for tj in trace.jobs:
             self.push(tj.arrival, "arrive", tj.id, 0)
             self.jobs[tj.id] = _Job(tj, JobView(tj.id, tj.priority, tj.team, tj.min_workers,
-                                                tj.max_workers, tj.cpus, tj.gpus, tj.arrival),
+                                                tj.max_workers, tj.cpus, tj.gpus, tj.arrival,
+                                                time_limit=tj.time_limit),
                                     need=tj.work)
 
     def push(self, at: float, kind: str, jid: str, version: int) -> None:
@@ -245,6 +267,13 @@ class Simulator:
             j = self.jobs[jid]
             if kind == "arrive":
                 self.queue[jid] = j
+            elif kind == "limit":  # the run reached its time limit: checkpoint, then stop for good
+                if ver == j.runs and jid in self.running and not j.view.stopping:
+                    self.settle(j, t)
+                    j.view.stopping, j.view.target_workers, j.timed_out = True, 0, True
+                    j.version += 1
+                    self.push(t + sim.ckpt_save_s, "stopped", jid, j.version)
+                continue
             elif ver != j.version or jid not in self.running:
                 continue  # stale event
             elif kind == "finish":
@@ -255,6 +284,14 @@ class Simulator:
                 v.workers, v.placement, v.state = 0, {}, "succeeded"
                 j.end = t
                 self.finished += 1
+            elif kind == "stopped" and j.timed_out:
+                self.settle(j, t)
+                self.hold(j.view.placement, j.view.bundle, -1)
+                del self.running[jid]
+                v = j.view
+                v.workers, v.placement, v.state, v.stopping, v.target_workers = 0, {}, "timed_out", False, None
+                self.finished += 1
+                res.timeouts += 1
             elif kind == "stopped":  # a victim saved its checkpoint and released its nodes
                 self.settle(j, t)
                 self.hold(j.view.placement, j.view.bundle, -1)
@@ -312,6 +349,9 @@ class Simulator:
             if j.first_start is None:
                 j.first_start = t
             self.reschedule(j, t)
+            j.runs += 1
+            if v.time_limit is not None:
+                self.push(t + v.time_limit, "limit", d.job_id, j.runs)
             return False
         if isinstance(d, Grow):
             self.settle(j, t)
