@@ -196,10 +196,12 @@ class Dataset(Strict):
     cache_limit: int | None = Field(None, description="bytes the node's shard cache may hold, e.g. 50GiB "
                                     "(default: half of the cache disk's free space); shared by every "
                                     "loader on the node that uses the same cache_dir")
-    transport: Literal["auto", "object_store", "mmap"] = Field(
-        "auto", description="how rows reach the trainer: through the Ray object store, or gathered "
-                            "in the trainer from the loader actor's memory-mapped shards on the same "
-                            "node (auto: mmap when the actor is on the trainer's node)")
+    transport: Literal["auto", "stream", "object_store", "mmap"] = Field(
+        "auto", description="how rows reach the trainer: gathered in the trainer from the loader "
+                            "actor's memory-mapped shards on the same node (mmap), written by the "
+                            "actor to a token-checked TCP stream (stream), or through the Ray object "
+                            "store (auto: mmap when the actor is on the trainer's node, else stream, "
+                            "else object_store when the stream's port cannot be reached or Ray uses TLS)")
     gather_threads: int = Field(2, ge=1, le=64, description="mmap transport: threads in the trainer "
                                                              "copying prefetched batches out of the shards")
 

@@ -75,7 +75,7 @@ class CachePoller:
         return self.peak
 
 
-@pytest.mark.parametrize("transport", ["mmap", "object_store"])
+@pytest.mark.parametrize("transport", ["mmap", "object_store", "stream"])
 def test_four_nodes_each_fetch_their_share_per_epoch_within_a_cache_a_tenth_of_the_data(
         ray_local, big, tmp_path, transport):
     url, m, x, proxies = big

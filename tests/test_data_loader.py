@@ -29,7 +29,7 @@ def dataset(tmp_path_factory):
     return str(root / "ds"), data
 
 
-@pytest.fixture(params=["object_store", "mmap"])
+@pytest.fixture(params=["object_store", "stream", "mmap"])
 def transport(request):
     """Every loader test runs over both ways rows reach the trainer (see actors.data.loader)."""
     return request.param
@@ -294,3 +294,30 @@ def test_killing_the_loader_actor_mid_epoch_loses_and_duplicates_nothing(ray_loc
     _close(loaders)
     ids = np.concatenate(seen)
     assert np.array_equal(ids, EpochOrder(N, 9).full(0))
+
+
+@pytest.mark.multinode
+def test_a_loader_actor_on_another_node_streams_the_pure_order(ray_cluster, dataset, tmp_path):
+    url, _ = dataset
+    other = ray_cluster.add_node(num_cpus=1).node_id
+    ray_cluster.wait_for_nodes()
+    dl = DataLoader(url, global_batch_size=G, micro_batch_size=MICRO, rank=0, world_size=1, shuffle={"seed": 5},
+                    cache_dir=str(tmp_path), actor_node=other)
+    assert dl.transport == "stream"  # auto, across nodes
+    ids = np.concatenate([_step([dl]) for _ in range(dl.steps_per_epoch + 3)])  # over the epoch boundary
+    order = EpochOrder(N, 5)
+    assert np.array_equal(ids, np.concatenate([order.full(0), order.full(1)[:3 * G]]))
+    dl.close()
+
+
+def test_an_unreachable_stream_falls_back_to_the_object_store(ray_local, dataset, tmp_path, monkeypatch):
+    import actors.data.loader as loader
+
+    def refused(self, dl, connections=2):
+        raise ConnectionRefusedError("connection refused")
+    monkeypatch.setattr(loader.StreamTransport, "__init__", refused)
+    (dl,) = _loaders(dataset[0], 1, tmp_path, shuffle={"seed": 2}, transport="stream")
+    with pytest.warns(RuntimeWarning, match="rows come through the Ray object store instead"):
+        assert dl.transport == "object_store"
+    assert np.array_equal(_step([dl]), EpochOrder(N, 2).full(0)[:G])
+    dl.close()

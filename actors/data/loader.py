@@ -9,11 +9,15 @@ keeps at most ``prefetch_batches`` steps in flight (fewer if that many would exc
   order is a pure function), has the actor fetch and pin the shards it needs in the node cache,
   maps the same files and copies each batch out of them with ``gather_threads`` threads. Shards it
   is done with are unmapped and unpinned, so a bounded cache can evict them.
-* ``object_store`` (the actor is on another node): the actor gathers each step's rows and returns
-  them through the Ray object store.
+* ``stream`` (the actor is on another node): the actor gathers each chunk's rows and writes them
+  to a TCP stream of its own that the client reads into reused buffers (:mod:`actors.data.stream`;
+  token-checked, not encrypted).
+* ``object_store``: the actor gathers each chunk's rows and returns them through the Ray object
+  store (what ``stream`` falls back to when the actor's port cannot be reached).
 
-``auto`` (default) picks ``mmap`` when the actor landed on this node. Order, resume, prefetch
-bounds and errors are the same in both. Either way the actor fetches the rank's next shards ahead
+``auto`` (default) picks ``mmap`` when the actor landed on this node, else ``stream`` (else
+``object_store`` when Ray runs with TLS, ``RAY_USE_TLS``: the stream is not encrypted). Order,
+resume, prefetch bounds and errors are the same in all three. Either way the actor fetches the rank's next shards ahead
 of need, within the node's cache limit (:mod:`actors.data.server`).
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import math
+import os
 import threading
 import time
 import uuid
@@ -39,10 +44,11 @@ from actors.data.server import ShardServer
 from actors.data.shards import Manifest, read_manifest
 from actors.data.shuffle import EpochOrder
 from actors.data.store import BufferPool, ShardStore
+from actors.data.stream import StreamClient
 
 STATE_VERSION = 2
 _IDS_AHEAD, _IDS_AHEAD_ELEMENTS = 64, 1 << 16
-TRANSPORTS = ("auto", "object_store", "mmap")
+TRANSPORTS = ("auto", "object_store", "stream", "mmap")
 DEFAULT_BLOCK_SHARDS = 8
 PROGRESS_EVERY_S = 0.02  # how often the loader actor hears where its rank is
 _STATE_KEYS = ("seed", "epoch", "consumed", "mode", "window", "tail", "num_samples",
@@ -199,6 +205,40 @@ class ObjectStoreTransport:
         self._got = None
 
 
+class StreamTransport:
+    """The loader actor gathers the rows and writes them to a TCP stream this client reads into
+    reused buffers (:mod:`actors.data.stream`); a request is answered by one of ``connections``
+    connections, so the actor gathers that many at once."""
+
+    name = "stream"
+
+    def __init__(self, loader: "DataLoader", connections: int = 2):
+        self.loader = loader
+        self._ids = _IdsAhead(loader)
+        actor = loader._actor
+        # chunks in flight, the one the caller trains on, the one before it, one per connection
+        self.buffers = BufferPool(-(-loader.max_inflight // loader.chunk) + connections + 2)
+        columns = [(k, np.dtype(c["dtype"]), tuple(c["shape"])) for k, c in loader.manifest.schema.items()]
+        # after a restart the actor listens elsewhere: ask Ray again (it waits for the restart)
+        self.client = StreamClient(lambda: ray.get(actor.stream_address.remote()), columns, self.buffers,
+                                   connections)
+
+    def submit(self, order: EpochOrder, cursors: list[plan.Cursor], steps: list[int]):
+        return self.client.submit(self._ids.chunk(order, cursors), steps[-1], steps[0])
+
+    def result(self, fut) -> dict[str, np.ndarray]:
+        return fut.result()
+
+    def cancel(self, fut) -> None:
+        fut.cancel()  # its rows still arrive, and are dropped
+
+    def after_step(self, step: int) -> None:
+        pass  # the actor lets go of shards itself (it knows each request's step)
+
+    def close(self) -> None:
+        self.client.close()
+
+
 class MmapTransport:
     """The client maps the node cache's files and gathers its rows itself."""
 
@@ -266,7 +306,8 @@ class DataLoader:
     preloaded processes (:mod:`actors.warm`), so the loader actor of a restarted trainer starts in
     one instead of a new process.
     ``actor_node``: the Ray node id the loader actor (and so the node cache it reads through) runs
-    on; default this process's node. On another node the rows come through the object store.
+    on; default this process's node. On another node the rows come through the actor's row
+    stream (``transport`` ``auto``) or the Ray object store.
 
     Raises ValueError naming the argument when the batch geometry, the cache or the state is
     invalid, and ShardError (naming the shard or the cache) when a shard is missing or corrupt or
@@ -328,7 +369,7 @@ class DataLoader:
         # the actor's process starts in the background; the first request settles the transport,
         # so a trainer builds its engine meanwhile (a restart does not wait for it twice)
         self._want_transport = transport
-        self._transport: ObjectStoreTransport | MmapTransport | None = None
+        self._transport: ObjectStoreTransport | StreamTransport | MmapTransport | None = None
         self._gather_threads = gather_threads
         # after the first step: idle, preloaded processes for the next loader actor on its node
         self._spares = warm.WarmSpares(warm_spares, warm_spare_keep_alive_s, "loader actors")
@@ -374,10 +415,23 @@ class DataLoader:
         if self._transport is None:
             want, info = self._want_transport, ray.get(self._actor.info.remote())
             if want == "auto":
-                want = "mmap" if info["node_id"] == ray.get_runtime_context().get_node_id() else "object_store"
-            self._transport = MmapTransport(self, self._gather_threads, info) if want == "mmap" \
-                else ObjectStoreTransport(self)
+                want = "mmap" if info["node_id"] == ray.get_runtime_context().get_node_id() else \
+                    "object_store" if _ray_uses_tls() else "stream"
+            if want == "mmap":
+                self._transport = MmapTransport(self, self._gather_threads, info)
+            elif want == "stream":
+                self._transport = self._stream_or_object_store()
+            else:
+                self._transport = ObjectStoreTransport(self)
         return self._transport.name
+
+    def _stream_or_object_store(self):
+        try:
+            return StreamTransport(self)
+        except OSError as e:  # e.g. a firewall between the nodes: Ray's own transfers still work
+            warnings.warn(f"data loader rank {self.rank}: cannot reach the loader actor's row stream ({e}); "
+                          f"rows come through the Ray object store instead", RuntimeWarning, stacklevel=3)
+            return ObjectStoreTransport(self)
 
     def _make_actor(self, cache_dir, cache_limit, cache_policy, node: str | None):
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -558,6 +612,11 @@ class DataLoader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _ray_uses_tls() -> bool:
+    """Ray's own traffic is encrypted (``RAY_USE_TLS``): then rows are not sent in the clear either."""
+    return os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
 
 
 def order_from_state(d: dict) -> EpochOrder:

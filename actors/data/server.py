@@ -5,7 +5,8 @@ node cache, ahead of need in the order they will be read, as far as the cache li
 (the order is a pure function, so the actor computes the rank's shard schedule itself from the
 order and the step the rank has reached). A trainer on the same node maps the cached files and
 pins them itself, having the actor download what is missing (``download``); for one on another
-node the actor gathers each step's rows and returns them through the object store (``batch``).
+node the actor gathers each step's rows and returns them through the object store (``rows``) or
+its row stream (``stream_address``, :mod:`actors.data.stream`).
 
 Requests name everything they need, so a restarted actor (``max_restarts=-1``,
 ``max_task_retries=-1``) serves exactly the same rows: nothing is lost or duplicated.
@@ -29,6 +30,7 @@ from actors.data import plan
 from actors.data.shards import ShardError
 from actors.data.shuffle import EpochOrder
 from actors.data.store import BufferPool, ShardStore
+from actors.data.stream import StreamServer
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +136,7 @@ class ShardServer:
         self._geometry: tuple | None = None
         self._keep = KEEP_AHEAD_STEPS
         self._fetch_threads = fetch_threads
+        self._stream: StreamServer | None = None
 
     @ray.method(concurrency_group="io")
     def info(self) -> dict[str, Any]:
@@ -188,11 +191,25 @@ class ShardServer:
             raise ShardError(f"shard cache {os.path.dirname(os.path.dirname(tmp))}: no space left on device "
                              f"while downloading shard {shard}: lower dataset.cache_limit or free disk space") from None
 
+    @ray.method(concurrency_group="io")
+    def stream_address(self) -> tuple[str, int, bytes]:
+        """``(node IP, port, token)`` of this actor's row stream (:mod:`actors.data.stream`),
+        started on first call: the ``stream`` transport reads :meth:`rows` through it."""
+        with self._serving_lock:
+            if self._stream is None:
+                self._stream = StreamServer(ray.util.get_node_ip_address(), self._rows,
+                                            list(self.store.manifest.schema))
+        return (*self._stream.address, self._stream.token)
+
     @ray.method(concurrency_group="batch")
     def rows(self, ids: np.ndarray, step: int | None = None, first: int | None = None) -> dict[str, np.ndarray]:
         """The rows of sample ``ids`` (object-store transport): one or more whole steps of a rank,
         ``first`` to ``step``, the request's clock, so shards the rank is done with are let go.
         Two calls run at once (the gathers release the GIL)."""
+        return self._rows(ids, step, first)
+
+    def _rows(self, ids: np.ndarray, step: int | None = None, first: int | None = None) -> dict[str, np.ndarray]:
+        """:meth:`rows` for any caller in this process (the object store's or the stream's)."""
         with self._serving_lock:
             key = next(self._calls)
             self._serving[key] = first if first is not None else step if step is not None else 0

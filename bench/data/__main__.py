@@ -20,8 +20,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-OURS = ["ours-global-local", "ours-global-objstore-local", "ours-global-objstore-2node-local", "ours-global-s3",
-        "ours-local-local"]
+OURS = ["ours-global-local", "ours-global-objstore-local", "ours-global-objstore-2node-local",
+        "ours-global-stream-local", "ours-global-stream-2node-local", "ours-global-s3", "ours-local-local"]
 RAW = ["raw-local", "raw-s3"]
 REF = ["take1-local", "take2-local"]  # numpy.take of a random permutation from anonymous memory
 RAY = ["ray-data-global-local", "ray-data-local-local"]
@@ -90,7 +90,7 @@ def prepare(a, peer_python: str | None, peers: list[str]) -> None:
     if need("ours"):
         prep.write_ours(os.path.join(w, "ours"), a.samples, a.sample_bytes, a.rows_per_shard)
         done("ours")
-    if "ray-data" in a.only and need("parquet"):
+    if any(o.startswith("ray-data") for o in a.only) and need("parquet"):
         prep.write_parquet(os.path.join(w, "parquet"), a.samples, a.sample_bytes, a.rows_per_shard)
         done("parquet")
     for fmt, contender in (("mds", "mosaic-local"), ("litdata", "litdata-local")):
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
                    help="python of a venv with mosaicml-streaming / litdata (pip install '.[bench]')")
     p.add_argument("--only", default="raw,ref,ours,ray-data,peers",
                    help="comma list of groups: raw, ref (numpy.take reference, 1 and 2 threads), ours, "
-                        "ray-data, peers")
+                        "ray-data, peers; or of contender names (e.g. raw-local,ours-global-objstore-local)")
     p.add_argument("--json-out", help="write all results here as JSON")
     p.add_argument("--epochs", type=int, default=3,
                    help="epochs each contender reads: the first is timed with its start-up, the "
@@ -139,6 +139,7 @@ def main(argv=None) -> int:
         contenders = (RAW if "raw" in a.only else []) + (REF if "ref" in a.only else []) + \
                      (OURS if "ours" in a.only else []) + \
                      (RAY if "ray-data" in a.only else []) + peers
+        contenders += [c for c in RAW + REF + OURS + RAY if c in a.only and c not in contenders]
         if any(c.endswith("-s3") for c in contenders):
             from bench.data import prepare as prep
             t = time.perf_counter()

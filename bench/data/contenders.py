@@ -275,7 +275,11 @@ def main(argv=None) -> int:
         "ours-global-objstore-local": lambda: _ours(os.path.join(w, "ours"), None, a.batch, "global", w, a.seed,
                                                     transport="object_store"),
         "ours-global-objstore-2node-local": lambda: _ours(os.path.join(w, "ours"), None, a.batch, "global", w,
-                                                          a.seed, nodes=2),
+                                                          a.seed, transport="object_store", nodes=2),
+        "ours-global-stream-local": lambda: _ours(os.path.join(w, "ours"), None, a.batch, "global", w, a.seed,
+                                                  transport="stream"),
+        "ours-global-stream-2node-local": lambda: _ours(os.path.join(w, "ours"), None, a.batch, "global", w,
+                                                        a.seed, nodes=2),  # auto: the stream across nodes
         "ours-global-s3": lambda: _ours(a.s3_url, s3_opts, a.batch, "global", w, a.seed),
         "ours-local-local": lambda: _ours(os.path.join(w, "ours"), None, a.batch, "local", w, a.seed),
         "ray-data-global-local": lambda: _ray_data(os.path.join(w, "parquet"), a.batch, "global", a.seed),
