@@ -213,7 +213,7 @@ class Quota:
 @dataclass(frozen=True)
 class PolicyConfig:
     """Every knob of the policy, in one place."""
-    aging_per_hour: float = 200.0     # priority points a queued job gains per hour waited...
+    aging_per_hour: float = 300.0     # priority points a queued job gains per hour waited...
     max_aging: float = 250.0          # ...up to this many: old low jobs pass high ones, never critical
     min_run_before_preempt_s: float = 1800.0  # a job runs this long before it can be shrunk or stopped
     backfill: bool = True

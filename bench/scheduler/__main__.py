@@ -135,7 +135,8 @@ ABLATION = (
     ("GPU nodes not spared", {"spare_gpu_nodes": False}),
     ("no growth", {"grow": False}),
     ("no growth past the head", {"grow_past_head": False}),
-    ("aging 100/h (old default)", {"aging_per_hour": 100.0}),
+    ("aging 200/h (the previous default)", {"aging_per_hour": 200.0}),
+    ("aging 100/h", {"aging_per_hour": 100.0}),
     ("no aging", {"aging_per_hour": 0.0}),
     ("no backfill", {"backfill": False}),
 )
