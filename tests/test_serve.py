@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.serve.canary import ArmStats, canary_decision, gates
+from actors.serve.canary import ArmStats, QualityStats, gates, stage_decision
 from actors.served_model import (ServedCheckpointError, load_served_model, read_served_meta,
                                      save_served_model)
 from actors.serve.graph import GraphError, as_graph
@@ -154,37 +154,122 @@ def _arm(n, errors=0, latency=0.010):
     return ArmStats.from_samples([latency] * n, errors)
 
 
+def _decide(stable, canary, stats=None, held_s=float("inf"), **cfg):
+    """The stage verdict with the traffic gates alone (no quality gate) unless cfg says otherwise."""
+    cfg.setdefault("quality", None)
+    return stage_decision(stable, canary, Canary(**cfg), stats, held_s)
+
+
 def test_canary_gate_waits_for_min_requests_on_both_arms():
-    cfg = Canary(min_requests=50)
-    assert canary_decision(_arm(49), _arm(500), cfg) == "wait"
-    assert canary_decision(_arm(500), _arm(49), cfg) == "wait"
-    assert canary_decision(_arm(50), _arm(50), cfg) == "promote"
+    assert _decide(_arm(49), _arm(500), min_requests=50) == "wait"
+    assert _decide(_arm(500), _arm(49), min_requests=50) == "wait"
+    assert _decide(_arm(50), _arm(50), min_requests=50) == "promote"
 
 
-def test_canary_gate_rolls_back_on_relative_error_increase_over_5_percent():
-    cfg = Canary(min_requests=10)
-    assert canary_decision(_arm(1000, 100), _arm(1000, 104), cfg) == "promote"   # +4% relative
-    assert canary_decision(_arm(1000, 100), _arm(1000, 106), cfg) == "rollback"  # +6% relative
-    assert canary_decision(_arm(1000, 0), _arm(1000, 1), cfg) == "rollback"      # any error vs none
-    assert canary_decision(_arm(1000, 50), _arm(1000, 0), cfg) == "promote"
+def test_canary_gate_rolls_back_on_relative_error_increase_over_5_percent_with_a_floor_for_small_counts():
+    assert _decide(_arm(1000, 100), _arm(1000, 104), min_requests=10, error_allowance=0) == "promote"   # +4%
+    assert _decide(_arm(1000, 100), _arm(1000, 106), min_requests=10, error_allowance=0) == "rollback"  # +6%
+    assert _decide(_arm(1000, 0), _arm(1000, 1), min_requests=10, error_allowance=0) == "rollback"
+    assert _decide(_arm(1000, 50), _arm(1000, 0), min_requests=10) == "promote"
+    # the default error_allowance (1): 1 error in 50 against none is not fatal, 2 are
+    assert _decide(_arm(50, 0), _arm(50, 1), min_requests=10) == "promote"
+    assert _decide(_arm(50, 0), _arm(50, 2), min_requests=10) == "rollback"
+    assert _decide(_arm(1000, 100), _arm(1000, 106), min_requests=10) == "promote"      # 105 + 1 allowed
+    assert _decide(_arm(1000, 100), _arm(1000, 107), min_requests=10) == "rollback"
 
 
 def test_canary_gate_rolls_back_when_p95_is_over_20_percent_slower():
-    cfg = Canary(min_requests=10)
-    assert canary_decision(_arm(100, latency=0.100), _arm(100, latency=0.119), cfg) == "promote"
-    assert canary_decision(_arm(100, latency=0.100), _arm(100, latency=0.121), cfg) == "rollback"
+    assert _decide(_arm(100, latency=0.100), _arm(100, latency=0.119), min_requests=10) == "promote"
+    assert _decide(_arm(100, latency=0.100), _arm(100, latency=0.121), min_requests=10) == "rollback"
     slow_tail = ArmStats.from_samples([0.01] * 90 + [0.5] * 10, 0)  # p95 in the tail
-    assert canary_decision(_arm(100), slow_tail, cfg) == "rollback"
-    assert canary_decision(_arm(100, latency=0.1), _arm(100, latency=0.12),
-                           Canary(min_requests=10, max_p95_slowdown=0.5)) == "promote"
+    assert _decide(_arm(100), slow_tail, min_requests=10) == "rollback"
+    assert _decide(_arm(100, latency=0.1), _arm(100, latency=0.12), min_requests=10,
+                   max_p95_slowdown=0.5) == "promote"
 
 
 def test_canary_gates_give_each_verdict_with_its_figures():
-    g = {x.name: x for x in gates(_arm(100, 0, 0.100), _arm(100, 2, 0.115), Canary(min_requests=10))}
+    cfg = Canary(min_requests=10, error_allowance=0)
+    g = {x.name: x for x in gates(_arm(100, 0, 0.100), _arm(100, 2, 0.115), cfg)}
     assert (g["error_rate"].passed, g["error_rate"].canary, g["error_rate"].limit) == (False, 0.02, 0.0)
     p95 = g["p95_latency_ms"]
     assert p95.passed and p95.canary == pytest.approx(115) and p95.limit == pytest.approx(120)
     assert p95.line() == "p95_latency_ms: canary 115 vs stable 100, limit 120 -> pass"
+    q = gates(_arm(100), _arm(100), cfg, QualityStats(200, 150.0, 0.0, "classification"))[-1]
+    assert (q.name, q.passed, q.canary, q.limit) == ("quality_agreement", False, 0.75, 0.9)
+    assert q.line() == "quality_agreement: canary 0.75 vs stable 1, least 0.9 -> fail"
+
+
+def test_a_stage_passes_only_after_min_stage_s_but_rolls_back_as_soon_as_a_gate_fails():
+    cfg = dict(min_requests=10, min_stage_s=5)
+    assert _decide(_arm(100), _arm(100), held_s=4.9, **cfg) == "wait"
+    assert _decide(_arm(100), _arm(100), held_s=5.0, **cfg) == "promote"
+    assert _decide(_arm(100), _arm(100, 50), held_s=0.5, **cfg) == "rollback"
+
+
+def test_quality_gate_compares_agreement_for_classifiers_and_relative_error_for_regressors():
+    from actors.serve.quality import compare, resolve_task
+    logits = np.array([[3.0, 1, 0], [0, 2, 1], [1, 0, 5], [0, 9, 1]])
+    assert resolve_task("auto", logits) == "classification"
+    assert resolve_task("auto", np.zeros((4, 1))) == resolve_task("auto", np.zeros(4)) == "regression"
+    flipped = logits.copy()
+    flipped[0] = [0, 3, 1]                                   # one of four argmaxes differs
+    assert compare(logits, flipped, "classification") == (4, 3.0, 0.0)
+    seq = np.zeros((2, 5, 3))
+    seq[..., 0] = 1
+    other = seq.copy()
+    other[0, :2] = [0, 1, 0]                                 # 2 of 5 positions differ in example 0
+    assert compare(seq, other, "classification") == (2, pytest.approx(1.6), 0.0)
+    y = np.array([[1.0], [2.0], [-4.0]])
+    n, _, rel = compare(y, y * 1.1, "regression")
+    assert n == 3 and rel / n == pytest.approx(0.1)
+    cfg = dict(min_requests=10, quality={"min_examples": 100, "min_agreement": 0.9, "max_relative_error": 0.05})
+    good, bad = QualityStats(100, 95.0, 0.0, "classification"), QualityStats(100, 80.0, 0.0, "classification")
+    assert _decide(_arm(50), _arm(50), good, **cfg) == "promote"
+    assert _decide(_arm(50), _arm(50), bad, **cfg) == "rollback"
+    assert _decide(_arm(50), _arm(50), QualityStats(99, 99.0, 0.0), **cfg) == "wait"  # too few mirrored
+    assert _decide(_arm(50), _arm(50), QualityStats(100, 0.0, 4.0, "regression"), **cfg) == "promote"
+    assert _decide(_arm(50), _arm(50), QualityStats(100, 0.0, 6.0, "regression"), **cfg) == "rollback"
+
+
+def test_eval_set_accuracy_may_drop_at_most_max_accuracy_drop(tmp_path):
+    from actors.serve.canary import eval_gate
+    from actors.serve.quality import accuracy, load_eval_set
+    model = _seeded_mlp(1)
+    x = np.random.default_rng(0).standard_normal((300, 32)).astype(np.float32)
+    y = _forward(model, x).argmax(-1)
+    url = str(tmp_path / "eval.npz")
+    np.savez(url, x=x, y=y)
+    x2, y2 = load_eval_set(url)
+    assert accuracy(model, x2, y2) == 1.0 and accuracy(_seeded_mlp(2), x2, y2) < 0.7
+    cfg = Canary(quality={"max_accuracy_drop": 0.02})
+    assert eval_gate(0.90, 0.885, cfg).passed and not eval_gate(0.90, 0.87, cfg).passed
+    np.savez(str(tmp_path / "bad.npz"), x=x)
+    with pytest.raises(ValueError, match=r"no array \['y'\]"):
+        load_eval_set(str(tmp_path / "bad.npz"))
+
+
+@pytest.mark.parametrize("canary, field, words", [
+    ({"steps": [5, 1, 100]}, "canary.steps", "strictly increasing"),
+    ({"steps": [10, 50]}, "canary.steps", "last step must be 100"),
+    ({"steps": [0, 100]}, "canary.steps", "(0, 100]"),
+    ({"steps": [10, 120]}, "canary.steps", "(0, 100]"),
+    ({"share": 0.2, "steps": [1, 100]}, "canary.share", "not both"),
+    ({"min_stage_s": -1}, "canary.min_stage_s", "greater than or equal"),
+    ({"quality": {"mirror_share": 0}}, "canary.quality.mirror_share", "greater than"),
+    ({"quality": {"task": "regression", "eval_set": "/tmp/e.npz"}}, "canary.quality.eval_set", "accuracy"),
+])
+def test_canary_spec_refuses_bad_steps_naming_the_field(canary, field, words):
+    from orchestrator.spec import SpecError
+    with pytest.raises(SpecError) as e:
+        _spec(8000, canary=canary)
+    assert any(path == field and words in reason for path, reason in e.value.errors), e.value.errors
+
+
+def test_canary_spec_defaults_to_six_stages_and_an_older_share_means_share_then_100():
+    assert _spec(8000, canary={}).canary.steps == [1, 5, 10, 25, 50, 100]
+    assert _spec(8000, canary={"share": 0.3}).canary.steps == [30, 100]
+    assert _spec(8000, canary={}).canary.quality.mirror_share == 0.1
+    assert _spec(8000, canary={"quality": None}).canary.quality is None
 
 
 def test_served_checkpoint_round_trips_on_any_storage_url(tmp_path):
@@ -690,3 +775,32 @@ def test_batcher_fills_the_next_batch_with_what_arrived_during_a_forward():
 
     asyncio.run(main())
     assert sizes[:3] == [1, 8, 3], sizes                # 11 arrived mid-forward: 8 (the cap) + 3
+
+
+def test_batcher_runs_background_items_only_when_no_request_waits_and_drops_past_its_limit():
+    """Unit: mirrored (background) items go out in batches of their own, after the queued
+    requests; nobody waits for them; beyond ``background_limit`` examples they are dropped."""
+    import asyncio
+
+    from actors.serve.deployment import _Batcher, _Item, _Reply
+
+    batches: list[list[str]] = []
+
+    async def run(items):
+        batches.append([it.role for it in items])
+        await asyncio.sleep(0.02)
+        return [_Reply(outputs=it.x, version="v") for it in items]
+
+    async def main():
+        b = _Batcher(run, lambda n: None)
+        b.max_batch_size, b.wait_s, b.background_limit = 8, 0.001, 3
+        first = asyncio.ensure_future(b.submit(_Item(np.ones((1, 2)), "canary", 0.0)))
+        await asyncio.sleep(0.005)                      # the first batch is running
+        assert [b.offer(_Item(np.ones((1, 2)), "mirror", 0.0)) for _ in range(4)] == [True] * 3 + [False]
+        later = [asyncio.ensure_future(b.submit(_Item(np.ones((1, 2)), "canary", 0.0))) for _ in range(2)]
+        await asyncio.gather(first, *later)
+        while len(batches) < 3:
+            await asyncio.sleep(0.005)
+
+    asyncio.run(main())
+    assert batches == [["canary"], ["canary", "canary"], ["mirror"] * 3], batches
