@@ -878,7 +878,7 @@ def test_a_canary_that_fails_to_build_in_the_replicas_rolls_back_within_seconds_
     old = served(spec)["stable"]
     broken = _variant(tmp_path, models[old], "broken", "tests.fake_models:fails_in_a_replica")
     with _Load(url) as load:
-        t0, w0 = time.monotonic(), time.time()
+        t0 = time.monotonic()
         result = rollout(spec, broken, canary=Canary(min_requests=20), timeout_s=120,
                          model=ModelRef(factory="tests.fake_models:fails_in_a_replica"))
         took = time.monotonic() - t0
@@ -982,3 +982,13 @@ def test_batcher_runs_background_items_only_when_no_request_waits_and_drops_past
 
     asyncio.run(main())
     assert batches == [["canary"], ["canary", "canary"], ["mirror"] * 3], batches
+
+
+def test_the_readme_canary_section_is_a_valid_canary_with_the_defaults_it_names():
+    import os
+    import re
+
+    import yaml
+    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    block = re.search(r"```yaml\n(canary:\n.*?)```", text, re.S).group(1)
+    assert _spec(8000, **yaml.safe_load(block)).canary == Canary()

@@ -1,0 +1,154 @@
+"""Canary benchmark: what a canary does to stable's traffic, stage by stage, in one run.
+
+``python -m bench.serve.canary [--rate 60] [--duration 8] [--out report.json]``
+
+Deploys this project's deployment (``jobs.serve.deploy``) of a small mlp on a fresh local Ray, then
+offers one open-loop load (``--rate`` requests/s on a fixed schedule, whatever the replies do: as
+independent users would) and measures, per reply's ``model_version``, stable's p50/p95 latency
+(from each request's scheduled send) and the requests/s it answered within the measured window:
+
+* ``none``: no canary;
+* ``good@P``: a canary with stable's very weights at each stage P of ``--steps``;
+* ``slow@P``: the same weights, ``--slow-ms`` slower per forward (``tests.fake_models:slow_mlp``).
+
+Each stage is set the way ``jobs.serve.rollout`` sets it (the same ``user_config``: share, mirror
+share), without the gates, so every stage is measured for the same time. Prints a JSON report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+async def _open_loop(url: str, body: bytes, rate: float, warmup: float, duration: float) -> list[tuple]:
+    """``(model_version or None, latency_s, answered_at)`` per request sent after the warm-up."""
+    import aiohttp
+    out: list[tuple] = []
+    step = 1.0 / rate
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        t_measure = t0 + warmup
+
+        async def one(due: float):
+            try:
+                async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+                    reply = await r.json(content_type=None)
+                    version = reply.get("model_version") if r.status == 200 else None
+            except aiohttp.ClientError:
+                version = None
+            now = loop.time()
+            if due >= t_measure:
+                out.append((version, now - due, now - t_measure))
+
+        tasks = []
+        for k in range(int((warmup + duration) * rate)):
+            due = t0 + k * step
+            await asyncio.sleep(max(0.0, due - loop.time()))  # the schedule, not a wait for replies
+            tasks.append(loop.create_task(one(due)))
+        await asyncio.gather(*tasks)
+    return out
+
+
+def _arm(rows: list[tuple], version: str, duration: float) -> dict:
+    lat = np.asarray([lat for v, lat, _ in rows if v == version]) * 1e3
+    done = sum(1 for v, _, at in rows if v == version and at <= duration)
+    if not len(lat):
+        return {"requests": 0}
+    return {"requests": int(len(lat)), "answered_per_s": round(done / duration, 1),
+            "p50_ms": round(float(np.percentile(lat, 50)), 2), "p95_ms": round(float(np.percentile(lat, 95)), 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.serve.canary", description=__doc__.split("\n")[0])
+    p.add_argument("--rate", type=float, default=60.0, help="offered requests/s")
+    p.add_argument("--duration", type=float, default=8.0, help="measured seconds per stage")
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--steps", default="1,5,10,25,50", help="canary percents measured (100 is the promotion)")
+    p.add_argument("--slow-ms", type=float, default=100.0)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--out", help="write the JSON report here too")
+    args = p.parse_args(argv)
+
+    os.environ["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+    import ray
+    from ray import serve
+
+    from actors.served_model import save_served_model
+    from actors.serve.deployment import user_config
+    from jobs.examples.models import mlp
+    from jobs.serve import _apply, _checked, deploy
+    from orchestrator.spec import ModelRef, parse_spec
+    from tests.fake_models import slow_mlp
+
+    kwargs = {"in_dim": 32, "hidden": args.hidden, "num_classes": 4}
+    torch.manual_seed(0)
+    model = mlp(**kwargs)
+    root = tempfile.mkdtemp(prefix="bench-canary-")
+    stable, good, slow = (os.path.join(root, n) for n in ("stable", "good", "slow"))
+    save_served_model(model, stable, "jobs.examples.models:mlp", kwargs)
+    save_served_model(model, good, "jobs.examples.models:mlp", kwargs)
+    slow_kwargs = {"delay_s": args.slow_ms / 1e3, **kwargs}
+    slow_model = slow_mlp(**slow_kwargs)
+    slow_model.net.load_state_dict(model.state_dict())
+    save_served_model(slow_model, slow, "tests.fake_models:slow_mlp", slow_kwargs)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    spec = parse_spec({
+        "kind": "serve", "name": "bench-canary", "checkpoint_url": stable,
+        "model": {"factory": "jobs.examples.models:mlp", "kwargs": kwargs}, "input_shape": [32],
+        "http_port": port, "route_prefix": "/canary",
+        "replicas": {"min_replicas": 1, "max_replicas": 1, "cpus_per_replica": 1},
+        "canary": {}})
+    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    x = np.random.default_rng(0).standard_normal((1, 32)).astype(np.float32)
+    body = json.dumps({"inputs": x.tolist()}).encode()
+    q = spec.canary.quality
+    report: dict = {"config": vars(args) | {"model": kwargs, "cpu_count": os.cpu_count(),
+                                            "loadavg_at_start": os.getloadavg()}, "results": {}}
+    try:
+        url = deploy(spec)
+        arms = {"good": (_checked(spec, good, spec.model), good),
+                "slow": (_checked(spec, slow, ModelRef(factory="tests.fake_models:slow_mlp", kwargs=slow_kwargs)),
+                         slow)}
+        runs = [("none", None, 0.0)] + [(f"{kind}@{pct:g}", kind, pct) for kind in ("good", "slow")
+                                         for pct in (float(s) for s in args.steps.split(","))]
+        for name, kind, pct in runs:
+            if kind is None:
+                _apply(spec, user_config(spec, (stable, spec.model.model_dump(mode="json"))))
+            else:
+                _apply(spec, user_config(spec, (stable, spec.model.model_dump(mode="json")), arms[kind][0],
+                                         pct / 100, f"bench-{name}", None, mirror_share=q.mirror_share))
+            rows = asyncio.run(_open_loop(url, body, args.rate, args.warmup, args.duration))
+            res = {"stable": _arm(rows, stable, args.duration), "failed": sum(v is None for v, _, _ in rows)}
+            if kind is not None:
+                res["canary"] = _arm(rows, arms[kind][1], args.duration)
+            report["results"][name] = res
+            print(name, res, file=sys.stderr, flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    report["config"]["loadavg_at_end"] = os.getloadavg()
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
