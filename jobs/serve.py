@@ -259,7 +259,9 @@ def rollout(spec: ServeSpec, new_checkpoint_url: str, canary: Canary | bool | No
     beside the old and swaps them in; no request fails.
 
     With one, the candidate first faces the evaluation set (``quality.eval_set``, if any), then
-    gets ``steps[i]`` percent of traffic, stage by stage; each stage lasts until
+    gets ``steps[i]`` percent of traffic, stage by stage (the first by a redeploy that adds the
+    candidate's arm, the next ones through the stats collector, which the replicas poll); each
+    stage lasts until
     :func:`actors.serve.canary.stage_decision` passes it (``min_requests`` on both arms,
     ``min_stage_s``, every gate) or rolls back (any gate failing). The last step, 100, is the
     promotion. A stage not passed within ``timeout_s``, or a canary that fails to build in any
@@ -296,13 +298,20 @@ def rollout(spec: ServeSpec, new_checkpoint_url: str, canary: Canary | bool | No
         decision, reason = "promote", ""
         for i, percent in enumerate(cfg.steps[:-1]):  # the last step (100) is the promotion
             epoch = f"{rollout_id}-{i}"
-            _apply(spec, user_config(spec, previous, candidate, percent / 100, epoch, name, digest,
-                                     mirror_share=q.mirror_share if q else 0.0, task=q.task if q else "auto"))
+            ray.get(collector.set_stage.remote(epoch, percent / 100))
+            if i == 0:  # the candidate's arm goes in once; later stages move by the collector
+                _apply(spec, user_config(spec, previous, candidate, percent / 100, epoch, name, digest,
+                                         mirror_share=q.mirror_share if q else 0.0, task=q.task if q else "auto"))
+            else:
+                _await_stage(collector, epoch, timeout_s, poll_s)
             stage = _hold_stage(spec.name, collector, epoch, percent, cfg, timeout_s, poll_s)
             stages.append(stage)
             _record_stage(spec.name, stage, stage.pop("lines"))
             if stage["decision"] == "rollback":
                 decision, reason = "rollback", f"rollback at stage {percent:g}%: {stage['reason']}"
+                # every replica sends all traffic to stable at its next poll, before the redeploy
+                ray.get(collector.set_stage.remote(f"{rollout_id}-rollback", 0.0))
+                _await_stage(collector, f"{rollout_id}-rollback", 5.0, poll_s)
                 break
         winner = candidate if decision == "promote" else previous
         _apply(spec, user_config(spec, winner, api_key_sha256=digest))  # 100% to one arm at once
@@ -317,6 +326,18 @@ def rollout(spec: ServeSpec, new_checkpoint_url: str, canary: Canary | bool | No
         raise
     finally:
         ray.kill(collector)
+
+
+def _await_stage(collector, epoch: str, timeout_s: float, poll_s: float) -> bool:
+    """Wait until every replica that polls the collector runs stage ``epoch`` (each polls every
+    ``STAGE_POLL_S``); False after ``timeout_s`` (the stage's gates still count only its own epoch)."""
+    deadline = time.monotonic() + timeout_s
+    while not ray.get(collector.switched.remote(epoch)):
+        if time.monotonic() > deadline:
+            log.warning("not every replica moved to canary stage %s within %gs", epoch, timeout_s)
+            return False
+        time.sleep(min(poll_s, 0.1))
+    return True
 
 
 def _hold_stage(app: str, collector, epoch: str, percent: float, cfg: Canary, timeout_s: float,

@@ -16,7 +16,8 @@ canary, on the canary's thread and only when its queue is idle, after the client
 the two predictions are compared (:func:`actors.serve.quality.compare`). Each replica reports
 per-arm latencies and errors, the mirror comparison, and a canary that fails to build, to a
 :class:`CanaryStatsCollector` actor that ``jobs.serve.rollout`` reads to apply
-:func:`actors.serve.canary.stage_decision`.
+:func:`actors.serve.canary.stage_decision`; a replica that holds a canary also polls it every
+``STAGE_POLL_S`` for the stage to run (share and epoch), so stages move without a redeploy.
 
 Metrics (``orchestrator.metrics.SERVE``, :mod:`actors.serve.telemetry`): every answer is counted by
 status code and arm (the arm it was routed to; ``none`` when refused before routing) with its
@@ -57,6 +58,7 @@ logger = logging.getLogger("ray.serve")
 
 STATS_NAMESPACE = "orchestrator-serve"
 _STATS_FLUSH_S = 0.2
+STAGE_POLL_S = 0.2  # how often a replica in a rollout asks the stats collector for the stage
 # How long the event loop's thread may hold the GIL while the forward thread waits for it.
 # Python's default is 5 ms. The forward thread needs the GIL back after its kernels run, and the
 # event loop (parsing the next batch's requests) seldom lets go sooner, so every hand-back could
@@ -85,6 +87,23 @@ class CanaryStatsCollector:
         self._data: dict[tuple[str, str], tuple[list[float], int]] = {}
         self._quality: dict[str, list[float]] = {}  # task -> [examples, agreements, relative_error_sum]
         self._build_errors: dict[str, str] = {}   # replica -> error
+        self._stage: tuple[str | None, float] = (None, 0.0)  # (epoch, canary share) the replicas follow
+        self._seen: dict[str, tuple[str | None, float]] = {}  # replica -> (epoch it runs, when it asked)
+
+    def set_stage(self, epoch: str, share: float) -> None:
+        """The stage every replica moves to at its next poll (within ``STAGE_POLL_S``)."""
+        self._stage = (epoch, share)
+
+    def stage(self, replica: str, running: str | None) -> tuple[str | None, float]:
+        """A replica's poll: it runs stage ``running``; the stage it should run."""
+        self._seen[replica] = (running, time.monotonic())
+        return self._stage
+
+    def switched(self, epoch: str, recent_s: float = 2.0) -> bool:
+        """Whether every replica that polled in the last ``recent_s`` runs ``epoch`` (true when none
+        did: only replicas that hold a canary arm poll)."""
+        now = time.monotonic()
+        return all(e == epoch for e, t in self._seen.values() if now - t <= recent_s)
 
     def record(self, epoch: str, role: str, latencies_s: list[float], errors: int) -> None:
         lat, err = self._data.get((epoch, role), ([], 0))
@@ -285,6 +304,8 @@ class ModelServer:
             app = "unknown"
         self._metrics = ServeMetrics(app)
         self._flusher: asyncio.Task | None = None
+        self._stage_poller: asyncio.Task | None = None
+        self._replica_id = f"{os.uname().nodename}:{os.getpid()}"
 
     # configuration -------------------------------------------------------------------------
     async def reconfigure(self, cfg: dict[str, Any]) -> None:
@@ -330,6 +351,8 @@ class ModelServer:
         self._arms = arms  # one assignment: a request sees the old arms or the new, never a mix
         if self._flusher is None or self._flusher.done():  # on the loop that serves requests
             self._flusher = loop.create_task(self._flush_loop())
+        if self._stage_poller is None or self._stage_poller.done():
+            self._stage_poller = loop.create_task(self._stage_loop())
 
     def _load(self, url: str, model_ref: dict, graph_key: tuple) -> tuple[torch.nn.Module, str]:
         model = load_served_model(url, model_ref, self._storage_options).to(self._device)
@@ -343,8 +366,7 @@ class ModelServer:
         if not stats_actor:
             return
         try:
-            ray.get_actor(stats_actor, namespace=STATS_NAMESPACE).build_error.remote(
-                f"{os.uname().nodename}:{os.getpid()}", error)
+            ray.get_actor(stats_actor, namespace=STATS_NAMESPACE).build_error.remote(self._replica_id, error)
         except Exception as e:  # noqa: BLE001 - the rollout still sees no canary traffic and times out
             logger.warning("canary build error not reported: %s", e)
 
@@ -479,15 +501,19 @@ class ModelServer:
         lat.extend(latencies)
         self._samples[role] = (lat, err + errors)
 
-    def _maybe_flush(self) -> None:
+    def _stats(self):
+        if self._stats_actor is None:
+            self._stats_actor = ray.get_actor(self._stats_actor_name, namespace=STATS_NAMESPACE)
+        return self._stats_actor
+
+    def _maybe_flush(self, now: bool = False) -> None:
         if self._epoch is None or not (self._samples or self._quality) or self._stats_actor_name is None:
             return
-        if time.monotonic() - self._last_flush < _STATS_FLUSH_S:
+        if not now and time.monotonic() - self._last_flush < _STATS_FLUSH_S:
             return
         self._last_flush = time.monotonic()
         try:
-            if self._stats_actor is None:
-                self._stats_actor = ray.get_actor(self._stats_actor_name, namespace=STATS_NAMESPACE)
+            self._stats_actor = self._stats()
             for role, (lat, err) in self._samples.items():
                 self._stats_actor.record.remote(self._epoch, role, lat, err)
             for task, (n, agree, rel) in self._quality.items():
@@ -495,6 +521,23 @@ class ModelServer:
         except Exception as e:  # noqa: BLE001 - statistics must never fail a request
             logger.warning("canary stats not reported: %s", e)
         self._samples, self._quality = {}, {}
+
+    async def _stage_loop(self) -> None:
+        """In a rollout, follow the stage the stats collector names: a new stage (share, epoch)
+        moves this replica without a redeploy, so a rollback's share 0 takes one poll."""
+        while True:
+            await asyncio.sleep(STAGE_POLL_S)
+            if self._stats_actor_name is None or "canary" not in self._arms:
+                continue
+            try:
+                epoch, share = await self._stats().stage.remote(self._replica_id, self._epoch)
+            except Exception as e:  # noqa: BLE001 - keep the stage it has; the rollout times out
+                logger.warning("canary stage not read: %s: %s", type(e).__name__, e)
+                continue
+            if epoch is not None and epoch != self._epoch:
+                self._maybe_flush(now=True)  # the last stage's samples go out under its epoch
+                self._samples, self._quality = {}, {}
+                self._epoch, self._share = epoch, float(share)
 
     # metrics -------------------------------------------------------------------------------
     async def _flush_loop(self) -> None:
