@@ -246,6 +246,8 @@ def test_eval_set_accuracy_may_drop_at_most_max_accuracy_drop(tmp_path):
     np.savez(str(tmp_path / "bad.npz"), x=x)
     with pytest.raises(ValueError, match=r"no array \['y'\]"):
         load_eval_set(str(tmp_path / "bad.npz"))
+    with pytest.raises(ValueError, match="quality.eval_set .*cannot read it"):
+        load_eval_set(str(tmp_path / "missing.npz"))
 
 
 @pytest.mark.parametrize("canary, field, words", [
@@ -848,6 +850,24 @@ def test_a_canary_with_scrambled_weights_is_rolled_back_by_the_quality_gate(app,
     assert failed[0]["canary"] < 0.9 and "quality_agreement" in result.reason
     assert load.failures() == []
     assert served(spec)["stable"] == old and served(spec)["canary"] is None
+
+
+def test_a_canary_less_accurate_on_the_eval_set_is_rolled_back_before_any_traffic(app, tmp_path):
+    from jobs.serve import rollout, served
+    spec, url, models = app
+    old = served(spec)["stable"]
+    x = np.random.default_rng(4).standard_normal((500, 32)).astype(np.float32)
+    np.savez(str(tmp_path / "eval.npz"), x=x, y=_forward(models[old], x).argmax(-1))  # stable: 100%
+    scrambled = _variant(tmp_path, models[old], "scrambled", weights=_seeded_mlp(98))
+    cfg = Canary(quality={"eval_set": str(tmp_path / "eval.npz"), "max_accuracy_drop": 0.05})
+    result = rollout(spec, scrambled, canary=cfg)
+    assert result.decision == "rollback" and result.serving_url == old, result
+    (stage,) = result.stages
+    (gate,) = stage["gates"]
+    assert stage["stage"] == "eval_set" and gate["name"] == "eval_accuracy" and not gate["passed"]
+    assert gate["stable"] == 1.0 and gate["canary"] < 0.95 and gate["limit"] == pytest.approx(0.95)
+    assert result.reason.startswith("rollback before any traffic: eval_accuracy")
+    assert served(spec)["canary"] is None
 
 
 @pytest.mark.slow

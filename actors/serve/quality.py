@@ -36,8 +36,13 @@ def compare(stable: np.ndarray, canary: np.ndarray, task: str) -> tuple[int, flo
 
 
 def load_eval_set(url: str, storage_options: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(x, y)`` from an ``.npz`` at any storage URL. Raises ValueError naming what is missing."""
-    with np.load(io.BytesIO(storage.read_bytes(url, storage_options))) as z:
+    """``(x, y)`` from an ``.npz`` at any storage URL. Raises ValueError naming ``quality.eval_set``
+    and what is wrong (unreadable, not an .npz, no ``x`` or ``y``, lengths that differ)."""
+    try:
+        z = np.load(io.BytesIO(storage.read_bytes(url, storage_options)))
+    except Exception as e:  # noqa: BLE001 - any failure to read it is the spec field's problem
+        raise ValueError(f"quality.eval_set {url}: cannot read it as an .npz: {type(e).__name__}: {e}") from None
+    with z:
         missing = [k for k in ("x", "y") if k not in z.files]
         if missing:
             raise ValueError(f"quality.eval_set {url}: no array {missing} in the .npz (it has {z.files})")

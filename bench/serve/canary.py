@@ -1,18 +1,23 @@
 """Canary benchmark: what a canary does to stable's traffic, stage by stage, in one run.
 
-``python -m bench.serve.canary [--rate 60] [--duration 8] [--out report.json]``
+``python -m bench.serve.canary [--rate 40] [--duration 8] [--out report.json]``
 
-Deploys this project's deployment (``jobs.serve.deploy``) of a small mlp on a fresh local Ray, then
-offers one open-loop load (``--rate`` requests/s on a fixed schedule, whatever the replies do: as
-independent users would) and measures, per reply's ``model_version``, stable's p50/p95 latency
-(from each request's scheduled send) and the requests/s it answered within the measured window:
+Deploys this project's deployment (``jobs.serve.deploy``) of a small mlp twice on a fresh local
+Ray: ``base`` (stable only, all along) and ``rollout`` (stable plus the canary under test). One
+open-loop load (``--rate`` requests/s to each, interleaved, on a fixed schedule whatever the
+replies do: as independent users would) hits both at once, so the machine's noise hits both
+alike, and per reply's ``model_version`` gives stable's p50/p95 latency (from each request's
+scheduled send) and the requests/s it answered within the measured window, for:
 
-* ``none``: no canary;
+* ``none``: no canary on ``rollout`` either;
 * ``good@P``: a canary with stable's very weights at each stage P of ``--steps``;
 * ``slow@P``: the same weights, ``--slow-ms`` slower per forward (``tests.fake_models:slow_mlp``).
 
-Each stage is set the way ``jobs.serve.rollout`` sets it (the same ``user_config``: share, mirror
-share), without the gates, so every stage is measured for the same time. Prints a JSON report.
+``ratios`` gives, per run, stable's p95 on ``rollout`` over ``base``'s, and stable's answered
+requests/s over ``(1 - P/100)`` times ``base``'s (1.0: stable answers its whole share). Each
+stage is set the way ``jobs.serve.rollout`` sets its first one (the same ``user_config``: share,
+mirror share), without the gates, so every stage is measured for the same time. Prints a JSON
+report.
 """
 
 from __future__ import annotations
@@ -31,17 +36,19 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-async def _open_loop(url: str, body: bytes, rate: float, warmup: float, duration: float) -> list[tuple]:
-    """``(model_version or None, latency_s, answered_at)`` per request sent after the warm-up."""
+async def _open_loop(urls: list[str], body: bytes, rate: float, warmup: float,
+                     duration: float) -> dict[str, list[tuple]]:
+    """Per URL, ``(model_version or None, latency_s, answered_at)`` per request sent after the
+    warm-up; ``rate`` requests/s to each URL, interleaved."""
     import aiohttp
-    out: list[tuple] = []
-    step = 1.0 / rate
+    out: dict[str, list[tuple]] = {u: [] for u in urls}
+    step = 1.0 / (rate * len(urls))
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         t_measure = t0 + warmup
 
-        async def one(due: float):
+        async def one(url: str, due: float):
             try:
                 async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
                     reply = await r.json(content_type=None)
@@ -50,13 +57,13 @@ async def _open_loop(url: str, body: bytes, rate: float, warmup: float, duration
                 version = None
             now = loop.time()
             if due >= t_measure:
-                out.append((version, now - due, now - t_measure))
+                out[url].append((version, now - due, now - t_measure))
 
         tasks = []
-        for k in range(int((warmup + duration) * rate)):
+        for k in range(int((warmup + duration) * rate * len(urls))):
             due = t0 + k * step
             await asyncio.sleep(max(0.0, due - loop.time()))  # the schedule, not a wait for replies
-            tasks.append(loop.create_task(one(due)))
+            tasks.append(loop.create_task(one(urls[k % len(urls)], due)))
         await asyncio.gather(*tasks)
     return out
 
@@ -72,7 +79,7 @@ def _arm(rows: list[tuple], version: str, duration: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.serve.canary", description=__doc__.split("\n")[0])
-    p.add_argument("--rate", type=float, default=60.0, help="offered requests/s")
+    p.add_argument("--rate", type=float, default=40.0, help="offered requests/s to each application")
     p.add_argument("--duration", type=float, default=8.0, help="measured seconds per stage")
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--steps", default="1,5,10,25,50", help="canary percents measured (100 is the promotion)")
@@ -106,12 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    spec = parse_spec({
-        "kind": "serve", "name": "bench-canary", "checkpoint_url": stable,
+    spec, base = (parse_spec({
+        "kind": "serve", "name": f"bench-{name}", "checkpoint_url": stable,
         "model": {"factory": "jobs.examples.models:mlp", "kwargs": kwargs}, "input_shape": [32],
-        "http_port": port, "route_prefix": "/canary",
-        "replicas": {"min_replicas": 1, "max_replicas": 1, "cpus_per_replica": 1},
-        "canary": {}})
+        "http_port": port, "route_prefix": f"/{name}",
+        "replicas": {"min_replicas": 1, "max_replicas": 1, "cpus_per_replica": 0.5},
+        "canary": {}}) for name in ("rollout", "base"))
     ray.init(address="local", include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
     x = np.random.default_rng(0).standard_normal((1, 32)).astype(np.float32)
@@ -120,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"config": vars(args) | {"model": kwargs, "cpu_count": os.cpu_count(),
                                             "loadavg_at_start": os.getloadavg()}, "results": {}}
     try:
-        url = deploy(spec)
+        url, base_url = deploy(spec), deploy(base)
         arms = {"good": (_checked(spec, good, spec.model), good),
                 "slow": (_checked(spec, slow, ModelRef(factory="tests.fake_models:slow_mlp", kwargs=slow_kwargs)),
                          slow)}
@@ -132,12 +139,18 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 _apply(spec, user_config(spec, (stable, spec.model.model_dump(mode="json")), arms[kind][0],
                                          pct / 100, f"bench-{name}", None, mirror_share=q.mirror_share))
-            rows = asyncio.run(_open_loop(url, body, args.rate, args.warmup, args.duration))
-            res = {"stable": _arm(rows, stable, args.duration), "failed": sum(v is None for v, _, _ in rows)}
+            got = asyncio.run(_open_loop([url, base_url], body, args.rate, args.warmup, args.duration))
+            rows = got[url]
+            res = {"stable": _arm(rows, stable, args.duration), "base": _arm(got[base_url], stable, args.duration),
+                   "failed": sum(v is None for rs in got.values() for v, _, _ in rs)}
             if kind is not None:
                 res["canary"] = _arm(rows, arms[kind][1], args.duration)
             report["results"][name] = res
-            print(name, res, file=sys.stderr, flush=True)
+            report.setdefault("ratios", {})[name] = {
+                "stable_p95_vs_base": round(res["stable"]["p95_ms"] / res["base"]["p95_ms"], 3),
+                "stable_answered_vs_its_share_of_base": round(
+                    res["stable"]["answered_per_s"] / ((1 - pct / 100) * res["base"]["answered_per_s"]), 3)}
+            print(name, res, report["ratios"][name], file=sys.stderr, flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
