@@ -288,7 +288,7 @@ class ModelServer:
         self._last_flush = time.monotonic()
         self._canary_error: str | None = None
         self._batch_sizes: Counter[int] = Counter()
-        self._forward_s = 0.0  # wall seconds the forward thread spent on batches
+        self._forward_s = 0.0  # wall seconds the forward threads (both arms) spent on batches
         self._max_batch_size = 1
         # One forward thread and one batch queue per arm: each arm's batches stay serial, the event
         # loop keeps parsing, and a slow canary never holds up a stable batch. (A thread starts on
@@ -562,7 +562,7 @@ class ModelServer:
 
     def info(self) -> dict[str, Any]:
         """What this replica serves, the sizes (in examples) of the batches it has run, and the
-        seconds its forward thread has spent running them."""
+        seconds its forward threads (both arms together) have spent running them."""
         arms = self._arms
         return {"pid": os.getpid(), "stable": arms["stable"].url if "stable" in arms else None,
                 "stable_model": arms["stable"].model_ref if "stable" in arms else None,
