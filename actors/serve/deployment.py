@@ -305,6 +305,7 @@ class ModelServer:
         self._metrics = ServeMetrics(app)
         self._flusher: asyncio.Task | None = None
         self._stage_poller: asyncio.Task | None = None
+        self._stage_error: str | None = None  # the stats actor a stage poll last failed on
         self._replica_id = f"{os.uname().nodename}:{os.getpid()}"
 
     # configuration -------------------------------------------------------------------------
@@ -531,8 +532,10 @@ class ModelServer:
                 continue
             try:
                 epoch, share = await self._stats().stage.remote(self._replica_id, self._epoch)
-            except Exception as e:  # noqa: BLE001 - keep the stage it has; the rollout times out
-                logger.warning("canary stage not read: %s: %s", type(e).__name__, e)
+            except Exception as e:  # noqa: BLE001 - keep the stage it has (the rollout ended, or times out)
+                if self._stage_error != self._stats_actor_name:  # once per rollout: this replica may be draining
+                    self._stage_error = self._stats_actor_name
+                    logger.warning("canary stage not read: %s: %s", type(e).__name__, e)
                 continue
             if epoch is not None and epoch != self._epoch:
                 self._maybe_flush(now=True)  # the last stage's samples go out under its epoch
