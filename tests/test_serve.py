@@ -248,6 +248,8 @@ def test_eval_set_accuracy_may_drop_at_most_max_accuracy_drop(tmp_path):
         load_eval_set(str(tmp_path / "bad.npz"))
     with pytest.raises(ValueError, match="quality.eval_set .*cannot read it"):
         load_eval_set(str(tmp_path / "missing.npz"))
+    with pytest.raises(ValueError, match="quality.eval_set: the model gives one value per example"):
+        accuracy(torch.nn.Linear(32, 1), x2, y2)
 
 
 @pytest.mark.parametrize("canary, field, words", [

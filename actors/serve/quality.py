@@ -53,10 +53,14 @@ def load_eval_set(url: str, storage_options: dict[str, Any] | None = None) -> tu
 
 
 def accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 1024) -> float:
-    """Share of examples whose argmax over the model's last output axis equals the label."""
+    """Share of examples whose argmax over the model's last output axis equals the label. Raises
+    ValueError naming ``quality.eval_set`` for a model with one output value per example."""
     hits = 0.0
     with torch.inference_mode():
         for i in range(0, len(x), batch):
             out = model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch]))).float().numpy()
+            if resolve_task("auto", out) == "regression":
+                raise ValueError("quality.eval_set: the model gives one value per example; accuracy "
+                                 "needs a classifier (use the mirror's max_relative_error for regressors)")
             hits += float((out.argmax(-1) == y[i:i + batch]).reshape(len(out), -1).mean(axis=1).sum())
     return hits / len(x)
