@@ -26,8 +26,8 @@ Python callers (Tune, the pipeline) use :func:`deploy` and :func:`rollout`:
   cluster, each replica also answers HTTP itself, without the proxy hop: for a load balancer of
   your own in front of the replicas (measured in ``bench.serve``)
 * ``rollout(spec, new_checkpoint_url, canary=None) -> RolloutResult``: a rolling in-place update,
-  or, with a :class:`~orchestrator.spec.Canary` config (or the spec's), a canary that is promoted or
-  rolled back by :func:`actors.serve.canary.canary_decision`.
+  or, with a :class:`~orchestrator.spec.Canary` config (or the spec's), a staged canary that is
+  promoted stage by stage or rolled back by :func:`actors.serve.canary.stage_decision`.
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ import ray
 from ray import serve
 
 from actors.serve import ingress
-from actors.serve.canary import ArmStats, Decision, canary_decision, gates, window_filled
+from actors.serve.canary import (ArmStats, Decision, Gate, QualityStats, eval_gate, gates,
+                                 stage_decision, window_filled)
+from actors.serve.quality import accuracy, load_eval_set
 from actors.served_model import ServedCheckpointError, load_served_model, read_served_meta
 from actors.serve.deployment import (STATS_NAMESPACE, CanaryStatsCollector, build_app,
                                      user_config)
@@ -72,8 +74,9 @@ class RolloutResult:
     previous_url: str
     candidate_url: str
     reason: str
-    stable: dict[str, Any] = field(default_factory=dict)
+    stable: dict[str, Any] = field(default_factory=dict)   # the last stage's figures, per arm
     canary: dict[str, Any] = field(default_factory=dict)
+    stages: list[dict[str, Any]] = field(default_factory=list)  # every stage held, with its figures
 
 
 class Endpoint(str):
@@ -282,15 +285,24 @@ def served(spec: ServeSpec) -> dict[str, Any]:
 
 def rollout(spec: ServeSpec, new_checkpoint_url: str, canary: Canary | bool | None = None, *,
             model: ModelRef | None = None, timeout_s: float = 300.0,
-            poll_s: float = 0.5) -> RolloutResult:
+            poll_s: float = 0.25) -> RolloutResult:
     """Roll the running application of ``spec`` onto ``new_checkpoint_url``.
 
     ``canary``: a Canary config, ``None`` for the spec's ``canary`` (if any), ``False`` for a
     direct rolling update. ``model`` overrides ``spec.model`` for the new checkpoint (a Tune trial
     may have changed its architecture). Without a canary every replica loads the new weights
-    beside the old and swaps them in; no request fails. With one, ``canary.share`` of traffic goes
-    to the candidate until both arms have ``min_requests`` requests, then the gate promotes or
-    rolls back; a canary that does not get enough traffic within ``timeout_s`` is rolled back.
+    beside the old and swaps them in; no request fails.
+
+    With one, the candidate first faces the evaluation set (``quality.eval_set``, if any), then
+    gets ``steps[i]`` percent of traffic, stage by stage (the first by a redeploy that adds the
+    candidate's arm, the next ones through the stats collector, which the replicas poll); each
+    stage lasts until
+    :func:`actors.serve.canary.stage_decision` passes it (``min_requests`` on both arms,
+    ``min_stage_s``, every gate) or rolls back (any gate failing). The last step, 100, is the
+    promotion. A stage not passed within ``timeout_s``, or a canary that fails to build in any
+    replica, rolls back at once; a rollback returns all traffic to stable at once. The result
+    lists every stage held, with its figures. Raises ServedCheckpointError for a checkpoint the
+    driver cannot load, and ValueError for an unusable evaluation set, before any traffic moves.
     """
     connect(spec)
     cfg = spec.canary if canary is None else (canary or None)
@@ -302,30 +314,48 @@ def rollout(spec: ServeSpec, new_checkpoint_url: str, canary: Canary | bool | No
         _apply(spec, user_config(spec, candidate, api_key_sha256=digest))
         return RolloutResult("promote", candidate[0], previous[0], candidate[0], "rolling update")
 
-    epoch = uuid.uuid4().hex[:12]
-    name = f"canary-stats-{spec.name}-{epoch}"
+    stages: list[dict[str, Any]] = []
+    if cfg.quality is not None and cfg.quality.eval_set is not None:
+        gate = _eval_set_gate(spec, cfg, previous, candidate)
+        stages.append({"percent": 0.0, "stage": "eval_set", "decision": "promote" if gate.passed else "rollback",
+                       "gates": [gate.figures()]})
+        _record_stage(spec.name, stages[-1], [gate.line()])
+        if not gate.passed:
+            _record_final(spec.name, "rollback")
+            return RolloutResult("rollback", previous[0], previous[0], candidate[0],
+                                 f"rollback before any traffic: {gate.line()}", stages=stages)
+
+    rollout_id = uuid.uuid4().hex[:12]
+    name = f"canary-stats-{spec.name}-{rollout_id}"
     collector = CanaryStatsCollector.options(name=name, namespace=STATS_NAMESPACE).remote()
+    q = cfg.quality
     try:
-        _apply(spec, user_config(spec, previous, candidate, cfg.share, epoch, name, digest))
-        deadline = time.monotonic() + timeout_s
-        decision, reason = "wait", ""
-        while decision == "wait":
-            snap = ray.get(collector.snapshot.remote(epoch))
-            stable_stats = ArmStats.from_samples(*snap.get("stable", ([], 0)))
-            canary_stats = ArmStats.from_samples(*snap.get("canary", ([], 0)))
-            decision = canary_decision(stable_stats, canary_stats, cfg)
-            if decision == "wait" and time.monotonic() > deadline:
-                decision, reason = "rollback", (f"canary window not filled in {timeout_s}s "
-                                                f"(min_requests {cfg.min_requests} per arm)")
-            elif decision == "wait":
-                time.sleep(poll_s)
-        if not reason:
-            reason = _reason(decision, stable_stats, canary_stats, cfg)
-        _record_decision(spec.name, decision, stable_stats, canary_stats, cfg)
+        decision, reason = "promote", ""
+        for i, percent in enumerate(cfg.steps[:-1]):  # the last step (100) is the promotion
+            epoch = f"{rollout_id}-{i}"
+            ray.get(collector.set_stage.remote(epoch, percent / 100))
+            if i == 0:  # the candidate's arm goes in once; later stages move by the collector
+                _apply(spec, user_config(spec, previous, candidate, percent / 100, epoch, name, digest,
+                                         mirror_share=q.mirror_share if q else 0.0, task=q.task if q else "auto"))
+            else:
+                _await_stage(collector, epoch, timeout_s, poll_s)
+            stage = _hold_stage(spec.name, collector, epoch, percent, cfg, timeout_s, poll_s)
+            stages.append(stage)
+            _record_stage(spec.name, stage, stage.pop("lines"))
+            if stage["decision"] == "rollback":
+                decision, reason = "rollback", f"rollback at stage {percent:g}%: {stage['reason']}"
+                # every replica sends all traffic to stable at its next poll, before the redeploy
+                ray.get(collector.set_stage.remote(f"{rollout_id}-rollback", 0.0))
+                _await_stage(collector, f"{rollout_id}-rollback", 5.0, poll_s)
+                break
         winner = candidate if decision == "promote" else previous
-        _apply(spec, user_config(spec, winner, api_key_sha256=digest))
+        _apply(spec, user_config(spec, winner, api_key_sha256=digest))  # 100% to one arm at once
+        _record_final(spec.name, decision)
+        if decision == "promote":
+            reason = "promote: passed stages " + ", ".join(f"{s['percent']:g}%" for s in stages if s["percent"])
+        last = stages[-1] if stages else {}
         return RolloutResult(decision, winner[0], previous[0], candidate[0], reason,
-                             stable_stats.summary(), canary_stats.summary())
+                             last.get("stable", {}), last.get("canary", {}), stages)
     except BaseException:
         _apply(spec, user_config(spec, previous, api_key_sha256=digest))  # never leave a canary behind
         raise
@@ -333,33 +363,109 @@ def rollout(spec: ServeSpec, new_checkpoint_url: str, canary: Canary | bool | No
         ray.kill(collector)
 
 
-def _record_decision(app: str, decision: Decision, stable: ArmStats, canary: ArmStats, cfg: Canary) -> None:
-    """Log every gate's figures and count each verdict in ``orchestrator_serve_gate_decisions``
-    (gate ``min_requests``, ``error_rate``, ``p95_latency_ms``: pass/fail; gate ``decision``:
-    promote/rollback). A metrics failure is logged, never raised: the rollout is done by now."""
-    filled = window_filled(stable, canary, cfg)
-    verdicts = [("min_requests", "pass" if filled else "fail",
-                 f"min_requests: canary {canary.requests} stable {stable.requests}, need {cfg.min_requests} "
-                 f"each -> {'pass' if filled else 'fail'}")]
-    if filled:
-        verdicts += [(g.name, "pass" if g.passed else "fail", g.line()) for g in gates(stable, canary, cfg)]
-    verdicts.append(("decision", decision, f"decision: {decision}"))
-    level = logging.INFO if decision == "promote" else logging.WARNING
-    log.log(level, "canary gate for app %s: %s", app, "; ".join(text for _, _, text in verdicts))
+def _await_stage(collector, epoch: str, timeout_s: float, poll_s: float) -> bool:
+    """Wait until every replica that polls the collector runs stage ``epoch`` (each polls every
+    ``STAGE_POLL_S``); False after ``timeout_s`` (the stage's gates still count only its own epoch)."""
+    deadline = time.monotonic() + timeout_s
+    while not ray.get(collector.switched.remote(epoch)):
+        if time.monotonic() > deadline:
+            log.warning("not every replica moved to canary stage %s within %gs", epoch, timeout_s)
+            return False
+        time.sleep(min(poll_s, 0.1))
+    return True
+
+
+def _hold_stage(app: str, collector, epoch: str, percent: float, cfg: Canary, timeout_s: float,
+                poll_s: float) -> dict[str, Any]:
+    """Poll one stage's figures until :func:`stage_decision` passes or fails it, a replica reports
+    that the canary does not build, or ``timeout_s`` passes; the stage's record. Every poll sets
+    the gates' figures in ``orchestrator_serve_gate_figures``."""
+    t0, started_at = time.monotonic(), time.time()
+    rec = Recorder(SERVE, app=app)
+    while True:
+        snap = ray.get(collector.snapshot.remote(epoch))
+        stable = ArmStats.from_samples(*snap.get("stable", ([], 0)))
+        cand = ArmStats.from_samples(*snap.get("canary", ([], 0)))
+        quality = _quality_stats(snap["quality"])
+        held = time.monotonic() - t0
+        decision, why = stage_decision(stable, cand, cfg, quality, held), ""
+        _export_figures(rec, gates(stable, cand, cfg, quality))
+        errors = snap["build_errors"]
+        if errors:
+            replica, error = next(iter(sorted(errors.items())))
+            decision, why = "rollback", (f"the canary failed to build on {len(errors)} replica(s), "
+                                         f"e.g. {replica}: {error}")
+        elif decision == "wait" and held > timeout_s:
+            decision, why = "rollback", (f"stage not passed in {timeout_s:g}s (canary {cand.requests} and stable "
+                                         f"{stable.requests} requests, need {cfg.min_requests} each; "
+                                         f"{quality.examples} mirrored examples)")
+        if decision != "wait":
+            break
+        time.sleep(poll_s)
+    gs = gates(stable, cand, cfg, quality)
+    lines = [f"stage {percent:g}%: canary {cand.requests} stable {stable.requests} requests "
+             f"(need {cfg.min_requests}), held {held:.1f}s (need {cfg.min_stage_s:g})"]
+    lines += [g.line() for g in gs] + ([why] if why else [])
+    failed = [g.line() for g in gs if not g.passed]
+    return {"percent": percent, "decision": decision, "reason": why or "; ".join(failed) or "every gate passed",
+            "started_at": started_at, "ended_at": time.time(), "held_s": round(held, 3),
+            "filled": window_filled(stable, cand, cfg),
+            "stable": stable.summary(), "canary": cand.summary(), "quality": quality.summary(),
+            "gates": [g.figures() for g in gs], "build_errors": errors, "lines": lines}
+
+
+def _quality_stats(by_task: dict[str, list[float]]) -> QualityStats:
+    """The mirror comparison: replicas resolve ``auto`` alike, so one task has the figures."""
+    if not by_task:
+        return QualityStats()
+    task, (n, agree, rel) = max(by_task.items(), key=lambda kv: kv[1][0])
+    return QualityStats(int(n), agree, rel, task)
+
+
+def _eval_set_gate(spec: ServeSpec, cfg: Canary, stable: tuple[str, dict], candidate: tuple[str, dict]) -> Gate:
+    """Both models' accuracy on ``quality.eval_set``, in this process, once per rollout."""
+    opts = spec.storage.as_options()
+    x, y = load_eval_set(cfg.quality.eval_set, opts)
+    acc = [accuracy(load_served_model(url, ref, opts).eval(), x, y) for url, ref in (stable, candidate)]
+    return eval_gate(acc[0], acc[1], cfg)
+
+
+def _export_figures(rec: Recorder, gs: list[Gate]) -> None:
+    """Each gate's figures (canary, stable, limit) in ``orchestrator_serve_gate_figures``; a gauge,
+    so it is set on every poll of a stage (Ray's agent drops one not refreshed) and goes with it."""
+    try:
+        for g in gs:
+            for figure in ("canary", "stable", "limit"):
+                rec.set("orchestrator_serve_gate_figures", getattr(g, figure), gate=g.name, figure=figure)
+    except Exception as e:  # noqa: BLE001 - metrics never fail a rollout
+        log.warning("canary gate figures not exported: %s: %s", type(e).__name__, e)
+
+
+def _record_stage(app: str, stage: dict[str, Any], lines: list[str]) -> None:
+    """Log a stage's figures and count each gate's verdict in ``orchestrator_serve_gate_decisions``.
+    A metrics failure is logged, never raised."""
+    level = logging.INFO if stage["decision"] != "rollback" else logging.WARNING
+    log.log(level, "canary gate for app %s: %s -> %s", app, "; ".join(lines), stage["decision"])
     try:
         rec = Recorder(SERVE, app=app)
-        for gate, outcome, _ in verdicts:
-            rec.inc("orchestrator_serve_gate_decisions", gate=gate, outcome=outcome)
+        if "filled" in stage:
+            rec.inc("orchestrator_serve_gate_decisions", gate="min_requests",
+                    outcome="pass" if stage["filled"] else "fail")
+        if stage.get("build_errors"):
+            rec.inc("orchestrator_serve_gate_decisions", gate="build", outcome="fail")
+        for g in stage["gates"]:
+            rec.inc("orchestrator_serve_gate_decisions", gate=g["name"], outcome="pass" if g["passed"] else "fail")
+        rec.inc("orchestrator_serve_gate_decisions", gate="stage",
+                outcome="fail" if stage["decision"] == "rollback" else "pass")
     except Exception as e:  # noqa: BLE001 - metrics never fail a rollout
         log.warning("canary gate metrics not recorded: %s: %s", type(e).__name__, e)
 
 
-def _reason(decision: Decision, stable: ArmStats, canary: ArmStats, cfg: Canary) -> str:
-    s, c = stable, canary
-    text = (f"error rate {c.error_rate:.2%} vs {s.error_rate:.2%} (limit +{cfg.max_error_increase:.0%}), "
-            f"p95 {c.p95_latency_s * 1e3:.1f} ms vs {s.p95_latency_s * 1e3:.1f} ms "
-            f"(limit +{cfg.max_p95_slowdown:.0%})")
-    return f"{decision}: {text}"
+def _record_final(app: str, decision: Decision) -> None:
+    try:
+        Recorder(SERVE, app=app).inc("orchestrator_serve_gate_decisions", gate="decision", outcome=decision)
+    except Exception as e:  # noqa: BLE001 - metrics never fail a rollout
+        log.warning("canary gate metrics not recorded: %s: %s", type(e).__name__, e)
 
 
 class _Stopped(BaseException):

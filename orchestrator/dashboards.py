@@ -63,6 +63,7 @@ SERVING: list[Panel] = [
     ("Canary share", [("{{app}}", f"ray_orchestrator_serve_canary_share{_A}")], "percentunit"),
     ("Gate decisions (5m)", [("{{gate}} {{outcome}}", f"sum by (gate, outcome) "
                                                      f"(increase(ray_orchestrator_serve_gate_decisions_total{_A}[5m]))")], "none"),
+    ("Canary gate figures (during a rollout)", [("{{gate}} {{figure}}", f"ray_orchestrator_serve_gate_figures{_A}")], "none"),
 ]
 
 DATA: list[Panel] = [

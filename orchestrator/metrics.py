@@ -86,7 +86,8 @@ SERVE = (
     _m("orchestrator_serve_forward_ms_per_example", "gauge", "forward time per example over the replica's last flush interval with forwards (0.5 s)", ("app", "arm")),
     _m("orchestrator_serve_queue_depth", "gauge", "examples waiting for a batch in the replica", ("app", "arm")),
     _m("orchestrator_serve_canary_share", "gauge", "share of traffic the canary gets", ("app",)),
-    _m("orchestrator_serve_gate_decisions", "counter", "canary gate verdicts, by gate (min_requests, error_rate, p95_latency_ms: pass/fail; decision: promote/rollback)", ("app", "gate", "outcome")),
+    _m("orchestrator_serve_gate_decisions", "counter", "canary gate verdicts, by gate (min_requests, error_rate, p95_latency_ms, quality_agreement, quality_relative_error, eval_accuracy, build, stage: pass/fail, one per stage; decision: promote/rollback, one per rollout)", ("app", "gate", "outcome")),
+    _m("orchestrator_serve_gate_figures", "gauge", "a canary gate's figures at its last verdict: the canary's value, stable's, and the limit", ("app", "gate", "figure")),
 )
 
 SCHEDULER = (

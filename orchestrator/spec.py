@@ -479,11 +479,71 @@ class Replicas(Strict):
         return self
 
 
+class Quality(Strict):
+    """The canary's quality gate: its predictions against stable's on mirrored live requests, and
+    optionally its accuracy on a labelled evaluation set."""
+    mirror_share: float = Field(0.1, gt=0, le=1, description="share of stable's requests the canary also "
+                                "runs (off the client's path) to compare predictions")
+    task: Literal["auto", "classification", "regression"] = Field(
+        "auto", description="auto: classification when a model's output per example has more than one value")
+    min_examples: int = Field(100, ge=1, description="mirrored examples (over the rollout) before the gate can pass")
+    min_agreement: float = Field(0.9, ge=0, le=1, description="classification: least share of argmax agreement")
+    max_relative_error: float = Field(0.1, ge=0, description="regression: largest mean |canary - stable| / |stable|")
+    eval_set: StorageURL | None = Field(None, description="an .npz with x and y (class labels), evaluated once "
+                                        "per rollout in the driver")
+    max_accuracy_drop: float = Field(0.02, ge=0, le=1, description="eval_set: largest accuracy drop below stable's")
+
+    @field_validator("eval_set")
+    @classmethod
+    def _eval_url(cls, v):
+        return None if v is None else _url(v)
+
+    @model_validator(mode="after")
+    def _eval_needs_labels(self):
+        if self.eval_set is not None and self.task == "regression":
+            raise field_error("eval_set", "an evaluation set measures accuracy: it needs task classification or auto")
+        return self
+
+
+DEFAULT_CANARY_STEPS = (1.0, 5.0, 10.0, 25.0, 50.0, 100.0)
+
+
 class Canary(Strict):
-    share: float = Field(0.1, gt=0, lt=1)
-    min_requests: int = Field(50, ge=1)
+    """A staged rollout: the canary gets ``steps[i]`` percent of traffic, stage by stage; each stage
+    is held for ``min_requests`` on both arms and ``min_stage_s`` seconds, every gate passing; the
+    last step (100) is the promotion. ``share`` (older specs) means ``steps: [share * 100, 100]``."""
+    steps: list[float] = Field(default_factory=lambda: list(DEFAULT_CANARY_STEPS), min_length=1,
+                               description="canary percent per stage, strictly increasing, in (0, 100], ending at 100")
+    share: float | None = Field(None, gt=0, lt=1, description="older form of steps: [share * 100, 100]")
+    min_requests: int = Field(50, ge=1, description="requests on each arm before a stage's gates count")
+    min_stage_s: float = Field(10.0, ge=0, le=86400, description="least seconds each stage is held")
     max_error_increase: float = Field(0.05, ge=0, description="relative error-rate increase that rolls back")
+    error_allowance: int = Field(1, ge=0, description="canary errors allowed beyond the relative limit "
+                                 "in a stage (the floor for small counts)")
     max_p95_slowdown: float = Field(0.20, ge=0, description="relative p95 slowdown that rolls back")
+    quality: Quality | None = Field(default_factory=Quality, description="null: no quality gate")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _share_is_two_steps(cls, data):
+        if isinstance(data, dict) and data.get("share") is not None:
+            if data.get("steps") is not None:
+                raise ValueError("@share: give steps or share (the older form of steps: [share * 100, 100]), not both")
+            share = data["share"]
+            if isinstance(share, (int, float)) and 0 < share < 1:
+                data = {**data, "steps": [float(share) * 100, 100.0]}
+        return data
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v):
+        if any(not 0 < p <= 100 for p in v):
+            raise ValueError(f"every step must be a percent in (0, 100]; got {v}")
+        if any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"steps must be strictly increasing; got {v}")
+        if v[-1] != 100:
+            raise ValueError(f"the last step must be 100 (the promotion); got {v}")
+        return v
 
 
 class ServeSpec(_JobBase):

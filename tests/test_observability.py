@@ -41,8 +41,9 @@ EXEMPT = {
                  "cache_limit_bytes")},
     "ray_orchestrator_data_shard_failures_total": "no shard of the demo fails verification",
     "ray_orchestrator_preemptions_total": "the demo's one pipeline preempts nothing",
-    "ray_orchestrator_serve_gate_decisions_total": "the demo's serve stage rolls out no canary (a "
-                                                   "second model version and its gated traffic: not cheap)",
+    **{s: "the demo's serve stage rolls out no canary (a second model version and its gated traffic: "
+          "not cheap)" for s in ("ray_orchestrator_serve_gate_decisions_total",
+                                 "ray_orchestrator_serve_gate_figures")},
 }
 
 
