@@ -171,6 +171,8 @@ def train_report(spec, t_kill: float | None) -> dict:
         info["kill_time"] = t_kill
         info["recovery_s"] = round(after[0]["t"] - t_kill, 1) if after else None
         info["resumed_at_step"] = after[0]["step"] if after else None
+        before = [h["step"] for h in hist if h.get("t", 0) <= t_kill]
+        info["last_step_before_kill"] = max(before) if before else None
 
     def expected(step):
         ids = global_step_sample_ids(N_SAMPLES, SHUFFLE_SEED, 0, global_batch_size=GLOBAL_BATCH,
