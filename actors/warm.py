@@ -159,14 +159,18 @@ def normal_thread_priority(tid: int) -> None:
         pass
 
 
-def at_low_priority(fn, by: int = 10):
+def at_low_priority(fn, by: int = 10, *, idle: bool = False):
     """Run ``fn()`` in a thread of its own at a lower CPU priority and wait for it: work that must
     not compete with a node's running trainers (a spare's preload) gets the cores only when they
-    would idle, while the process itself keeps its normal priority for the work it takes later."""
+    would idle, while the process itself keeps its normal priority for the work it takes later.
+    ``idle``: ``SCHED_IDLE`` (only CPU time nothing else wants) instead of ``by`` nice levels."""
     box: dict = {}
 
     def run():
-        lower_thread_priority(by)
+        if idle:
+            idle_thread_priority()
+        else:
+            lower_thread_priority(by)
         try:
             box["result"] = fn()
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller

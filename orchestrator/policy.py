@@ -12,8 +12,10 @@ What one call does, in order:
    that cannot grow, also more than all its team could ever borrow).
 3. Walk the queue by *effective* priority (class + aging; inside a class FIFO, or with quotas,
    fair share) and admit every gang whose smallest allowed worker count packs onto nodes now (up
-   to its largest), within team quotas. A job only ever holds a count in its ``allowed`` set
-   (those that split its batch).
+   to its largest; while other jobs wait, at its smallest: ``start_small``, it grows in step 6),
+   within team quotas. A job only ever holds a count in its ``allowed`` set (those that split
+   its batch). Workers without GPUs stay off nodes with free GPUs whenever other nodes hold them
+   (``spare_gpu_nodes``).
 4. The first gang that does not fit is the *head*. It gets an *estimated start*: the earliest
    time its gang fits if running jobs free their capacity at their time limits (``start_time +
    time_limit``; a job without a limit counts as never ending, so no guess can delay the head).
@@ -213,7 +215,7 @@ class Quota:
 @dataclass(frozen=True)
 class PolicyConfig:
     """Every knob of the policy, in one place."""
-    aging_per_hour: float = 300.0     # priority points a queued job gains per hour waited...
+    aging_per_hour: float = 100.0     # priority points a queued job gains per hour waited...
     max_aging: float = 250.0          # ...up to this many: old low jobs pass high ones, never critical
     min_run_before_preempt_s: float = 1800.0  # a job runs this long before it can be shrunk or stopped
     backfill: bool = True
@@ -221,6 +223,8 @@ class PolicyConfig:
     preemption: bool = True
     grow: bool = True                 # elastic jobs take idle capacity up to their largest count
     grow_past_head: bool = True       # ...also while a head waits, on capacity it does not hold
+    start_small: bool = True          # while other jobs wait, elastic jobs start at their smallest
+                                      # allowed count (more jobs start; they grow later, above)
     spare_gpu_nodes: bool = True      # workers without GPUs go to nodes without free GPUs first
     reservation: bool = True          # the blocked head holds the capacity it will start on
     slot_reservation: bool = True     # ...only its workers' slots (off: the whole nodes)
@@ -443,8 +447,16 @@ class Capacity:
                 total += w * len(nodes)
         if total < lo:
             return None
-        want = min(hi, total)
         spare = self.spare_gpu_nodes and bundle[1] <= 0
+        if spare:
+            # workers without GPUs stay off nodes with free GPUs whenever the others hold the
+            # gang: a smaller count of an elastic gang, or more nodes, rather than one GPU node
+            # (16 workers of 4 CPUs fit one 64-CPU GPU node and would leave its GPUs unusable)
+            plain = [(w, s) for w, s in fits if s[1] <= 0]
+            plain_total = sum(w * len(self.by_shape[s]) for w, s in plain)
+            if plain_total >= lo:
+                fits, total = plain, plain_total
+        want = min(hi, total)
         node_key = (lambda n: (self.total[n][1] > 0, n)) if spare else None
         single = [(w, s) for w, s in fits if w >= want]
         if single:
@@ -577,6 +589,7 @@ def _decide(queue, running, cluster, quotas, now, config, waits: list[Wait] | No
     no_reclaim: set[tuple[str, tuple[int, float, float]]] = set()  # (team, gang) that failed to
     no_reclaim_at = 0                                               # reclaim, at ledger.version
     blocked: list[JobView] = []
+    started_small: list[int] = []  # indices in ``out`` of Admits held to their smallest count
     failed_shapes: set[tuple] = set()  # (min gang, may use reserved capacity) that did not fit
     examined = 0
     touched: set[str] = set()  # jobs already told to shrink or stop this cycle
@@ -603,6 +616,9 @@ def _decide(queue, running, cluster, quotas, now, config, waits: list[Wait] | No
                 continue
             examined += 1
         hi = j.max_allowed if ledger is None else ledger.cap(j)
+        small = config.start_small and len(waiting) > 1 and hi > j.min_allowed
+        if small:  # others wait: the smallest count now, more at the end if nobody needs it
+            hi = j.min_allowed
         if hi < j.min_allowed:
             if explain:
                 waits.append(Wait(j.id, "quota", ledger.detail(j)))
@@ -673,29 +689,50 @@ def _decide(queue, running, cluster, quotas, now, config, waits: list[Wait] | No
         if anywhere is not None:
             anywhere.take(placement, j.bundle)
         charge(j.team, workers * j.cpus_per_worker, workers * j.gpus_per_worker, asked=j)
+        if small:
+            started_small.append(len(out))
         out.append(Admit(j.id, workers, placement))
+
+    # While gangs wait, a job takes more only on a kind of node (GPU or not) none of them waits for.
+    waiting_kinds = {b.gpus_per_worker > 0 for b in blocked}
+
+    def more(r: JobView, have: int) -> tuple[int, dict[str, int]] | None:
+        """Workers ``r`` (holding ``have``) may add now, and where: (new count, added placement)."""
+        if (r.gpus_per_worker > 0) in waiting_kinds:
+            return None
+        hi = r.max_allowed - have if ledger is None else ledger.cap(r, have=have)
+        if hi <= 0:
+            return None
+        add = cap.place(1, hi, r.bundle)
+        to = r.largest_allowed_at_most(have + sum(add.values())) if add else None
+        if to is None or to <= have:
+            return None
+        if to - have < sum(add.values()):  # room for a count with no batch split
+            add = cap.place(to - have, to - have, r.bundle)
+        n = sum(add.values())
+        cap.take(add, r.bundle)
+        charge(r.team, n * r.cpus_per_worker, n * r.gpus_per_worker)
+        return have + n, add
+
+    # 5b: jobs started small take what is left of their largest count now if nobody waits for it.
+    if not reclaiming:
+        for i in started_small:
+            a = out[i]
+            got = more(next(j for j in waiting if j.id == a.job_id), a.workers)
+            if got is not None:
+                placement = dict(a.placement)
+                for n, w in got[1].items():
+                    placement[n] = placement.get(n, 0) + w
+                out[i] = Admit(a.job_id, got[0], placement)
 
     # 6: elastic jobs grow into capacity nobody waits for, or that no reservation holds.
     if config.grow and (head is None or config.grow_past_head) and not reclaiming:
-        # While gangs wait, a job grows only on a kind of node (GPU or not) none of them waits for.
-        waiting_kinds = {b.gpus_per_worker > 0 for b in blocked}
         for r in sorted(running, key=lambda r: (-r.priority, r.submit_time, r.id)):
             if r.stopping or r.workers >= r.max_allowed or r.state != "running":
                 continue
-            if (r.gpus_per_worker > 0) in waiting_kinds:
-                continue
-            hi = r.max_allowed - r.workers if ledger is None else ledger.cap(r, have=r.workers)
-            if hi <= 0:
-                continue
-            add = cap.place(1, hi, r.bundle)
-            to = r.largest_allowed_at_most(r.workers + sum(add.values())) if add else None
-            if to is not None and to > r.workers:
-                if to - r.workers < sum(add.values()):  # room for a count with no batch split
-                    add = cap.place(to - r.workers, to - r.workers, r.bundle)
-                n = sum(add.values())
-                cap.take(add, r.bundle)
-                charge(r.team, n * r.cpus_per_worker, n * r.gpus_per_worker)
-                out.append(Grow(r.id, r.workers + n, add))
+            got = more(r, r.workers)
+            if got is not None:
+                out.append(Grow(r.id, got[0], got[1]))
 
     # 7: tell the autoscaler about everything running plus the blocked gangs.
     asked: set[str] = set()  # blocked jobs whose whole gang is in the request

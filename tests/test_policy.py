@@ -16,6 +16,7 @@ from orchestrator.policy import (PRIORITY, Admit, Capacity, ClusterState, Grow, 
 LOW, NORMAL, HIGH, CRIT = (PRIORITY[c] for c in ("low", "normal", "high", "critical"))
 NOW = 100_000.0
 CFG = PolicyConfig(min_run_before_preempt_s=0)
+BIG = PolicyConfig(min_run_before_preempt_s=0, start_small=False)  # elastic jobs start at their largest
 
 
 def nodes(n: int, cpus: float = 4, gpus: float = 0, used: dict[str, float] | None = None):
@@ -303,6 +304,41 @@ def test_workers_without_gpus_go_to_nodes_without_gpus_first():
     assert admitted(decide([cpu], [], c, None, NOW, CFG))["cpu"].placement == {"c0": 4}
     off = PolicyConfig(spare_gpu_nodes=False, min_run_before_preempt_s=0)
     assert admitted(decide([cpu], [], c, None, NOW, off))["cpu"].placement == {"g0": 4}  # tightest fit
+
+
+
+@pytest.mark.parametrize("cpu_nodes, want", [
+    (2, {"c0": 8, "c1": 8}),  # two CPU nodes hold the gang: not the one GPU node that also would
+    (1, {"g0": 16}),          # they cannot: the GPU node is better than waiting
+])
+def test_a_gang_without_gpus_spreads_over_cpu_nodes_rather_than_fill_one_gpu_node(cpu_nodes, want):
+    # 16 workers of 4 CPUs fit one 64-CPU GPU node alone (the tightest single node) and would
+    # leave its 8 GPUs without CPUs; two 32-CPU nodes hold them as well
+    c = ClusterState.of([Node("g0", 64, 8)] + [Node(f"c{i}", 32, 0) for i in range(cpu_nodes)])
+    cpu = job("cpu", mn=16, cpus=4)
+    assert admitted(decide([cpu], [], c, None, NOW, CFG))["cpu"].placement == want
+
+
+def test_an_elastic_gang_without_gpus_starts_smaller_rather_than_take_a_gpu_node():
+    c = ClusterState.of([Node("g0", 64, 8), Node("c0", 32, 0)])
+    e = job("e", mn=4, mx=16, cpus=4)
+    assert admitted(decide([e], [], c, None, NOW, CFG))["e"].placement == {"c0": 8}
+    off = PolicyConfig(spare_gpu_nodes=False, min_run_before_preempt_s=0)
+    assert sum(admitted(decide([e], [], c, None, NOW, off))["e"].placement.values()) == 16
+
+def test_while_others_wait_an_elastic_job_starts_small_and_takes_the_rest_nobody_needs():
+    c = ClusterState.of(nodes(2))  # 8 CPUs
+    e, gang = job("e", mn=2, mx=8), job("gang", mn=4, t=1)
+    started = admitted(decide([e, gang], [], c, None, NOW, CFG))
+    assert started["e"].workers == 4 and started["gang"].workers == 4   # both start: 2 + the 2 left
+    assert admitted(decide([e, gang], [], c, None, NOW, BIG)).keys() == {"e"}  # 8 workers: gang waits
+    assert admitted(decide([e], [], c, None, NOW, CFG))["e"].workers == 8       # alone: its largest
+
+
+def test_an_elastic_job_started_small_stays_small_while_a_gang_of_its_kind_waits():
+    c = ClusterState.of(nodes(2))
+    ds = decide([job("e", mn=2, mx=8), job("wide", mn=7, t=1)], [], c, None, NOW, CFG)
+    assert admitted(ds)["e"].workers == 2 and "wide" not in admitted(ds)
 
 
 def test_without_reservation_jobs_behind_the_head_take_any_free_capacity():
@@ -598,7 +634,7 @@ def test_a_team_borrows_idle_guaranteed_capacity_of_its_cohort_but_not_of_anothe
     assert admitted(ds)["a-big"].workers == 8                # b's 4 idle CPUs lent to a
     quotas["b"] = share(4, cohort="other")
     ds, waits = decide_with_reasons([job("a-big", mn=1, mx=8, team="a"), job("a-gang", mn=3, t=1, team="a")],
-                                    [], ClusterState.of(nodes(2)), quotas, NOW, CFG)
+                                    [], ClusterState.of(nodes(2)), quotas, NOW, BIG)
     assert admitted(ds)["a-big"].workers == 4                # its guarantee, nothing lent
     [w] = waits
     assert (w.job_id, w.code) == ("a-gang", "quota") and "borrowing: 0 CPU" in w.detail
@@ -630,7 +666,7 @@ def test_a_gang_larger_than_all_its_team_could_ever_borrow_is_rejected_unless_th
 def test_the_max_caps_borrowing():
     quotas = {"a": share(2, 6), "b": share(6)}
     ds, waits = decide_with_reasons([job("a-e", mn=1, mx=8, team="a"), job("a-more", t=1, team="a")], [],
-                                    ClusterState.of(nodes(2)), quotas, NOW, CFG)
+                                    ClusterState.of(nodes(2)), quotas, NOW, BIG)
     assert admitted(ds)["a-e"].workers == 6
     assert waits == [Wait("a-more", "quota", "team 'a' CPU quota 6/6 in use, its gang needs 1 more")]
 

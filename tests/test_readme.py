@@ -55,8 +55,8 @@ COVERED = {
     'eval "$(python -m cluster.local up)"': "tests/test_cluster_autoscaling.py (its fixture runs `up`, then `down`)",
     "python -m cluster.local status": "tests/test_cluster_yaml.py::test_local_cluster_commands_without_a_running_cluster",
     "python -m cluster.local down": "tests/test_cluster_autoscaling.py (its fixture runs `up`, then `down`)",
-    "prometheus --config.file=": "tests/test_observability.py::test_prometheus_from_rays_config_answers_every_dashboard_query",
-    "RAY_GRAFANA_HOST=": "tests/test_observability.py::test_prometheus_from_rays_config_answers_every_dashboard_query",
+    "prometheus --config.file=": "tests/test_demo.py::test_prometheus_from_rays_config_answers_every_dashboard_query",
+    "RAY_GRAFANA_HOST=": "tests/test_demo.py::test_prometheus_from_rays_config_answers_every_dashboard_query",
 }
 NOT_RUNNABLE_HERE = {
     aws_ami_lookup_command("us-west-2"):
@@ -67,7 +67,7 @@ NOT_RUNNABLE_HERE = {
     "pip install -e .": "what `make` does (with the CPU torch) on every CI run",
     "grafana-server --homepath /usr/share/grafana --config /tmp/ray/session_latest/metrics/grafana/grafana.ini web":
         "Grafana is not packaged for this machine; the dashboards are tested by their queries "
-        "(tests/test_metrics.py, tests/test_observability.py)",
+        "(tests/test_metrics.py, tests/test_demo.py)",
 }
 
 

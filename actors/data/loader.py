@@ -32,7 +32,7 @@ import time
 import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
@@ -45,6 +45,9 @@ from actors.data.shards import Manifest, read_manifest
 from actors.data.shuffle import EpochOrder
 from actors.data.store import BufferPool, ShardStore
 from actors.data.stream import StreamClient
+
+if TYPE_CHECKING:
+    import torch
 
 STATE_VERSION = 2
 _IDS_AHEAD, _IDS_AHEAD_ELEMENTS = 64, 1 << 16
@@ -484,7 +487,7 @@ class DataLoader:
         """Batch requests in flight ahead of the trainer (the prefetch depth)."""
         return len(self._inflight)
 
-    def next_step(self) -> list[dict[str, "torch.Tensor"]]:  # noqa: F821
+    def next_step(self) -> list[dict[str, torch.Tensor]]:
         """This rank's ``accumulation`` micro-batches of the next global step; advances the cursor."""
         import torch
         self._fill()

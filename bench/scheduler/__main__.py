@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-limits", action="store_true", help="jobs give no time limits")
     ap.add_argument("--ablation", action="store_true",
                     help="also run the policy with each part switched off in turn")
+    ap.add_argument("--probe", action="store_true",
+                    help="also sample, while jobs arrive, where capacity goes (bench/scheduler/probe.py)")
     ap.add_argument("--out", default="bench_out")
     args = ap.parse_args(argv)
 
@@ -98,6 +100,8 @@ def main(argv=None) -> int:
         summary[r.name] = _summary(r)
     if args.ablation:
         summary["ablation"] = _ablation(trace, cfg, sim, quotas, fifo, progress)
+    if args.probe:
+        summary["probe"] = _probe(trace, cfg, sim, quotas)
     with open(os.path.join(args.out, "scheduler.json"), "w") as f:
         json.dump(summary, f, indent=2)
     _plot(results, os.path.join(args.out, "scheduler.png"))
@@ -135,8 +139,9 @@ ABLATION = (
     ("GPU nodes not spared", {"spare_gpu_nodes": False}),
     ("no growth", {"grow": False}),
     ("no growth past the head", {"grow_past_head": False}),
-    ("aging 200/h (the previous default)", {"aging_per_hour": 200.0}),
-    ("aging 100/h", {"aging_per_hour": 100.0}),
+    ("elastic jobs start at their largest", {"start_small": False}),
+    ("aging 300/h (the previous default)", {"aging_per_hour": 300.0}),
+    ("aging 200/h", {"aging_per_hour": 200.0}),
     ("no aging", {"aging_per_hour": 0.0}),
     ("no backfill", {"backfill": False}),
 )
@@ -147,7 +152,7 @@ def _ablation(trace, cfg, sim, quotas, fifo, progress) -> list[dict]:
     rows = []
     print(f"\nablation (policy / FIFO; FIFO: util arr. {fifo.util_window:.3f}, critical p95 "
           f"{fifo.wait_stats('critical')[1] / 60:.1f}m, low p95 {fifo.wait_stats('low')[1] / 60:.1f}m)")
-    print(f"{'variant':26}{'util arr.':>10}{'x FIFO':>8}{'util':>7}{'makespan':>10}{'crit p95':>10}"
+    print(f"{'variant':38}{'util arr.':>10}{'x FIFO':>8}{'util':>7}{'makespan':>10}{'crit p95':>10}"
           f"{'x FIFO':>8}{'low p95':>9}{'x FIFO':>8}{'preempt':>9}{'wall':>6}")
     for name, change in ABLATION:
         if change is None:
@@ -160,12 +165,24 @@ def _ablation(trace, cfg, sim, quotas, fifo, progress) -> list[dict]:
         print("\r" + " " * 150 + "\r", end="", file=sys.stderr)
         r.wall_s = time.perf_counter() - t0
         (util, _, _), (crit, _, _), (low, _, _) = _targets(r, fifo).values()
-        print(f"{name:26}{r.util_window:>10.3f}{util:>8.3f}{r.utilization:>7.3f}{r.makespan / 3600:>9.1f}h"
+        print(f"{name:38}{r.util_window:>10.3f}{util:>8.3f}{r.utilization:>7.3f}{r.makespan / 3600:>9.1f}h"
               f"{r.wait_stats('critical')[1] / 60:>9.1f}m{crit:>8.3f}{r.wait_stats('low')[1] / 60:>8.1f}m"
               f"{low:>8.2f}{r.preemptions:>9}{r.wall_s:>5.0f}s", flush=True)
         rows.append({"variant": name, "config": change, **_summary(r),
                      "ratios": {"util_arrival": util, "critical_p95": crit, "low_p95": low}})
     return rows
+
+
+def _probe(trace, cfg, sim, quotas) -> dict:
+    from bench.scheduler.probe import ProbeSimulator
+    out = {}
+    print("\nprobe (time averages while jobs arrive; shares of all CPUs or GPUs):")
+    for name, fn in (("policy", decide), ("fifo", fifo_decide)):
+        p = ProbeSimulator(trace, fn, name, cfg, sim, None, quotas)
+        p.run()
+        out[name] = r = p.report()
+        print(f"  {name:6} " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
+    return out
 
 
 def _plot(results, path: str) -> None:
