@@ -380,22 +380,24 @@ class JobStore:
             if self.url.startswith("sqlite:///") and self.url != "sqlite:///:memory:":
                 path = Path(self.url[len("sqlite:///"):])
                 path.parent.mkdir(parents=True, exist_ok=True)
-            self.engine = sa.create_engine(self.url, future=True)
+            sqlite = self.url.startswith("sqlite")
+            # the driver's busy wait applies from the connection's first statement (the pragmas)
+            self.engine = sa.create_engine(self.url, future=True,
+                                           connect_args={"timeout": 30.0} if sqlite else {})
             if self.engine.dialect.name == "sqlite":
                 sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-            with self.engine.begin() as c:
-                v = _schema_version(c)
-                if v is None:  # a new database: create the schema, once however many open it now
-                    _lock_schema(c)
-                    metadata.create_all(c)
-                    v = _schema_version(c)
-                    if v is None:
-                        c.execute(schema_t.insert().values(version=SCHEMA_VERSION))
-                if v is not None and v > SCHEMA_VERSION:
-                    raise StoreUnavailable(url, f"schema version {v} is newer than this orchestrator "
-                                                f"understands ({SCHEMA_VERSION}); upgrade it")
-            _add_tables(self.engine)
-            _add_columns(self.engine)
+            deadline = time.monotonic() + 60.0
+            for attempt in range(1_000):
+                try:
+                    self._open_schema(url)
+                    break
+                except OperationalError as e:
+                    # SQLite answers some lock conflicts at once, without its busy wait (a
+                    # connection's read snapshot went stale while others created the schema, or
+                    # the switch to WAL): opening again sees the new state. Anything else raises.
+                    if not (sqlite and "locked" in str(e)) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(min(1.0, 0.02 * 2 ** attempt))
         except StoreUnavailable:
             raise
         except (ArgumentError, NoSuchModuleError) as e:
@@ -406,6 +408,23 @@ class JobStore:
             raise StoreUnavailable(url, f"its database driver is not installed ({e}){hint}") from None
         except (OSError, SQLAlchemyError) as e:
             raise StoreUnavailable(url, _short(e)) from None
+
+    def _open_schema(self, url: str) -> None:
+        """Create the schema if the database is empty (once, however many open it now), refuse a
+        newer one, add tables and columns an older orchestrator's store lacks."""
+        with self.engine.begin() as c:
+            v = _schema_version(c)
+            if v is None:  # a new database: create the schema, once however many open it now
+                _lock_schema(c)
+                metadata.create_all(c)
+                v = _schema_version(c)
+                if v is None:
+                    c.execute(schema_t.insert().values(version=SCHEMA_VERSION))
+            if v is not None and v > SCHEMA_VERSION:
+                raise StoreUnavailable(url, f"schema version {v} is newer than this orchestrator "
+                                            f"understands ({SCHEMA_VERSION}); upgrade it")
+        _add_tables(self.engine)
+        _add_columns(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -739,8 +758,8 @@ def _lock_schema(c) -> None:
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA journal_mode=WAL")  # readers (the CLI) never block the scheduler
-    cur.execute("PRAGMA busy_timeout=10000")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
 
