@@ -159,18 +159,14 @@ def normal_thread_priority(tid: int) -> None:
         pass
 
 
-def at_low_priority(fn, by: int = 10, *, idle: bool = False):
+def at_low_priority(fn, by: int = 10):
     """Run ``fn()`` in a thread of its own at a lower CPU priority and wait for it: work that must
     not compete with a node's running trainers (a spare's preload) gets the cores only when they
-    would idle, while the process itself keeps its normal priority for the work it takes later.
-    ``idle``: ``SCHED_IDLE`` (only CPU time nothing else wants) instead of ``by`` nice levels."""
+    would idle, while the process itself keeps its normal priority for the work it takes later."""
     box: dict = {}
 
     def run():
-        if idle:
-            idle_thread_priority()
-        else:
-            lower_thread_priority(by)
+        lower_thread_priority(by)
         try:
             box["result"] = fn()
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller

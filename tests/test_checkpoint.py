@@ -245,14 +245,12 @@ def _policy() -> tuple[int, int]:
 
 
 def test_background_work_runs_below_the_trainers_priority_and_the_caller_keeps_its_own():
-    """A spare's preload and the async checkpoint writer run only on CPU time nothing else wants
-    (SCHED_IDLE; or a given number of nice levels down), but a save the trainer waits for at once
-    runs at the trainer's own priority; the training thread's priority is unchanged; errors reach
-    the caller."""
+    """A spare's preload runs 10 nice levels below the trainers; the async checkpoint writer only on
+    CPU time nothing else wants (SCHED_IDLE), but a save the trainer waits for at once runs at the
+    trainer's own priority; the training thread's priority is unchanged; errors reach the caller."""
     from actors import warm
     from actors.trainer.checkpoint import AsyncSaver
     before = _policy()
-    assert warm.at_low_priority(_policy, idle=True) == (os.SCHED_IDLE, before[1])
     assert warm.at_low_priority(_nice) == min(19, before[1] + 10)
     saver, seen = AsyncSaver(), []
     saver.submit(lambda: seen.append(_policy()))

@@ -36,10 +36,9 @@ def preload() -> None:
     """
     global PRELOADED_AT
     try:
-        # spares warm up while a group trains on the same cores: on CPU time nothing else wants
-        # (SCHED_IDLE), so they take only what the trainers leave idle (collectives, I/O); the
-        # process itself keeps its priority for training (docs/BENCHMARKS.md, Train, night rerun)
-        warm.at_low_priority(_preload, idle=True)
+        # spares warm up while a group trains on the same cores: at a lower priority they take
+        # only what the trainers leave (the process itself keeps its priority for training)
+        warm.at_low_priority(_preload)
     except Exception as e:  # noqa: BLE001
         log.warning("trainer preload incomplete (%s: %s)", type(e).__name__, e)
     PRELOADED_AT = time.time()
