@@ -12,7 +12,8 @@ What one call does, in order:
    that cannot grow, also more than all its team could ever borrow).
 3. Walk the queue by *effective* priority (class + aging; inside a class FIFO, or with quotas,
    fair share) and admit every gang whose smallest allowed worker count packs onto nodes now (up
-   to its largest; while other jobs wait, at its smallest: ``start_small``, it grows in step 6),
+   to its largest; while other jobs wait, at its smallest: ``start_small``, topped up at the end
+   of the cycle where no waiting gang of its kind could use the rest),
    within team quotas. A job only ever holds a count in its ``allowed`` set (those that split
    its batch). Workers without GPUs stay off nodes with free GPUs whenever other nodes hold them
    (``spare_gpu_nodes``).
@@ -589,7 +590,7 @@ def _decide(queue, running, cluster, quotas, now, config, waits: list[Wait] | No
     no_reclaim: set[tuple[str, tuple[int, float, float]]] = set()  # (team, gang) that failed to
     no_reclaim_at = 0                                               # reclaim, at ledger.version
     blocked: list[JobView] = []
-    started_small: list[int] = []  # indices in ``out`` of Admits held to their smallest count
+    started_small: list[tuple[int, JobView]] = []  # (index in ``out``, job) of Admits held small
     failed_shapes: set[tuple] = set()  # (min gang, may use reserved capacity) that did not fit
     examined = 0
     touched: set[str] = set()  # jobs already told to shrink or stop this cycle
@@ -690,7 +691,7 @@ def _decide(queue, running, cluster, quotas, now, config, waits: list[Wait] | No
             anywhere.take(placement, j.bundle)
         charge(j.team, workers * j.cpus_per_worker, workers * j.gpus_per_worker, asked=j)
         if small:
-            started_small.append(len(out))
+            started_small.append((len(out), j))
         out.append(Admit(j.id, workers, placement))
 
     # While gangs wait, a job takes more only on a kind of node (GPU or not) none of them waits for.
@@ -716,9 +717,9 @@ def _decide(queue, running, cluster, quotas, now, config, waits: list[Wait] | No
 
     # 5b: jobs started small take what is left of their largest count now if nobody waits for it.
     if not reclaiming:
-        for i in started_small:
+        for i, j in started_small:
             a = out[i]
-            got = more(next(j for j in waiting if j.id == a.job_id), a.workers)
+            got = more(j, a.workers)
             if got is not None:
                 placement = dict(a.placement)
                 for n, w in got[1].items():
