@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 import time
 
@@ -159,21 +160,67 @@ def normal_thread_priority(tid: int) -> None:
         pass
 
 
-def at_low_priority(fn, by: int = 10):
-    """Run ``fn()`` in a thread of its own at a lower CPU priority and wait for it: work that must
-    not compete with a node's running trainers (a spare's preload) gets the cores only when they
-    would idle, while the process itself keeps its normal priority for the work it takes later."""
+# Whether a group trains on this machine: trainers touch this file as they step (at most once a
+# second); a preload stage that starts within TRAINING_FRESH_S of the last touch runs at idle priority.
+TRAINING_MARK = os.path.join(tempfile.gettempdir(), f"reo-training-{os.getuid()}")
+TRAINING_FRESH_S = 3.0
+_marked_at = 0.0
+
+
+def mark_training() -> None:
+    """Say that a group trains on this machine now (cheap: one ``utime`` a second at most)."""
+    global _marked_at
+    now = time.monotonic()
+    if now - _marked_at < 1.0:
+        return
+    _marked_at = now
+    try:
+        with open(TRAINING_MARK, "a"):
+            pass
+        os.utime(TRAINING_MARK)
+    except OSError:
+        pass
+
+
+def training_here() -> bool:
+    """Whether a group stepped on this machine in the last ``TRAINING_FRESH_S`` seconds."""
+    try:
+        return time.time() - os.stat(TRAINING_MARK).st_mtime < TRAINING_FRESH_S
+    except OSError:
+        return False
+
+
+def in_thread(fn, setup=None):
+    """``fn()`` in a thread of its own (``setup()`` first in it), waited for; its error re-raised."""
     box: dict = {}
 
     def run():
-        lower_thread_priority(by)
+        if setup is not None:
+            setup()
         try:
             box["result"] = fn()
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller
             box["error"] = e
-    t = threading.Thread(target=run, name="reo-low-priority", daemon=True)
+    t = threading.Thread(target=run, name="reo-preload", daemon=True)
     t.start()
     t.join()
     if "error" in box:
         raise box["error"]
     return box.get("result")
+
+
+def preload_in_stages(stages, busy=training_here) -> list[bool]:
+    """Run ``stages`` (callables) in order, each to its end before the next (imports must not race
+    each other). A stage that starts while ``busy()`` (a group trains on this machine: a spare
+    warming) runs in a thread of its own at idle CPU priority (``SCHED_IDLE``), taking only what
+    the trainers leave; one that starts while nothing trains (a process a restart waits for now)
+    runs in the calling thread at the process's own priority. A thread's priority cannot be raised
+    back without privileges, hence a thread per stage. Returns, per stage, whether it ran idle."""
+    idle = []
+    for fn in stages:
+        idle.append(bool(busy()))
+        if idle[-1]:
+            in_thread(fn, idle_thread_priority)
+        else:
+            fn()
+    return idle

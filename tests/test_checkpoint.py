@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 import pytest
 import torch
@@ -245,13 +246,11 @@ def _policy() -> tuple[int, int]:
 
 
 def test_background_work_runs_below_the_trainers_priority_and_the_caller_keeps_its_own():
-    """A spare's preload runs 10 nice levels below the trainers; the async checkpoint writer only on
-    CPU time nothing else wants (SCHED_IDLE), but a save the trainer waits for at once runs at the
-    trainer's own priority; the training thread's priority is unchanged; errors reach the caller."""
-    from actors import warm
+    """The async checkpoint writer runs only on CPU time nothing else wants (SCHED_IDLE), but a
+    save the trainer waits for at once runs at the trainer's own priority; the training thread's
+    priority is unchanged."""
     from actors.trainer.checkpoint import AsyncSaver
     before = _policy()
-    assert warm.at_low_priority(_nice) == min(19, before[1] + 10)
     saver, seen = AsyncSaver(), []
     saver.submit(lambda: seen.append(_policy()))
     saver.wait()
@@ -259,16 +258,43 @@ def test_background_work_runs_below_the_trainers_priority_and_the_caller_keeps_i
     saver.wait()
     assert seen == [(os.SCHED_IDLE, before[1]), before] and _policy() == before
 
+
+def test_a_preload_stage_runs_at_idle_priority_only_while_a_group_trains_here():
+    """A spare warming beside running trainers takes only idle CPU time; a process a restart waits
+    for (nothing trains) preloads at its own priority; each stage to its end before the next;
+    an error reaches the caller and stops the stages after it."""
+    from actors import warm
+    before = _policy()
+    busy = iter([True, False, True])
+    seen = []
+    ran_idle = warm.preload_in_stages([lambda: seen.append(_policy())] * 3, busy=lambda: next(busy))
+    assert ran_idle == [True, False, True]
+    assert seen == [(os.SCHED_IDLE, before[1]), before, (os.SCHED_IDLE, before[1])]
+    assert _policy() == before
+
     def boom():
         raise RuntimeError("preload failed")
+    after = []
     with pytest.raises(RuntimeError, match="preload failed"):
-        warm.at_low_priority(boom)
+        warm.preload_in_stages([boom, lambda: after.append(1)], busy=lambda: True)
+    assert after == []
+
+
+def test_trainers_stepping_mark_the_machine_busy_for_a_few_seconds(monkeypatch, tmp_path):
+    from actors import warm
+    monkeypatch.setattr(warm, "TRAINING_MARK", str(tmp_path / "mark"))
+    monkeypatch.setattr(warm, "_marked_at", 0.0)
+    assert not warm.training_here()
+    warm.mark_training()
+    assert warm.training_here()
+    old = time.time() - warm.TRAINING_FRESH_S - 1
+    os.utime(warm.TRAINING_MARK, (old, old))  # the last step was a while ago
+    assert not warm.training_here()
 
 
 def test_waiting_for_an_idle_priority_writer_lifts_it_to_normal_priority():
     """On fully busy cores an idle-priority writer may never run: whoever waits for it (the next
     save, the end of training) gives it normal priority, so the wait is bounded."""
-    import time
     from actors.trainer.checkpoint import AsyncSaver
     saver, seen = AsyncSaver(), []
 

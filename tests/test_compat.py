@@ -8,12 +8,13 @@ ingress)."""
 
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
 import torch
 
-from conftest import wait_until
+from conftest import ROOT, wait_until
 from orchestrator.compat import CompatError, deepspeed_internals, ray_internals
 
 
@@ -104,3 +105,120 @@ def test_a_plain_torch_optimizer_needs_no_internal():
     deepspeed_internals.ensure_optimizer_state(engine, ("exp_avg", "exp_avg_sq"))
     assert set(engine.optimizer.state[param]) == {"step", "exp_avg", "exp_avg_sq"}
     assert deepspeed_internals.param_kind(param) == "plain" and deepspeed_internals.full_numel(param) == 3
+
+
+# ---------------------------------------------------------------- DeepSpeed's op build lock
+# torch's JIT loader locks every build and load of DeepSpeed's CPU comm op with a lock file that
+# has no owner; a worker killed while building it left the file and every later trainer start on
+# the machine hung (seen in CI). The tests break copies of the real op in a folder of their own.
+BUILD = """
+import logging, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+from orchestrator.compat import deepspeed_internals
+print("LOADED", deepspeed_internals.build_shm_op() is not None, flush=True)
+"""
+OP = deepspeed_internals.SHM_OP
+
+
+class _Proc:
+    """A Python subprocess of this checkout whose output lines are collected as they come."""
+
+    def __init__(self, code: str, *args: str, env: dict | None = None):
+        import subprocess
+        import sys
+        import threading
+        self.p = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, text=True,
+                                  env=dict(os.environ, **(env or {})),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=lambda: self.lines.extend(self.p.stdout), daemon=True)
+        self._reader.start()
+
+    def saw(self, text: str) -> bool:
+        return any(text in line for line in list(self.lines))
+
+    def finish(self, timeout: float) -> str:
+        self.p.wait(timeout)
+        self._reader.join(10)
+        return "".join(self.lines)
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait(30)
+
+
+@pytest.fixture(scope="module")
+def built_op_dir() -> str:
+    """The op built where the trainers build it (the first build on a machine compiles: ~80 s)."""
+    proc = _Proc(BUILD)
+    try:
+        out = proc.finish(900)
+    finally:
+        proc.kill()
+    assert proc.p.returncode == 0 and "LOADED True" in out, out
+    return deepspeed_internals.shm_op_build_dir()
+
+
+def _copy_of_op(tmp_path, built: str, library: bool = True):
+    """A TORCH_EXTENSIONS_DIR holding a copy of the built op (mtimes kept: ninja finds it up to
+    date, so only what a test removes is built again)."""
+    import shutil
+    root = tmp_path / "ext"
+    shutil.copytree(built, root / OP, ignore=shutil.ignore_patterns("lock"))
+    if not library:
+        (root / OP / f"{OP}.so").unlink()
+    return root
+
+
+def test_a_lock_no_process_holds_is_removed_on_the_second_look_and_a_held_one_never(tmp_path):
+    lock = tmp_path / "lock"
+    fd = os.open(lock, os.O_CREAT | os.O_EXCL)  # held, as torch holds it while it builds
+    breaker = deepspeed_internals.StaleLockBreaker(str(lock))
+    assert os.getpid() in deepspeed_internals.file_holders(str(lock))
+    seen = None
+    for _ in range(3):
+        seen = breaker.check(seen)
+    assert lock.exists() and breaker.broken == 0
+    os.close(fd)  # its builder died: nobody has it open any more
+    assert deepspeed_internals.file_holders(str(lock)) == set()
+    seen = breaker.check(None)
+    assert lock.exists()  # one look is not enough (a release closes, then removes)
+    breaker.check(seen)
+    assert not lock.exists() and breaker.broken == 1
+
+
+def test_a_build_lock_left_by_a_dead_builder_does_not_hang_the_next_start(tmp_path, built_op_dir):
+    """The killed builder left its lock and no library: the next start breaks the lock and builds."""
+    ext = _copy_of_op(tmp_path, built_op_dir, library=False)
+    (ext / OP / "lock").touch()
+    proc = _Proc(BUILD, env={"TORCH_EXTENSIONS_DIR": str(ext)})
+    try:
+        out = proc.finish(300)
+    finally:
+        proc.kill()
+    assert proc.p.returncode == 0 and "LOADED True" in out, out
+    assert "removed a stale build lock" in out
+    assert (ext / OP / f"{OP}.so").exists() and not (ext / OP / "lock").exists()
+
+
+def test_a_start_waits_for_a_live_build_and_goes_on_when_its_builder_dies(tmp_path, built_op_dir):
+    ext = _copy_of_op(tmp_path, built_op_dir)
+    lock = ext / OP / "lock"
+    holder = _Proc("import os, sys, time\nos.open(sys.argv[1], os.O_CREAT | os.O_EXCL)\n"
+                   "print('HELD', flush=True)\ntime.sleep(600)", str(lock))
+    start = None
+    try:
+        wait_until(lambda: holder.saw("HELD"), 60, what="the stand-in builder to take the lock")
+        start = _Proc(BUILD, env={"TORCH_EXTENSIONS_DIR": str(ext)})
+        wait_until(lambda: start.saw(f"waiting for a running build of {OP} by pid {holder.p.pid}"), 120,
+                   what="the start to wait on the live builder")
+        assert lock.exists() and start.p.poll() is None  # a live build is waited for
+        holder.kill()
+        out = start.finish(300)
+        assert start.p.returncode == 0 and "LOADED True" in out, out
+        assert "removed a stale build lock" in out and not lock.exists()
+    finally:
+        holder.kill()
+        if start is not None:
+            start.kill()

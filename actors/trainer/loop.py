@@ -212,6 +212,10 @@ class Worker:
             transport=d.transport, gather_threads=d.gather_threads)
         t0 = time.time()
         deepspeed = import_deepspeed()
+        if not torch.cuda.is_available():
+            # DeepSpeed's CPU comm op, built here so that a build lock a killed process left is
+            # broken, not waited on forever; DeepSpeed's init then reuses the loaded op
+            deepspeed_internals.build_shm_op()
         t1 = time.time()
         seed_everything(spec.seed)  # identical initial weights on every rank and every attempt
         model = spec.model.resolve()(**spec.model.kwargs)
@@ -378,6 +382,7 @@ class Worker:
             step += 1
             self.stepped = True
             self._keep_spares(first_step=step == start + 1)
+            warm.mark_training()  # spares warming on this machine keep to idle CPU time
             if step == start + 1:
                 resumed = self.resumed_from is not None
                 kpi.started(self.accum, restore_s=t_restored - t_built if resumed else None,

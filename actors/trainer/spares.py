@@ -13,6 +13,7 @@ import logging
 import time
 
 from actors import warm
+from orchestrator.compat import deepspeed_internals
 
 log = logging.getLogger("actors.trainer")
 
@@ -31,30 +32,49 @@ def preload() -> None:
     Imports (torch, DeepSpeed, Ray Train, the loader), and what the first engine build loads
     lazily: TorchDynamo, which the first ``torch.optim`` optimizer imports (most of a first
     ``deepspeed.initialize``: docs/BENCHMARKS.md, Train), and DeepSpeed's CPU shared-memory
-    communication op.
+    communication op where a worker on the machine built it before.
     A failure here only costs the time: the worker must still start.
     """
     global PRELOADED_AT
     try:
-        # spares warm up while a group trains on the same cores: at a lower priority they take
-        # only what the trainers leave (the process itself keeps its priority for training)
-        warm.at_low_priority(_preload)
+        # a spare warms while a group trains on the same cores: then each stage runs at idle
+        # priority, on what the trainers leave (the process keeps its priority for training); a
+        # process a restart is waiting for runs them at once
+        warm.preload_in_stages(STAGES)
     except Exception as e:  # noqa: BLE001
         log.warning("trainer preload incomplete (%s: %s)", type(e).__name__, e)
     PRELOADED_AT = time.time()
 
 
-def _preload() -> None:
+def _import_torch() -> None:
+    import torch  # noqa: F401
+
+
+def _import_deepspeed() -> None:
     from actors.trainer import loop
     loop.import_deepspeed()
+
+
+def _import_train() -> None:
     import ray.train.torch  # noqa: F401
-    import torch
 
     import actors.data  # noqa: F401
+
+
+def _first_optimizer_step() -> None:
+    import torch
     p = torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.AdamW([p])
     p.grad = torch.ones(2)
     opt.step()
+
+
+def _load_comm_op() -> None:
+    import torch
     if not torch.cuda.is_available():
-        from deepspeed.comm.torch import build_shm_op
-        build_shm_op()
+        # load DeepSpeed's CPU comm op if some worker built it; never build it here (a build at
+        # low priority would hold the build lock for minutes while trainers wait on it)
+        deepspeed_internals.build_shm_op(only_if_built=True)
+
+
+STAGES = (_import_torch, _import_deepspeed, _import_train, _first_optimizer_step, _load_comm_op)

@@ -200,6 +200,142 @@ def defer_compile() -> None:
     compiler.compile = compile
 
 
+# ------------------------------------------------------------------------- JIT-built ops
+# Why: on CPU, ``deepspeed.comm`` builds its shared-memory communication op at init with torch's
+# JIT extension loader, which serialises every build and load of an op with a lock file
+# (``torch.utils.file_baton.FileBaton``: ``<build dir>/lock``, made with O_EXCL) that has no owner.
+# A process killed while it builds (a preempted job's worker, a warm spare) leaves the file, and
+# every later start of the op on the machine waits for it forever. No option bounds the wait. A
+# live builder keeps the file open (its descriptor is only closed at release), so a lock no process
+# on the machine has open is stale. Public API to move to: a lock that dies with its owner.
+SHM_OP = "deepspeed_shm_comm"  # ShareMemCommBuilder.NAME: the op's name and build directory
+STALE_CHECK_S = 0.5            # how often a wait looks at the lock; stale = unowned on two looks
+
+
+def shm_op_build_dir() -> str:
+    """Where torch's JIT loader builds DeepSpeed's shared-memory op (it creates the folder)."""
+    from torch.utils import cpp_extension
+    return cpp_extension._get_build_directory(SHM_OP, verbose=False)
+
+
+def file_holders(path: str) -> set[int] | None:
+    """The processes on this machine that hold ``path`` open (Linux ``/proc``; processes this user
+    cannot inspect are not seen): empty if none or ``path`` is gone, None where that cannot be told."""
+    import os
+    try:
+        target = os.stat(path)
+    except FileNotFoundError:
+        return set()
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    holders = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if st.st_ino == target.st_ino and st.st_dev == target.st_dev:
+                holders.add(int(pid))
+                break
+    return holders
+
+
+class StaleLockBreaker:
+    """While a build runs, removes its lock file once no process has held it open for two looks
+    (``STALE_CHECK_S`` apart, the same file both times), so a waiting build goes on; ``broken``
+    counts the removals. A context manager; its thread ends with the block."""
+
+    def __init__(self, path: str, period_s: float = STALE_CHECK_S):
+        import threading
+        self.path, self.period_s = path, period_s
+        self.broken = 0
+        self.waited_on_live = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="reo-stale-lock", daemon=True)
+
+    def __enter__(self) -> "StaleLockBreaker":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def check(self, seen: tuple | None) -> tuple | None:
+        """One look; returns what to compare the next look with."""
+        import logging
+        import os
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        holders = file_holders(self.path)
+        if holders is None:  # cannot tell here: leave torch's wait as it is
+            self._stop.set()
+            return None
+        if holders:
+            others = holders - {os.getpid()}
+            if others and not self.waited_on_live:
+                self.waited_on_live = True
+                logging.getLogger(__name__).info("waiting for a running build of %s by pid %s (lock %s)",
+                                                 SHM_OP, min(others), self.path)
+            return None
+        key = (st.st_ino, st.st_mtime_ns)
+        if seen != key:
+            return key
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            return None
+        self.broken += 1
+        logging.getLogger(__name__).warning(
+            "removed a stale build lock %s: no process holds it (its builder died while building "
+            "%s); building again", self.path, SHM_OP)
+        return None
+
+    def _run(self) -> None:
+        seen = None
+        while not self._stop.wait(self.period_s):
+            seen = self.check(seen)
+
+
+def build_shm_op(only_if_built: bool = False):
+    """DeepSpeed's CPU shared-memory op, built (or loaded) as ``deepspeed.comm`` does at init, but
+    without waiting forever on a lock its builder died holding (see above). DeepSpeed keeps the
+    loaded op per process, so its own init then uses this one. ``only_if_built``: load only an op
+    built before (a warm spare's preload must not compile it). Returns DeepSpeed's answer (None
+    where the op does not apply), or None when ``only_if_built`` and it is not built."""
+    import importlib
+    import logging
+    import os
+
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")  # not deepspeed.comm's torch
+    build_dir = shm_op_build_dir()
+    if only_if_built and not os.path.exists(os.path.join(build_dir, SHM_OP + ".so")):
+        return None
+    with StaleLockBreaker(os.path.join(build_dir, "lock")) as breaker:
+        try:
+            return ds_comm_torch.build_shm_op()
+        except (ImportError, OSError) as e:
+            if not breaker.broken:
+                raise
+            # the dead builder left no library to load: this process builds it now. torch skips
+            # the build of an op this process already tried (its per-process versioner has the
+            # entry), so the entry goes first
+            logging.getLogger(__name__).warning("%s not loadable after a stale lock (%s); building it",
+                                                SHM_OP, e)
+            from torch.utils import cpp_extension
+            cpp_extension.JIT_EXTENSION_VERSIONER.entries.pop(SHM_OP, None)
+            return ds_comm_torch.build_shm_op()
+
+
 # ------------------------------------------------------------------------- verify
 def verify() -> None:
     """Check the class-level internals above are where this module expects them. Raises
@@ -233,6 +369,20 @@ def verify() -> None:
     for name in ("fp32_partitioned_groups_flat", "fp16_groups"):
         if f"self.{name}" not in init:
             raise _fail(f"DeepSpeedZeroOptimizer_Stage3.{name}", "is no longer set")
+    import torch.utils.cpp_extension as cpp_extension
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")  # the module, not the torch
+    # package deepspeed.comm re-exports under that name
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+    if not callable(getattr(cpp_extension, "_get_build_directory", None)):
+        raise _fail("torch.utils.cpp_extension._get_build_directory", "is gone")
+    if "FileBaton(os.path.join(build_directory, 'lock'))" not in inspect.getsource(cpp_extension._jit_compile):
+        raise _fail("torch.utils.cpp_extension._jit_compile", "no longer locks <build dir>/lock with FileBaton")
+    if not isinstance(getattr(getattr(cpp_extension, "JIT_EXTENSION_VERSIONER", None), "entries", None), dict):
+        raise _fail("torch.utils.cpp_extension.JIT_EXTENSION_VERSIONER.entries", "is gone or not a dict")
+    if not callable(getattr(ds_comm_torch, "build_shm_op", None)):
+        raise _fail("deepspeed.comm.torch.build_shm_op", "is gone")
+    if ShareMemCommBuilder.NAME != SHM_OP:
+        raise _fail("ShareMemCommBuilder.NAME", f"is now {ShareMemCommBuilder.NAME!r}, not {SHM_OP!r}")
     import deepspeed.utils as ds_utils
     for name in ("safe_get_local_fp32_param", "safe_set_local_fp32_param", "safe_get_local_optimizer_state",
                  "safe_set_local_optimizer_state", "safe_get_full_fp32_param", "safe_get_full_optimizer_state"):
