@@ -160,32 +160,35 @@ def normal_thread_priority(tid: int) -> None:
         pass
 
 
-# Whether a group trains on this machine: trainers touch this file as they step (at most once a
-# second); a preload stage that starts within TRAINING_FRESH_S of the last touch runs at idle priority.
+# Whether a group trains on this machine: trainers set this file's mtime to when their next step
+# should have ended (at most once a second); a preload stage that starts before then runs at idle
+# priority. A step that ran longer than TRAINING_HOLD_S holds the mark for three of its durations.
 TRAINING_MARK = os.path.join(tempfile.gettempdir(), f"reo-training-{os.getuid()}")
-TRAINING_FRESH_S = 3.0
+TRAINING_HOLD_S = 2.0
 _marked_at = 0.0
 
 
-def mark_training() -> None:
-    """Say that a group trains on this machine now (cheap: one ``utime`` a second at most)."""
+def mark_training(step_s: float = 0.0) -> None:
+    """Say that a group trains on this machine now; ``step_s``: its last step's duration (cheap:
+    one ``utime`` a second at most)."""
     global _marked_at
     now = time.monotonic()
     if now - _marked_at < 1.0:
         return
     _marked_at = now
+    until = time.time() + max(TRAINING_HOLD_S, 3.0 * step_s)
     try:
         with open(TRAINING_MARK, "a"):
             pass
-        os.utime(TRAINING_MARK)
+        os.utime(TRAINING_MARK, (until, max(until, os.stat(TRAINING_MARK).st_mtime)))
     except OSError:
         pass
 
 
 def training_here() -> bool:
-    """Whether a group stepped on this machine in the last ``TRAINING_FRESH_S`` seconds."""
+    """Whether a group on this machine stepped recently enough that it is still training."""
     try:
-        return time.time() - os.stat(TRAINING_MARK).st_mtime < TRAINING_FRESH_S
+        return os.stat(TRAINING_MARK).st_mtime > time.time()
     except OSError:
         return False
 

@@ -280,15 +280,21 @@ def test_a_preload_stage_runs_at_idle_priority_only_while_a_group_trains_here():
     assert after == []
 
 
-def test_trainers_stepping_mark_the_machine_busy_for_a_few_seconds(monkeypatch, tmp_path):
+def test_trainers_stepping_mark_the_machine_busy_for_three_of_their_steps(monkeypatch, tmp_path):
+    """The mark holds for a few seconds, or three steps of a group with long steps (a spare must
+    not take the cores between two of them); a group that stopped stepping releases it."""
     from actors import warm
     monkeypatch.setattr(warm, "TRAINING_MARK", str(tmp_path / "mark"))
     monkeypatch.setattr(warm, "_marked_at", 0.0)
     assert not warm.training_here()
-    warm.mark_training()
+    warm.mark_training(step_s=0.1)
     assert warm.training_here()
-    old = time.time() - warm.TRAINING_FRESH_S - 1
-    os.utime(warm.TRAINING_MARK, (old, old))  # the last step was a while ago
+    assert os.stat(warm.TRAINING_MARK).st_mtime <= time.time() + warm.TRAINING_HOLD_S
+    monkeypatch.setattr(warm, "_marked_at", 0.0)
+    warm.mark_training(step_s=20.0)
+    assert os.stat(warm.TRAINING_MARK).st_mtime >= time.time() + 59
+    old = time.time() - 1
+    os.utime(warm.TRAINING_MARK, (old, old))  # its last step was long ago
     assert not warm.training_here()
 
 

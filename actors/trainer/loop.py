@@ -382,7 +382,7 @@ class Worker:
             step += 1
             self.stepped = True
             self._keep_spares(first_step=step == start + 1)
-            warm.mark_training()  # spares warming on this machine keep to idle CPU time
+            warm.mark_training(time.monotonic() - t_step)  # spares warming here keep to idle CPU time
             if step == start + 1:
                 resumed = self.resumed_from is not None
                 kpi.started(self.accum, restore_s=t_restored - t_built if resumed else None,
