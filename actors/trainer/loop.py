@@ -365,6 +365,7 @@ class Worker:
         hooks = self.hooks
         hooks.on_start(self.rank, lambda: self.loader.actor_info()["pid"])
         kpi = self._telemetry()
+        first: dict[str, float] = {"setup": time.time() - t_restored}  # where the first step's time goes
         committed = self.saver.last_committed
         t_last, n_last, wait_last, own_wait_last, steps_last = time.monotonic(), 0, 0.0, 0.0, 0
         step = start
@@ -373,6 +374,8 @@ class Worker:
             hooks.before_step(step, self.world, self.rank)
             t_step = time.monotonic()
             lr, totals, own_wait = self._compute(step)
+            if step == start:
+                first.update(compute=time.monotonic() - t_step, data_wait=own_wait)
             own_wait_last += own_wait
             hooks.after_compute(t_step)
             request = self._poll_control()
@@ -381,14 +384,16 @@ class Worker:
             requested = bool(totals[3] > 0)
             step += 1
             self.stepped = True
+            t_spares = time.monotonic()
             self._keep_spares(first_step=step == start + 1)
             warm.mark_training(time.monotonic() - t_step)  # spares warming here keep to idle CPU time
             if step == start + 1:
+                first.update(spares=time.monotonic() - t_spares)
                 resumed = self.resumed_from is not None
                 kpi.started(self.accum, restore_s=t_restored - t_built if resumed else None,
                             recovery_s=self._since_process_start() if resumed else None)
                 if self.rank == 0:
-                    self._log_start(step, t_enter, t_built, t_restored)
+                    self._log_start(step, t_enter, t_built, t_restored, first)
             n_last += spec.deepspeed.global_batch_size
             steps_last += 1
             g_loss = float(totals[0]) / (self.accum * self.world)
@@ -520,7 +525,8 @@ class Worker:
             self.report({"step": step, "world_size": self.world, "done": 1})
         return {"step": step}
 
-    def _log_start(self, step: int, t_enter: float, t_built: float, t_restored: float) -> None:
+    def _log_start(self, step: int, t_enter: float, t_built: float, t_restored: float,
+                   first: dict[str, float]) -> None:
         """Where a (re)start's time went, from this worker process's birth to its first step."""
         import psutil
         born = psutil.Process().create_time()
@@ -528,10 +534,11 @@ class Worker:
                 if spares.PRELOADED_AT else "no preload")
         log.warning("[%s] first step %d done %.1fs after this worker process started (%s): %.1fs "
                     "to the train function (Ray worker, imports, process group), %.1fs engine "
-                    "and loader build (%s), %.1fs restore, %.1fs first step", self.spec.name, step,
+                    "and loader build (%s), %.1fs restore, %.1fs first step (%s)", self.spec.name, step,
                     time.time() - born, warm, t_enter - born, t_built - t_enter,
                     ", ".join(f"{k} {v:.1f}s" for k, v in self.build_times.items()),
-                    t_restored - t_built, time.time() - t_restored)
+                    t_restored - t_built, time.time() - t_restored,
+                    ", ".join(f"{k} {v:.2f}s" for k, v in first.items()))
 
     def _write_summary(self, step: int) -> None:
         """summary.json (the run's history) beside the checkpoints; the driver reads it back and

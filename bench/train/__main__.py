@@ -325,23 +325,25 @@ def kill_targets(a) -> list[int]:
 
 
 def warm_spares(n: int) -> bool:
-    """Whether this machine has ``n`` idle trainer spares and ``n`` loader spares, all preloaded
-    (none used CPU over 0.5 s)."""
+    """Whether this machine has ``n`` idle trainer spares and ``n`` loader spares preloaded (using
+    no CPU over 0.5 s)."""
     import psutil
 
     from actors.data.server import PRELOAD_HOOK
     from actors.trainer.spares import HOOK
     from actors.warm import idle_spare_pids
-    trainers, loaders = idle_spare_pids(HOOK), idle_spare_pids(PRELOAD_HOOK)
-    if len(trainers) < n or len(loaders) < n:
+    kinds = [idle_spare_pids(HOOK), idle_spare_pids(PRELOAD_HOOK)]
+    if any(len(pids) < n for pids in kinds):
         return False
-    try:
-        procs = [psutil.Process(p) for p in trainers + loaders]
-        before = [sum(p.cpu_times()[:2]) for p in procs]
-        time.sleep(0.5)
-        return all(sum(p.cpu_times()[:2]) == b for p, b in zip(procs, before))
-    except psutil.Error:
-        return False
+
+    def cpu(pid: int) -> float | None:
+        try:
+            return sum(psutil.Process(pid).cpu_times()[:2])
+        except psutil.Error:
+            return None
+    before = [{p: cpu(p) for p in pids} for pids in kinds]
+    time.sleep(0.5)
+    return all(sum(1 for p, c in b.items() if c is not None and cpu(p) == c) >= n for b in before)
 
 
 def kill_after_commits(a, pid_dir: str, when_warm: bool = False):
@@ -364,8 +366,11 @@ def kill_after_commits(a, pid_dir: str, when_warm: bool = False):
                         break
                 time.sleep(0.05)
             else:
-                raise RuntimeError(f"the recovery run ended before its checkpoint at step {target}"
-                                   + (" with warm spares (give it more --recovery-warm-steps)" if when_warm else ""))
+                if not when_warm:
+                    raise RuntimeError(f"the recovery run ended before its checkpoint at step {target}")
+                log(f"recovery: the run ended before a kill with warm spares after step {target} "
+                    "(give it more --recovery-warm-steps)")
+                break
             c = latest_commit(spec.checkpoint.url)  # the newest: the kill resumes from it
             pid = int(open(os.path.join(pid_dir, f"rank-{a.workers - 1}.pid")).read())
             os.kill(pid, signal.SIGKILL)
@@ -714,7 +719,7 @@ def _finish(a, report: dict) -> None:
         rows += [("recovery s, kill->step", f"{rec:.1f}", f"{cold:.1f} (median cold start)",
                   ratios["recovery_vs_cold_start"], "< 0.25x"),
                  ("", "", f"{rc['cold_start_s']:.1f} (its own cold start)", ratios["recovery_vs_own_cold_start"], "")]
-    if rw:
+    if rw and rw["kills"]:
         recs = [k["recovery_s"] for k in rw["kills"]]
         rec = statistics.median(recs)
         ratios.update(recovery_warm_vs_cold_start=rec / cold, recovery_warm_vs_own_cold_start=rec / rw["cold_start_s"])
