@@ -222,3 +222,30 @@ def test_a_start_waits_for_a_live_build_and_goes_on_when_its_builder_dies(tmp_pa
         holder.kill()
         if start is not None:
             start.kill()
+
+
+# ---------------------------------------------------------------- Ray Train's teardown after a failure
+def test_a_retried_failure_bounds_the_failed_groups_teardown(monkeypatch):
+    """A lost node's workers answer Ray Train's teardown calls only once Ray declares them dead
+    (3.5 s of a 9 s recovery); on a retry the policy, which runs in the controller's process,
+    bounds both waits. A run that ends on a setup error leaves Ray Train's own waits alone."""
+    from ray.exceptions import RayActorError
+    from ray.train import FailureConfig
+    from ray.train.constants import TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S as TORCH_WAIT
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
+    from ray.train.v2._internal.execution.worker_group import state
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from actors.trainer.failures import as_setup_error
+    from actors.trainer.trainer import SetupAwareFailurePolicy
+    monkeypatch.setattr(state._shutdown_workers, "__defaults__", state._shutdown_workers.__defaults__)
+    monkeypatch.setenv(TORCH_WAIT, "30")
+    stock = state._shutdown_workers.__defaults__
+    setup = WorkerGroupError("x", {0: UserExceptionWithTraceback(as_setup_error(ImportError("no"), 0), "tb")})
+    assert SetupAwareFailurePolicy(FailureConfig(max_failures=3)).make_decision(setup) == FailureDecision.RAISE
+    assert state._shutdown_workers.__defaults__ == stock and os.environ[TORCH_WAIT] == "30"
+    lost = WorkerGroupError("x", {1: RayActorError()})
+    assert SetupAwareFailurePolicy(FailureConfig(max_failures=3)).make_decision(lost) == FailureDecision.RETRY
+    assert state._shutdown_workers.__defaults__ == (ray_internals.FAILED_GROUP_PATIENCE_S,)
+    assert os.environ[TORCH_WAIT] == str(ray_internals.FAILED_GROUP_TORCH_SHUTDOWN_S)

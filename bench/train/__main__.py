@@ -24,12 +24,14 @@ Four measurements, with the issue's targets:
 5. node loss: on a multi-node cluster on this machine (one node per worker plus one), the node of
    one worker is removed right after a checkpoint commits (its spares die with it); seconds from
    the removal to the next completed step against the same run's cold start. Target < 0.5x.
+   ``node-loss-warm``: the same, the node removed once every node's spares are warm.
 
 6. metrics cost: the step-time job with the spec's ``metrics`` on (the default: every KPI to
    Prometheus through Ray's metrics agent) and off, interleaved ``--repeats`` times; median step
    and CPU per step, on against off. Target <= 1.02x. Not in the default run (``--only metrics``).
 
-``--only`` runs a subset of the phases (``save,step,stall,recovery,recovery-warm,node-loss,metrics``).
+``--only`` runs a subset of the phases
+(``save,step,stall,recovery,recovery-warm,node-loss,node-loss-warm,metrics``).
 
 Prints a table, writes ``<out>/train.json`` and ``<out>/train.png``. The 1-minute load average is
 sampled throughout (the figures mean little on a busy machine; it is printed with them).
@@ -53,7 +55,7 @@ from actors.trainer.hooks import TrainHooks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 T0 = time.time()
-PHASES = ("save", "step", "stall", "recovery", "recovery-warm", "node-loss", "metrics")
+PHASES = ("save", "step", "stall", "recovery", "recovery-warm", "node-loss", "node-loss-warm", "metrics")
 WARM_WAIT_S = 240.0  # recovery-warm: longest wait for warm spares before a kill
 
 
@@ -423,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--node-loss-steps", type=int, default=30,
                     help="steps of the node-loss run (a checkpoint every --ckpt-interval; the node of "
                          "the last rank is removed after the commit of step --kill-after)")
+    ap.add_argument("--node-loss-warm-steps", type=int, default=200,
+                    help="steps of the node-loss-warm run (the node goes once the spares are warm)")
     ap.add_argument("--only", default=",".join(p for p in PHASES if p != "metrics"),
                     help=f"comma-separated phases to run, of {', '.join(PHASES)}")
     ap.add_argument("--save-reps", type=int, default=9)
@@ -434,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         a.hidden, a.samples, a.warmup, a.steps, a.repeats, a.save_reps = 1024, 8192, 3, 15, 1, 3
         a.stall_steps, a.ckpt_interval, a.recovery_steps, a.kill_after, a.kills = 16, 4, 12, 4, 1
-        a.node_loss_steps, a.recovery_warm_steps = 12, 300
+        a.node_loss_steps, a.recovery_warm_steps, a.node_loss_warm_steps = 12, 300, 200
     if a.warmup < 2:
         ap.error("--warmup must be >= 2 (the first step has no start time)")
     a.phases = [p.strip() for p in a.only.split(",") if p.strip()]
@@ -502,8 +506,9 @@ def _run(a, ckpt_root: str, report: dict) -> None:
             _run_local(a, spec, data_url, ckpt_root, report, deepspeed_config)
         finally:
             ray.shutdown()
-    if "node-loss" in a.phases:
-        _run_node_loss(a, data_url, ckpt_root, report)
+    for phase in ("node-loss", "node-loss-warm"):
+        if phase in a.phases:
+            _run_node_loss(a, data_url, ckpt_root, report, warm=phase == "node-loss-warm")
 
 
 def _run_local(a, spec, data_url: str, ckpt_root: str, report: dict, deepspeed_config) -> None:
@@ -576,13 +581,14 @@ def _recovered(o: dict) -> None:
             f"completed {k['recovery_s']:.1f} s after it")
 
 
-def _run_node_loss(a, data_url: str, ckpt_root: str, report: dict) -> None:
+def _run_node_loss(a, data_url: str, ckpt_root: str, report: dict, warm: bool = False) -> None:
     """A multi-node cluster on this machine (``ray.cluster_utils.Cluster``: a head with no CPUs for
     the driver and Ray Train's controller, and one node per worker plus one spare node, each with
     ``--threads`` CPUs). After the commit of step ``--kill-after`` the node running the last rank is
     removed (its raylet and every process on it, the warm spares included, killed at once); Ray
     Train restarts the group on the surviving nodes. Recovery: removal -> next completed step,
-    against this run's own cold start on the same cluster."""
+    against this run's own cold start on the same cluster. ``warm``: the node is removed once the
+    spares of every node (the standby one's included) are warm."""
     import psutil
     import ray
     from ray.cluster_utils import Cluster
@@ -607,29 +613,36 @@ def _run_node_loss(a, data_url: str, ckpt_root: str, report: dict) -> None:
 
     def during(spec, th) -> dict:
         from orchestrator.control import latest_commit
+        warm_by = time.monotonic() + WARM_WAIT_S
         while th.is_alive():
             c = latest_commit(spec.checkpoint.url)
-            if c and c.step >= a.kill_after:
+            # warm: a spare per worker and the standby node's (trainer and loader alike)
+            if c and c.step >= a.kill_after and (not warm or time.monotonic() > warm_by
+                                                 or warm_spares(a.workers + 1)):
                 break
             time.sleep(0.05)
         else:
-            raise RuntimeError(f"the node-loss run ended before its checkpoint at step {a.kill_after}")
+            raise RuntimeError(f"the node-loss run ended before its checkpoint at step {a.kill_after}"
+                               + (" with warm spares (give it more --node-loss-warm-steps)" if warm else ""))
+        c = latest_commit(spec.checkpoint.url)
         pid = int(open(os.path.join(pid_dir, f"rank-{a.workers - 1}.pid")).read())
         node = node_of(pid)
         t_kill = time.time()
         cluster.remove_node(node, allow_graceful=False)
-        log(f"node loss: checkpoint step {c.step} committed; removed the node of rank {a.workers - 1} "
-            f"(pid {pid}) with its spares")
-        return {"kills": [{"what": "node removed", "t_kill": t_kill, "pid": pid, "after_commit_step": c.step}]}
+        log(f"node loss: checkpoint step {c.step} committed{', spares warm' if warm else ''}; removed the "
+            f"node of rank {a.workers - 1} (pid {pid}) with its spares")
+        return {"kills": [{"what": "node removed" + (", spares warm" if warm else ""), "t_kill": t_kill,
+                           "pid": pid, "after_commit_step": c.step}]}
 
-    log(f"node loss: {a.workers + 1} nodes x {a.threads} CPU(s) + a head without CPUs; "
-        f"{a.node_loss_steps} steps, checkpoint every {a.ckpt_interval}")
+    steps = a.node_loss_warm_steps if warm else a.node_loss_steps
+    log(f"node loss{' (spares warm)' if warm else ''}: {a.workers + 1} nodes x {a.threads} CPU(s) + a head "
+        f"without CPUs; {steps} steps, checkpoint every {a.ckpt_interval}")
     try:
-        o = run_ours(make_spec(a, data_url, f"{ckpt_root}/node-loss", steps=a.node_loss_steps,
+        o = run_ours(make_spec(a, data_url, f"{ckpt_root}/node-loss{'-warm' if warm else ''}", steps=steps,
                                interval=a.ckpt_interval, log_interval=a.ckpt_interval),
                      hooks=TrainHooks(pid_dir=pid_dir), during=during)
         _recovered(o)
-        report["node_loss"] = o
+        report["node_loss_warm" if warm else "node_loss"] = o
         log(f"  cold start of this run {o['cold_start_s']:.1f} s")
     finally:
         ray.shutdown()
@@ -640,6 +653,7 @@ def _finish(a, report: dict) -> None:
     """Ratios against their targets for every phase that ran; table, train.json, train.png."""
     st, sv, sl = report.get("step_time"), report.get("save"), report.get("stall")
     rc, nl, rw = report.get("recovery"), report.get("node_loss"), report.get("recovery_warm")
+    nw = report.get("node_loss_warm")
     ratios: dict[str, float | None] = {}
     rows: list[tuple] = []
     summary: dict = {}
@@ -734,11 +748,19 @@ def _finish(a, report: dict) -> None:
         rows.append(("node loss s, removal->step", f"{rec_n:.1f}",
                      f"{nl['cold_start_s']:.1f} (its cold start, same cluster)",
                      ratios["node_loss_recovery_vs_own_cold_start"], "< 0.5x"))
+    if nw:
+        rec_w = nw["kills"][0]["recovery_s"]
+        ratios["node_loss_warm_recovery_vs_own_cold_start"] = rec_w / nw["cold_start_s"]
+        summary["node_loss_warm_recovery_s"] = rec_w
+        rows.append(("node loss s, spares warm", f"{rec_w:.1f}",
+                     f"{nw['cold_start_s']:.1f} (its cold start, same cluster)",
+                     ratios["node_loss_warm_recovery_vs_own_cold_start"], "< 0.5x"))
     targets = {"step_time_median": ("<=", 1.10), "step_time_mean": ("<=", 1.05), "cpu_per_step": ("<=", 1.05),
                "save_vs_fsspec": (">=", 0.8), "save_durable_vs_fsspec_fsync": (">=", 0.8),
                "stall_async_vs_sync_next_step": ("<=", 0.5), "input_stall_share": ("<", 0.02),
                "recovery_vs_cold_start": ("<", 0.25), "recovery_warm_vs_cold_start": ("<", 0.25),
                "node_loss_recovery_vs_own_cold_start": ("<", 0.5),
+               "node_loss_warm_recovery_vs_own_cold_start": ("<", 0.5),
                "metrics_step_time_median": ("<=", 1.02), "metrics_cpu_per_step": ("<=", 1.02)}
     verdict = {}
     for k, (op, v) in targets.items():
@@ -767,7 +789,8 @@ def _finish(a, report: dict) -> None:
               f"{sv['median_s']['ours+durable']:.3f} s until fsynced (then retention {sv.get('retention_s', 0):.3f} s); "
               f"xxh3-128 of the largest shard {sv['checksum_s']:.3f} s (sha256 would take {sv['sha256_s']:.3f} s); "
               f"copy of the rank's ZeRO slice before it, not in the figure: {sv['copy_s']:.3f} s")
-    for name, run in (("recovery", rc), ("recovery, spares warm", rw), ("node loss", nl)):
+    for name, run in (("recovery", rc), ("recovery, spares warm", rw), ("node loss", nl),
+                      ("node loss, spares warm", nw)):
         if run:
             print(f"{name}: " + "; ".join(f"{k['what']} after commit {k['after_commit_step']}, resumed from "
                                           f"{k['resumed_from_step']}, next step +{k['recovery_s']:.1f} s"
@@ -829,7 +852,8 @@ def _plot(a, report: dict, path: str) -> None:
 
     p = ax[1][1]
     for key, c, label in (("recovery", "tab:blue", "worker killed"), ("recovery_warm", "tab:green", "killed, spares warm"),
-                          ("node_loss", "tab:purple", "node removed")):
+                          ("node_loss", "tab:purple", "node removed"),
+                          ("node_loss_warm", "tab:orange", "node removed, spares warm")):
         run = report.get(key)
         if not run:
             continue
@@ -839,7 +863,7 @@ def _plot(a, report: dict, path: str) -> None:
         for k in run["kills"]:
             p.axvspan(k["t_kill"] - t0, k["t_kill"] - t0 + k["recovery_s"], color=c, alpha=0.15)
             p.axvline(k["t_kill"] - t0, color=c, ls="--", lw=1)
-    if {"recovery", "recovery_warm", "node_loss"} & set(report):
+    if {"recovery", "recovery_warm", "node_loss", "node_loss_warm"} & set(report):
         p.set_xlabel("seconds since fit() (shaded: failure -> next completed step)")
         p.set_ylabel("completed global step")
         p.set_title("recovery: worker kill / cold start "

@@ -103,7 +103,8 @@ def _build_train_classes() -> dict[str, type]:
 
     class RaisingFailurePolicy(DefaultFailurePolicy):
         """Ray Train's failure policy, except that a failure ``ends_run(error)`` says a retry would
-        repeat ends the run at once."""
+        repeat ends the run at once, and a retry tears the failed group down with bounded waits
+        (:func:`bound_failed_group_teardown`; the policy runs in the controller's process)."""
 
         def ends_run(self, error: BaseException) -> bool:
             return False
@@ -111,7 +112,10 @@ def _build_train_classes() -> dict[str, type]:
         def make_decision(self, training_failed_error):
             if self.ends_run(training_failed_error):
                 return FailureDecision.RAISE
-            return super().make_decision(training_failed_error)
+            decision = super().make_decision(training_failed_error)
+            if decision == FailureDecision.RETRY:
+                bound_failed_group_teardown()
+            return decision
 
     class PolicyTorchTrainer(TorchTrainer):
         """``TorchTrainer`` whose controller gets ``scaling_policy()`` / ``failure_policy()`` when
@@ -140,6 +144,28 @@ def _build_train_classes() -> dict[str, type]:
 
 
 _LAZY = ("NarrowingScalingPolicy", "RaisingFailurePolicy", "PolicyTorchTrainer")
+
+# Why: after a failure, Ray Train tears the old group down before it starts the next, and waits on
+# every worker for two calls: the torch backend's ``on_shutdown`` (destroy the process group,
+# ``TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S``, default 30 s) and each worker actor's ``shutdown``
+# (``worker_group.state._shutdown_workers``, ``patience_s=5``, not configurable). When a node is
+# lost, the calls to its workers return only once Ray has declared them dead: 1.5 s and 2.0 s of a
+# 9 s recovery on the bench (docs/BENCHMARKS.md, Train, "Rerun 2026-12-01"). A failed group's
+# workers are killed right after and their state is in the last checkpoint, so a retry bounds both
+# waits. Public API to move to: a Train option for the teardown patience (none in 2.60).
+FAILED_GROUP_PATIENCE_S = 0.5   # each worker's shutdown() on a retried group
+FAILED_GROUP_TORCH_SHUTDOWN_S = 1  # the backend's process group shutdown (whole seconds)
+
+
+def bound_failed_group_teardown() -> None:
+    """In the Train controller's process: bound the waits of the teardown that follows (a retry)."""
+    import os
+
+    from ray.train.constants import TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S
+    from ray.train.v2._internal.execution.worker_group import state
+    if state._shutdown_workers.__defaults__ != (FAILED_GROUP_PATIENCE_S,):
+        state._shutdown_workers.__defaults__ = (FAILED_GROUP_PATIENCE_S,)
+    os.environ[TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S] = str(FAILED_GROUP_TORCH_SHUTDOWN_S)
 
 
 def __getattr__(name: str):
@@ -257,6 +283,18 @@ def verify() -> None:
             "ElasticScalingPolicy._count_possible_workers", "reserved_resources")
     _need(failure_handling.DefaultFailurePolicy, "make_decision", "DefaultFailurePolicy")
     _need(failure_handling.FailureDecision, "RAISE", "FailureDecision")
+    _need(failure_handling.FailureDecision, "RETRY", "FailureDecision")
+    from ray.train import constants as train_constants
+    from ray.train.torch import config as torch_config
+    from ray.train.v2._internal.execution.worker_group import state
+    _need(train_constants, "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", "ray.train.constants")
+    backend = _need(torch_config, "_TorchBackend", "ray.train.torch.config")
+    if "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S" not in inspect.getsource(backend.on_shutdown):
+        raise _fail("_TorchBackend.on_shutdown", "no longer reads TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S")
+    _params(_need(state, "_shutdown_workers", "ray.train.v2._internal.execution.worker_group.state"),
+            "worker_group.state._shutdown_workers", "patience_s")
+    if "_shutdown_workers(self.workers)" not in inspect.getsource(state.WorkerGroupState.shutdown):
+        raise _fail("WorkerGroupState.shutdown", "no longer calls _shutdown_workers with its default patience")
     _need(DataParallelTrainer, "_initialize_and_run_controller", "DataParallelTrainer")
     _params(TrainController.__init__, "TrainController.__init__", "scaling_policy", "failure_policy")
     _need(TrainController, "abort", "TrainController")
