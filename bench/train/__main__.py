@@ -725,36 +725,25 @@ def _finish(a, report: dict) -> None:
     colds = [o["cold_start_s"] for o in local_runs]
     cold = statistics.median(colds) if colds else None
     summary["cold_starts_s"] = colds
-    if rc:
-        recs = [k["recovery_s"] for k in rc["kills"]]
+    for run, key, label in ((rc, "recovery", "recovery s, kill->step"),
+                            (rw, "recovery_warm", "recovery s, spares warm")):
+        if not run or not run["kills"]:
+            continue
+        recs = [k["recovery_s"] for k in run["kills"]]
         rec = statistics.median(recs)
-        ratios.update(recovery_vs_cold_start=rec / cold, recovery_vs_own_cold_start=rec / rc["cold_start_s"])
-        summary["recoveries_s"] = recs
-        rows += [("recovery s, kill->step", f"{rec:.1f}", f"{cold:.1f} (median cold start)",
-                  ratios["recovery_vs_cold_start"], "< 0.25x"),
-                 ("", "", f"{rc['cold_start_s']:.1f} (its own cold start)", ratios["recovery_vs_own_cold_start"], "")]
-    if rw and rw["kills"]:
-        recs = [k["recovery_s"] for k in rw["kills"]]
-        rec = statistics.median(recs)
-        ratios.update(recovery_warm_vs_cold_start=rec / cold, recovery_warm_vs_own_cold_start=rec / rw["cold_start_s"])
-        summary["recoveries_warm_s"] = recs
-        rows += [("recovery s, spares warm", f"{rec:.1f}", f"{cold:.1f} (median cold start)",
-                  ratios["recovery_warm_vs_cold_start"], "< 0.25x"),
-                 ("", "", f"{rw['cold_start_s']:.1f} (its own cold start)", ratios["recovery_warm_vs_own_cold_start"], "")]
-    if nl:
-        rec_n = nl["kills"][0]["recovery_s"]
-        ratios["node_loss_recovery_vs_own_cold_start"] = rec_n / nl["cold_start_s"]
-        summary["node_loss_recovery_s"] = rec_n
-        rows.append(("node loss s, removal->step", f"{rec_n:.1f}",
-                     f"{nl['cold_start_s']:.1f} (its cold start, same cluster)",
-                     ratios["node_loss_recovery_vs_own_cold_start"], "< 0.5x"))
-    if nw:
-        rec_w = nw["kills"][0]["recovery_s"]
-        ratios["node_loss_warm_recovery_vs_own_cold_start"] = rec_w / nw["cold_start_s"]
-        summary["node_loss_warm_recovery_s"] = rec_w
-        rows.append(("node loss s, spares warm", f"{rec_w:.1f}",
-                     f"{nw['cold_start_s']:.1f} (its cold start, same cluster)",
-                     ratios["node_loss_warm_recovery_vs_own_cold_start"], "< 0.5x"))
+        ratios[f"{key}_vs_cold_start"], ratios[f"{key}_vs_own_cold_start"] = rec / cold, rec / run["cold_start_s"]
+        summary["recoveries_s" if key == "recovery" else "recoveries_warm_s"] = recs
+        rows += [(label, f"{rec:.1f}", f"{cold:.1f} (median cold start)", ratios[f"{key}_vs_cold_start"], "< 0.25x"),
+                 ("", "", f"{run['cold_start_s']:.1f} (its own cold start)", ratios[f"{key}_vs_own_cold_start"], "")]
+    for run, key, label in ((nl, "node_loss", "node loss s, removal->step"),
+                            (nw, "node_loss_warm", "node loss s, spares warm")):
+        if not run:
+            continue
+        rec = run["kills"][0]["recovery_s"]
+        ratios[f"{key}_recovery_vs_own_cold_start"] = rec / run["cold_start_s"]
+        summary[f"{key}_recovery_s"] = rec
+        rows.append((label, f"{rec:.1f}", f"{run['cold_start_s']:.1f} (its cold start, same cluster)",
+                     ratios[f"{key}_recovery_vs_own_cold_start"], "< 0.5x"))
     targets = {"step_time_median": ("<=", 1.10), "step_time_mean": ("<=", 1.05), "cpu_per_step": ("<=", 1.05),
                "save_vs_fsspec": (">=", 0.8), "save_durable_vs_fsspec_fsync": (">=", 0.8),
                "stall_async_vs_sync_next_step": ("<=", 0.5), "input_stall_share": ("<", 0.02),
