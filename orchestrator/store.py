@@ -381,10 +381,10 @@ class JobStore:
                 path = Path(self.url[len("sqlite:///"):])
                 path.parent.mkdir(parents=True, exist_ok=True)
             sqlite = self.url.startswith("sqlite")
-            # the driver's busy wait applies from the connection's first statement (the pragmas)
+            # the driver's busy wait (30 s) applies from the connection's first statement (the pragmas)
             self.engine = sa.create_engine(self.url, future=True,
                                            connect_args={"timeout": 30.0} if sqlite else {})
-            if self.engine.dialect.name == "sqlite":
+            if sqlite:
                 sa.event.listen(self.engine, "connect", _sqlite_pragmas)
             deadline = time.monotonic() + 60.0
             for attempt in range(1_000):
@@ -758,7 +758,6 @@ def _lock_schema(c) -> None:
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA journal_mode=WAL")  # readers (the CLI) never block the scheduler
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()

@@ -16,11 +16,16 @@ ZeRO tests (tests/test_zero_reshard.py) on engines of every stage.
 from __future__ import annotations
 
 import functools
+import importlib
+import logging
+import os
+import threading
 from typing import Literal
 
 from orchestrator.compat import CompatError
 
 ENGINE = "DeepSpeed"
+log = logging.getLogger(__name__)
 Kind = Literal["zero3", "fragment", "plain"]
 OptimizerKind = Literal["zero3", "fragments", "torch"]
 
@@ -221,7 +226,6 @@ def shm_op_build_dir() -> str:
 def file_holders(path: str) -> set[int] | None:
     """The processes on this machine that hold ``path`` open (Linux ``/proc``; processes this user
     cannot inspect are not seen): empty if none or ``path`` is gone, None where that cannot be told."""
-    import os
     try:
         target = os.stat(path)
     except FileNotFoundError:
@@ -253,7 +257,6 @@ class StaleLockBreaker:
     counts the removals. A context manager; its thread ends with the block."""
 
     def __init__(self, path: str, period_s: float = STALE_CHECK_S):
-        import threading
         self.path, self.period_s = path, period_s
         self.broken = 0
         self.waited_on_live = False
@@ -270,8 +273,6 @@ class StaleLockBreaker:
 
     def check(self, seen: tuple | None) -> tuple | None:
         """One look; returns what to compare the next look with."""
-        import logging
-        import os
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
@@ -284,8 +285,7 @@ class StaleLockBreaker:
             others = holders - {os.getpid()}
             if others and not self.waited_on_live:
                 self.waited_on_live = True
-                logging.getLogger(__name__).info("waiting for a running build of %s by pid %s (lock %s)",
-                                                 SHM_OP, min(others), self.path)
+                log.info("waiting for a running build of %s by pid %s (lock %s)", SHM_OP, min(others), self.path)
             return None
         key = (st.st_ino, st.st_mtime_ns)
         if seen != key:
@@ -295,7 +295,7 @@ class StaleLockBreaker:
         except FileNotFoundError:
             return None
         self.broken += 1
-        logging.getLogger(__name__).warning(
+        log.warning(
             "removed a stale build lock %s: no process holds it (its builder died while building "
             "%s); building again", self.path, SHM_OP)
         return None
@@ -312,10 +312,6 @@ def build_shm_op(only_if_built: bool = False):
     loaded op per process, so its own init then uses this one. ``only_if_built``: load only an op
     built before (a warm spare's preload must not compile it). Returns DeepSpeed's answer (None
     where the op does not apply), or None when ``only_if_built`` and it is not built."""
-    import importlib
-    import logging
-    import os
-
     ds_comm_torch = importlib.import_module("deepspeed.comm.torch")  # not deepspeed.comm's torch
     build_dir = shm_op_build_dir()
     if only_if_built and not os.path.exists(os.path.join(build_dir, SHM_OP + ".so")):
@@ -329,8 +325,7 @@ def build_shm_op(only_if_built: bool = False):
             # the dead builder left no library to load: this process builds it now. torch skips
             # the build of an op this process already tried (its per-process versioner has the
             # entry), so the entry goes first
-            logging.getLogger(__name__).warning("%s not loadable after a stale lock (%s); building it",
-                                                SHM_OP, e)
+            log.warning("%s not loadable after a stale lock (%s); building it", SHM_OP, e)
             from torch.utils import cpp_extension
             cpp_extension.JIT_EXTENSION_VERSIONER.entries.pop(SHM_OP, None)
             return ds_comm_torch.build_shm_op()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from typing import Any, Callable
 
 from orchestrator.compat import CompatError
@@ -159,12 +160,9 @@ FAILED_GROUP_TORCH_SHUTDOWN_S = 1  # the backend's process group shutdown (whole
 
 def bound_failed_group_teardown() -> None:
     """In the Train controller's process: bound the waits of the teardown that follows (a retry)."""
-    import os
-
     from ray.train.constants import TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S
     from ray.train.v2._internal.execution.worker_group import state
-    if state._shutdown_workers.__defaults__ != (FAILED_GROUP_PATIENCE_S,):
-        state._shutdown_workers.__defaults__ = (FAILED_GROUP_PATIENCE_S,)
+    state._shutdown_workers.__defaults__ = (FAILED_GROUP_PATIENCE_S,)
     os.environ[TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S] = str(FAILED_GROUP_TORCH_SHUTDOWN_S)
 
 
